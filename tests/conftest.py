@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random HF checkpoints written on the fly, and the embedded SmolLM2 checkpoint."""
+import json
+import os
+
+import pytest
+import torch
+
+import model as M
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")   # tests never reach a hub: every checkpoint is written locally
+
+# Three tiny shapes that exercise each architectural switch the parity tests care about.
+TINY_CONFIGS = {
+    "mha_untied": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    "gqa_tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=100000.0),
+    "llama31_rope": dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
+                         rope_theta=500000.0, max_position_embeddings=512,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+}
+
+
+def hf_tiny_model(kind: str, seed: int = 0, **overrides):
+    """A transformers LlamaForCausalLM with random (non-trivial) weights, fp32."""
+    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256,
+              rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    kw.update(TINY_CONFIGS[kind])
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    hf = LlamaForCausalLM(HFConfig(**kw)).float().eval()
+    with torch.no_grad():                       # RMSNorm weights start at 1: perturb so a mix-up would show
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+    return hf
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """Factory: write a tiny HF checkpoint to a temp folder, return (folder, hf_model)."""
+    def make(kind="gqa_tied", **overrides):
+        hf = hf_tiny_model(kind, **overrides)
+        out = tmp_path / kind
+        hf.save_pretrained(out, safe_serialization=True)
+        return out, hf
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """checkpoints/smollm2-135m, converted from the embedded GGUF on first use."""
+    return M.ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    model = M.load_pretrained(smollm2_dir, dtype=torch.float32, device="cpu")
+    return model, M.load_tokenizer(smollm2_dir)

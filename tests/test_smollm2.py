@@ -1,0 +1,84 @@
+"""The embedded default model: GGUF conversion, tokenizer and logits against transformers' independent GGUF loader."""
+import pytest
+import torch
+
+import model as M
+
+pytestmark = pytest.mark.smollm2
+
+STRINGS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "In 1984, 12345 people paid $3.50 each (0.5%).",
+    "naïve café — 東京 🚀 Ünïcödé",
+    "  leading spaces,\ttabs\nand newlines\n\n  ",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+    "def f(x):\n    return x**2  # comment",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_gguf_tokenizer():
+    """transformers converts the GGUF tokenizer with its own code: an independent oracle for ours."""
+    from transformers import AutoTokenizer
+    g = M.find_default_gguf()
+    return AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
+
+
+def test_config_read_from_gguf_matches_smollm2_preset(smollm2):
+    model, _ = smollm2
+    want = M.preset_config("smollm2-135m")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "rope_theta", "rms_norm_eps", "tie_word_embeddings"):
+        assert getattr(model.config, key) == getattr(want, key), key
+
+
+def test_tokenizer_ids_equal_transformers(smollm2, hf_gguf_tokenizer):
+    _, tok = smollm2
+    for s in STRINGS:
+        assert tok.encode(s) == hf_gguf_tokenizer.encode(s, add_special_tokens=False), s
+        assert tok.decode(tok.encode(s), skip_special=False) == s
+
+
+def test_smollm2_uses_no_bos_and_chatml_eos(smollm2):
+    _, tok = smollm2
+    assert tok.bos_id is None                     # SmolLM2 was trained without a BOS: asking for one adds nothing
+    assert tok.encode("hi", bos=True) == tok.encode("hi")
+    assert tok.eos_id == tok.tk.token_to_id("<|im_end|>")
+    assert tok.encode("hi", eos=True)[-1] == tok.eos_id
+
+
+def test_chat_prompt_equals_the_checkpoint_chat_template(smollm2, hf_gguf_tokenizer):
+    _, tok = smollm2
+    ref = hf_gguf_tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=False,
+                                                add_generation_prompt=True)
+    assert tok.chat_prompt("Hi there") == ref
+
+
+def test_logits_equal_transformers_gguf_loader(smollm2):
+    """transformers dequantizes the GGUF and undoes the Q/K permutation itself: our converted weights must agree."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    model, tok = smollm2
+    g = M.find_default_gguf()
+    ids = torch.tensor([tok.encode("The capital of France is Paris, and the capital of Italy is")])
+    with torch.no_grad():
+        ours = model(ids)
+        hf_same_file = LlamaForCausalLM.from_pretrained(M.DEFAULT_MODEL_DIR, dtype=torch.float32).eval()
+        d_same = (hf_same_file(ids).logits - ours).abs().max().item()
+        del hf_same_file
+        hf_gguf = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype=torch.float32).eval()
+        d_gguf = (hf_gguf(ids).logits - ours).abs().max().item()
+    assert d_same <= 1e-4, f"vs transformers on our safetensors: {d_same:.2e}"
+    assert d_gguf <= 1e-4, f"vs transformers' own GGUF conversion: {d_gguf:.2e}"
+
+
+def test_greedy_answer_names_paris(smollm2):
+    model, tok = smollm2
+    ids = tok.encode(tok.chat_prompt("What is the capital of France?"), bos=True)
+    answer = tok.decode(M.generate(model, ids, 16, eos_id=tok.eos_id))
+    assert "Paris" in answer, answer
+
+
+def test_conversion_is_idempotent(smollm2_dir):
+    before = (smollm2_dir / "model.safetensors").stat().st_mtime_ns
+    assert M.ensure_default_model() == smollm2_dir
+    assert (smollm2_dir / "model.safetensors").stat().st_mtime_ns == before
