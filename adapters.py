@@ -1,0 +1,1409 @@
+"""
+Adapters for Llama linears: LoRA, AdaLoRA, TriAdaptLoRA (and, in later sections, CTR-LoRA, CG-LoRA).
+
+Every adapted layer replaces one frozen `nn.Linear` (y = W0 x, W0: d_out x d_in) and adds a low-rank update ΔW:
+
+        x ──────────────── W0 (frozen) ─────────────┐
+        │                                           (+)──> y = W0 x + ΔW x
+        └─ dropout ─> [adapter_forward: x -> ΔW x] ─┘      (ΔW never formed in the forward)
+
+Notation follows SPEC.md §2. The layer *owns* the frozen base weight as `self.weight` (torchtune style), so a base
+checkpoint key such as `model.layers.0.self_attn.q_proj.weight` loads unchanged into an adapted model, and the adapter
+tensors sit beside it (`...q_proj.lora_A`, `...q_proj.lora_B`).
+
+Contents, top to bottom:
+  1. AdaptedLinear:  the base class (frozen W0, dtype policy, explicit merge/unmerge with a NaN check)
+  2. LoRALinear:     ΔW = (α/r) B A                                     (Hu et al. 2021, eq. 3)
+     SVDLinear:      ΔW = (α/r₀) P diag(λ) Q, rank by a 0/1 mask         (AdaLoRA, Zhang et al. 2023; CTR-LoRA reuses it)
+     TriAdaptLinear: ΔW = (α/r_ref) B (L + U) A, grown block by block   (TriAdaptLoRA, SPEC §4: our formulation)
+  3. AdapterConfig: the JSON-validated configuration (every method hyper-parameter is a field = a train.py flag)
+  4. inject_adapters / apply_method: put adapters into a model by module name
+  5. small free functions: trainable flags, adapter state dict, parameter counts, ranks, merge all, merged state dict;
+     MethodHooks: what a method does around the optimizer step (nothing, for LoRA)
+     shared rank machinery: orthogonality penalty, BudgetSchedule, keep_top_budget, MaskAllocator, SensitivityScores
+     AdaLoRAHooks (sensitivity scores -> masks), TriAdaptHooks (normalized Frobenius norms -> growth)
+  6. save_adapter / load_adapter / load_adapter_weights (this project's format), export_peft (HF peft's format)
+
+dtype policy: adapter tensors are fp32 even when W0 is bf16; the adapter path casts x to the adapter dtype and casts
+its output back to the base output dtype. Merging is done in fp32 and checked for NaN/inf.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import typing
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+ADAPTER_WEIGHTS_NAME = "adapter.safetensors"  # this project's format
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"  # HF peft's format (with its own adapter_config.json)
+FORMAT_VERSION = 1
+LLAMA_LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# -----------------------------------------------------------------------------
+# 1. The base class of every adapted linear
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen linear `y = x W0ᵀ (+ b)` plus a trainable adapter `ΔW`, i.e. `y = x (W0 + ΔW)ᵀ (+ b)`.
+
+    Owns the frozen base parameters as `weight` (d_out, d_in) and `bias` (d_out) or None, exactly like `nn.Linear`,
+    so base checkpoints load with unchanged keys. A subclass (one per method) implements:
+
+      adapter_forward(x)  x: (..., d_in) in the adapter dtype (dropout already applied) -> ΔW x: (..., d_out)
+      lora_factors()      (A (r, d_in), B (d_out, r), scale) with ΔW = scale · B A — used for export to peft
+      delta_weight()      ΔW (d_out, d_in) in fp32, only for merging; default: scale · B A from lora_factors
+
+    Merging is explicit (`merge()` / `unmerge()`, never on `eval()`); while merged, forward is the base linear alone.
+    Unmerge subtracts ΔW again, so with a bf16 base weight it restores W0 only up to bf16 rounding (no copy is kept).
+    """
+
+    def __init__(self, base: nn.Linear, dropout: float = 0.0):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"can only adapt nn.Linear, got {type(base).__name__}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # (d_out, d_in), the same Parameter object: weight tying survives
+        self.weight.requires_grad_(False)
+        self.bias = base.bias  # (d_out,) or None; registered as None like nn.Linear(bias=False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    # --- what a method implements ---------------------------------------------------------------------------------
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement adapter_forward(x) -> ΔW x")
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        raise NotImplementedError(f"{type(self).__name__} must implement lora_factors() -> (A, B, scale)")
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = scale · B A in fp32, (d_out, d_in). Forms the full matrix: only for merging, never in forward."""
+        A, B, scale = self.lora_factors()
+        return scale * (B.float() @ A.float())
+
+    @property
+    def rank(self) -> int:
+        """Rank r of the stored factors (the shape rank; a method with masks may use fewer directions)."""
+        return self.lora_factors()[0].shape[0]
+
+    @property
+    def active_rank(self) -> int:
+        """Number of directions in use now: the shape rank, fewer for a masked layer (AdaLoRA). For plots and logs."""
+        return self.rank
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """dtype the adapter path computes in: that of the first adapter parameter (fp32 unless cast on purpose)."""
+        for name, p in self._parameters.items():
+            if name not in ("weight", "bias") and p is not None:
+                return p.dtype
+        return torch.float32
+
+    # --- shared machinery ------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)  # (..., d_out) in the base dtype
+        if self.merged:
+            return y  # ΔW already lives inside self.weight
+        x_adapter = self.dropout(x.to(self.adapter_dtype))  # (..., d_in), fp32
+        return y + self.adapter_forward(x_adapter).to(y.dtype)  # (..., d_out)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← W0 + ΔW, computed in fp32 and checked for NaN/inf before anything is written."""
+        if self.merged:
+            raise RuntimeError("adapter is already merged; call unmerge() first")
+        merged = self.weight.float() + self.delta_weight().to(self.weight.device)  # (d_out, d_in) fp32
+        if not torch.isfinite(merged).all():
+            raise ValueError("merged weight has NaN/inf: the adapter is broken (check the loss and learning rate)")
+        self.weight.copy_(merged.to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W ← W − ΔW in fp32: undoes merge up to fp32 rounding (up to bf16 rounding for a bf16 W0)."""
+        if not self.merged:
+            raise RuntimeError("adapter is not merged; nothing to unmerge")
+        base = self.weight.float() - self.delta_weight().to(self.weight.device)
+        self.weight.copy_(base.to(self.weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"base_dtype={self.weight.dtype}, merged={self.merged}")
+
+
+# -----------------------------------------------------------------------------
+# 2. LoRA
+
+
+class LoRALinear(AdaptedLinear):
+    """LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", §4.1, eq. 3):
+
+        h = W0 x + ΔW x,   ΔW = c · B A,   c = α / r,   A ∈ R^{r×d_in},  B ∈ R^{d_out×r}
+
+    A is Kaiming-uniform (as `nn.Linear` and peft do: bound 1/sqrt(d_in)), B = 0, so ΔW = 0 at initialization and
+    the adapted model starts as the base model. The forward computes x → A x → B (A x) and never forms ΔW.
+
+        x (.., d_in) ──A──> (.., r) ──B──> (.., d_out) ──× c──> ΔW x
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__(base, dropout)
+        if r < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got r={r}")
+        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # U(-1/sqrt(d_in), 1/sqrt(d_in))
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.lora_A)  # (..., r)       = A x
+        return self.scale * F.linear(h, self.lora_B)  # (..., d_out)   = c · B (A x)
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return self.lora_A, self.lora_B, self.scale
+
+    @property
+    def rank(self) -> int:
+        return self.r
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}"
+
+
+# -----------------------------------------------------------------------------
+# 2b. The SVD-form layer: AdaLoRA (and CTR-LoRA, which changes ranks the same way)
+
+SVD_INIT_STD = 0.02  # P, Q ~ N(0, 0.02²): the official AdaLoRA code and peft
+
+
+class SVDLinear(AdaptedLinear):
+    """AdaLoRA's SVD-form update (Zhang et al. 2023, "Adaptive Budget Allocation for Parameter-Efficient
+    Fine-Tuning", ICLR, §3.1 eq. 3 — stated by the paper; SPEC §3):
+
+        ΔW = c · P diag(λ) Q,   c = α / r₀,   P ∈ R^{d_out×r₀},  λ ∈ R^{r₀},  Q ∈ R^{r₀×d_in}
+
+    Triplet i is (P[:, i], λ_i, Q[i, :]). λ = 0 at init, so ΔW = 0 and the adapted model starts as the base model;
+    P, Q ~ N(0, 0.02²). The rank changes by *masking*: the 0/1 buffer `lora_mask` (r₀,) records which triplets are
+    kept, and the method's hooks call `apply_mask()` after every optimizer step, which sets masked λ_i to 0.
+    The forward does not multiply by the mask, so ∂L/∂λ_i exists for masked triplets too (CTR-LoRA's utility of
+    switching a triplet back on needs it); tensor shapes and optimizer state never change mid-run.
+
+        x (.., d_in) ──Q──> (.., r₀) ──⊙λ──> (.., r₀) ──P──> (.., d_out) ──× c──> ΔW x
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, init_std: float = SVD_INIT_STD):
+        super().__init__(base, dropout)
+        if r < 1:
+            raise ValueError(f"SVD-form adapter rank must be >= 1, got r={r}")
+        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        device = base.weight.device
+        self.lora_P = nn.Parameter(torch.empty(self.out_features, r, device=device).normal_(0.0, init_std))
+        self.lora_lambda = nn.Parameter(torch.zeros(r, device=device))
+        self.lora_Q = nn.Parameter(torch.empty(r, self.in_features, device=device).normal_(0.0, init_std))
+        self.register_buffer("lora_mask", torch.ones(r, device=device))  # 1 = triplet kept, 0 = masked
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.lora_Q) * self.lora_lambda  # (..., r₀)    = diag(λ) Q x   (no mask here, see above)
+        return self.scale * F.linear(h, self.lora_P)  # (..., d_out) = c · P diag(λ) Q x
+
+    @torch.no_grad()
+    def apply_mask(self) -> None:
+        """λ_i ← 0 for every masked triplet (called by the hooks after each optimizer step)."""
+        self.lora_lambda.mul_(self.lora_mask)
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The exact LoRA form of the kept triplets: A = diag(λ_kept) Q_kept (r×d_in), B = P_kept (d_out×r), scale c.
+
+        Masked triplets have λ = 0 (apply_mask), so leaving them out changes nothing, and the exported rank is the
+        allocated one. A module with no kept triplet exports one zero direction (peft's LoRA needs r ≥ 1).
+        """
+        keep = self.lora_mask.bool()
+        if not keep.any():
+            return (self.lora_Q.new_zeros(1, self.in_features), self.lora_P.new_zeros(self.out_features, 1),
+                    self.scale)
+        return self.lora_lambda[keep, None] * self.lora_Q[keep], self.lora_P[:, keep], self.scale
+
+    @property
+    def rank(self) -> int:
+        return self.r  # the shape rank r₀: what save/load need to rebuild the tensors
+
+    @property
+    def active_rank(self) -> int:
+        return int(self.lora_mask.sum().item())
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, r0={self.r}, active_rank={self.active_rank}, alpha={self.alpha:g}, "
+                f"scale={self.scale:g}")
+
+
+# -----------------------------------------------------------------------------
+# 2c. TriAdaptLoRA: a triangular core that grows block by block (SPEC §4 — this project's formulation)
+
+
+class TriAdaptLinear(AdaptedLinear):
+    """TriAdaptLoRA (Liang, Wang, Zeng 2025, arXiv 2501.08008). Stated by the paper: a triangular split of the
+    transformation matrix into lower and upper triangular parts and rank *growth*. The paper's method section was
+    not available: the parameterization, block layout and initialization below are this project's reconstruction
+    (SPEC §4), built from the public peft-fork code with its bugs fixed.
+
+        ΔW = c · B C A,   c = α / r_ref (fixed: does not shrink as r grows),   C = L + U ∈ R^{r×r}
+
+    A (r×d_in) and B (d_out×r) are lists of blocks; L is block lower triangular (diagonal blocks included) and U is
+    strictly block upper triangular. Growth event n (block size k, rank r_{n-1} -> r_n = r_{n-1} + k) appends
+
+        a_n (k×d_in) ~ N(0, σ²)         -> tri_A[n]     new rows of A
+        b_n (d_out×k) = 0               -> tri_B[n]     new columns of B
+        R_n (k×r_n) = [0 | I_k]         -> tri_R[n]     new block-row of L, including the new diagonal block
+        K_n (r_{n-1}×k) = 0             -> tri_K[n-1]   new block-column of U above the diagonal
+
+    and old entries never move. With b_n = 0 and K_n = 0 the function is unchanged at growth, and every new tensor
+    gets a gradient within two steps (b_n, K_n at once; a_n and R_n once b_n ≠ 0). The first block is A ~ N(0, σ²),
+    C = R_0 = I, B = 0. (The public code starts B and C at zero, so nothing ever trains; it also rescales by 1/r,
+    a jump at every growth.)
+
+        x (.., d_in) ──A──> (.., r) ──C──> (.., r) ──B──> (.., d_out) ──× c──> ΔW x      (ΔW never formed)
+
+            C = L + U:  [ R_0       | K_1 | K_2 ]      R_0: r_0×r_0 block, R_n: k×r_n strip, K_n: r_{n-1}×k strip
+                        [ R_1 ------------ | K_2 ]
+                        [ R_2 ------------------ ]
+    """
+
+    def __init__(self, base: nn.Linear, r_ref: int, alpha: float, init_rank: int, block: int, dropout: float = 0.0,
+                 init_std: float = SVD_INIT_STD, rank: int | None = None):
+        super().__init__(base, dropout)
+        if min(init_rank, block, r_ref) < 1:
+            raise ValueError(f"TriAdaptLoRA needs init_rank, block and r_ref >= 1, got {init_rank}, {block}, {r_ref}")
+        self.r_ref, self.alpha, self.scale = r_ref, alpha, alpha / r_ref
+        self.init_rank, self.block, self.init_std = init_rank, block, init_std
+        device = base.weight.device
+        self.tri_A = nn.ParameterList([torch.empty(init_rank, self.in_features, device=device).normal_(0.0, init_std)])
+        self.tri_B = nn.ParameterList([torch.zeros(self.out_features, init_rank, device=device)])
+        self.tri_R = nn.ParameterList([torch.eye(init_rank, device=device)])  # R_0 = the first diagonal block
+        self.tri_K = nn.ParameterList()  # K_1, K_2, ... (none before the first growth)
+        if rank is not None:  # rebuild a grown structure (loading a saved adapter)
+            self.grow_to(rank)
+
+    # --- structure --------------------------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return sum(a.shape[0] for a in self.tri_A)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.tri_A)
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        return self.tri_A[0].dtype
+
+    def grow(self) -> list[nn.Parameter]:
+        """Growth event: append a_n, b_n, R_n, K_n (initialized so that ΔW is unchanged); returns them in that order."""
+        k, r_prev = self.block, self.rank
+        like = self.tri_A[0]
+        a = nn.Parameter(like.new_empty(k, self.in_features).normal_(0.0, self.init_std))  # (k, d_in)
+        b = nn.Parameter(like.new_zeros(self.out_features, k))  # (d_out, k)
+        R = nn.Parameter(torch.cat([like.new_zeros(k, r_prev), torch.eye(k, device=like.device, dtype=like.dtype)],
+                                   dim=1))  # (k, r_n) = [0 | I_k]
+        K = nn.Parameter(like.new_zeros(r_prev, k))  # (r_{n-1}, k)
+        self.tri_A.append(a)
+        self.tri_B.append(b)
+        self.tri_R.append(R)
+        self.tri_K.append(K)
+        return [a, b, R, K]
+
+    def grow_to(self, rank: int) -> list[nn.Parameter]:
+        """Grow until the rank is `rank` (= init_rank + n·block); returns the new parameters."""
+        if rank < self.rank or (rank - self.init_rank) % self.block:
+            raise ValueError(f"TriAdaptLoRA rank {rank} is not reachable from rank {self.rank} in blocks of "
+                             f"{self.block} (tri_init_rank {self.init_rank}, tri_block {self.block})")
+        new = []
+        while self.rank < rank:
+            new += self.grow()
+        return new
+
+    # --- the factors ------------------------------------------------------------------------------------------------
+    def full_A(self) -> torch.Tensor:
+        return self.tri_A[0] if len(self.tri_A) == 1 else torch.cat(list(self.tri_A), dim=0)  # (r, d_in)
+
+    def full_B(self) -> torch.Tensor:
+        return self.tri_B[0] if len(self.tri_B) == 1 else torch.cat(list(self.tri_B), dim=1)  # (d_out, r)
+
+    def lower(self) -> torch.Tensor:
+        """L (r×r): block-row n is R_n, padded with zeros right of its diagonal block."""
+        r = self.rank
+        return torch.cat([F.pad(R, (0, r - R.shape[1])) for R in self.tri_R], dim=0)
+
+    def upper(self) -> torch.Tensor:
+        """U (r×r): block-column n ≥ 1 is K_n above the diagonal, zeros on and below it; block-column 0 is zero."""
+        r = self.rank
+        first = self.tri_R[0].new_zeros(r, self.init_rank)
+        return torch.cat([first] + [F.pad(K, (0, 0, 0, r - K.shape[0])) for K in self.tri_K], dim=1)
+
+    def core(self) -> torch.Tensor:
+        """C = L + U (r×r), assembled from the strips (r is small: this is cheap and never d×d)."""
+        return self.tri_R[0] if not len(self.tri_K) else self.lower() + self.upper()
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.full_A())  # (..., r)     = A x
+        z = F.linear(h, self.core())  # (..., r)     = C A x
+        return self.scale * F.linear(z, self.full_B())  # (..., d_out) = c · B C A x
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Plain LoRA form for export: A' = A, B' = B C, scale c = α/r_ref (SPEC §4)."""
+        return self.full_A(), self.full_B() @ self.core(), self.scale
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, rank={self.rank}, blocks={self.num_blocks}, r_ref={self.r_ref}, "
+                f"alpha={self.alpha:g}, scale={self.scale:g}")
+
+
+# -----------------------------------------------------------------------------
+# 3. Configuration
+
+
+@dataclass
+class AdapterConfig:
+    """Everything needed to rebuild an adapter's structure. Round-trips through JSON; validated on construction.
+
+    method:  one of METHODS ("lora", ...)
+    r:       rank per module (the initial/reference rank for adaptive methods)
+    alpha:   LoRA α; the update is scaled by c = α / r
+    dropout: dropout on the adapter input only (the base path never sees dropout)
+    targets: leaf names of the linears to adapt, e.g. ["q_proj", "v_proj"] (a comma string is accepted here too)
+    Later methods add their fields below this line; every field must have a default, a JSON-able type and a
+    `help` (train.py turns each into a flag: `t_init` -> `--t-init`). A method ignores the fields of other methods,
+    and the defaults leave LoRA unchanged. -1 / 0 defaults are derived from --steps / --rank as each help says.
+    """
+
+    method: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    # --- shared by the methods with a training schedule (AdaLoRA, TriAdaptLoRA; CTR-LoRA later) -----------------------
+    total_steps: int = field(default=0, metadata={"help": "total optimizer steps T of the run, for the rank schedules "
+                                                          "(train.py sets it from --steps; 0 = not known yet)"})
+    orth_reg: float = field(default=0.1, metadata={"help": "AdaLoRA/TriAdaptLoRA: weight γ of the orthogonality "
+                                                           "penalty on the adapter factors (0 = off)"})
+    # --- AdaLoRA (SPEC §3) ---------------------------------------------------------------------------------------------
+    init_rank: int = field(default=0, metadata={"help": "AdaLoRA: initial rank r₀ of every module (0 = 1.5 × the "
+                                                        "target rank, rounded up)"})
+    target_rank: int = field(default=0, metadata={"help": "AdaLoRA: final average rank; the budget is target rank × "
+                                                          "modules (0 = --rank)"})
+    t_init: int = field(default=-1, metadata={"help": "AdaLoRA: warm-up steps before the first rank allocation "
+                                                      "(-1 = 10%% of --steps)"})
+    t_final: int = field(default=-1, metadata={"help": "AdaLoRA: final steps with the rank mask frozen "
+                                                       "(-1 = 30%% of --steps)"})
+    delta_t: int = field(default=10, metadata={"help": "AdaLoRA: steps between two rank allocations"})
+    budget_schedule: str = field(default="cubic", metadata={"help": "AdaLoRA: how the budget falls from initial to "
+                                                                    "target: cubic (the paper) or linear"})
+    beta1: float = field(default=0.85, metadata={"help": "AdaLoRA: EMA factor β₁ of the smoothed sensitivity"})
+    beta2: float = field(default=0.85, metadata={"help": "AdaLoRA: EMA factor β₂ of the uncertainty"})
+    # --- TriAdaptLoRA (SPEC §4) ----------------------------------------------------------------------------------------
+    tri_init_rank: int = field(default=0, metadata={"help": "TriAdaptLoRA: rank of every module before growth "
+                                                            "(0 = half of --rank, at least 1); --rank is the "
+                                                            "reference rank r_ref, the budget is r_ref × modules"})
+    tri_block: int = field(default=1, metadata={"help": "TriAdaptLoRA: ranks a module gains per growth (block k)"})
+    tri_warmup: int = field(default=-1, metadata={"help": "TriAdaptLoRA: step of the first growth event T_w "
+                                                          "(-1 = 10%% of --steps)"})
+    tri_interval: int = field(default=-1, metadata={"help": "TriAdaptLoRA: steps between growth events "
+                                                            "(-1 = 10%% of --steps, at least 1)"})
+    tri_final: int = field(default=-1, metadata={"help": "TriAdaptLoRA: last step with a growth event T_final "
+                                                         "(-1 = 70%% of --steps)"})
+    tri_threshold: str = field(default="linear", metadata={"help": "TriAdaptLoRA: how many modules grow per event: "
+                                                                   "linear, exponential or fixed (--tri-top-k)"})
+    tri_top_k: int = field(default=1, metadata={"help": "TriAdaptLoRA: modules grown per event with "
+                                                        "--tri-threshold fixed"})
+    tri_init_std: float = field(default=SVD_INIT_STD, metadata={"help": "TriAdaptLoRA: std σ of new rows of A"})
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):  # "q_proj,v_proj" from a command line (JSON must give a list)
+            self.targets = parse_targets(self.targets)
+        hints = typing.get_type_hints(type(self))
+        _check_types({f.name: getattr(self, f.name) for f in fields(self)}, hints)
+        for f in fields(self):
+            if hints[f.name] is float:
+                setattr(self, f.name, float(getattr(self, f.name)))  # JSON 16 -> 16.0
+        if self.method not in METHODS:
+            raise ValueError(f"unknown adapter method {self.method!r}; known methods: {', '.join(METHODS)}")
+        if self.r < 1:
+            raise ValueError(f"adapter config key 'r' must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"adapter config key 'alpha' must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"adapter config key 'dropout' must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise ValueError(f"adapter config key 'targets' is empty; give module names such as {LLAMA_LINEAR_NAMES}")
+        if self.total_steps < 0:
+            raise ValueError(f"--steps (total_steps) must be >= 0, got {self.total_steps}")
+        if self.method == "adalora":
+            _validate_adalora(self)
+        if self.method == "triadapt":
+            _validate_triadapt(self)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AdapterConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"adapter config must be a JSON object, got {type(d).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = [k for k in d if k not in known]
+        if unknown:
+            raise ValueError(f"unknown adapter config key(s) {unknown}; known keys: {', '.join(known)}")
+        _check_types(d, typing.get_type_hints(cls))  # before __post_init__'s conveniences (comma strings)
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> AdapterConfig:
+        return cls.from_dict(json.loads(text))
+
+
+def _flag(name: str) -> str:
+    """The train.py flag of a config field: t_init -> --t-init (error messages name what the user typed)."""
+    return "--" + name.replace("_", "-")
+
+
+def _steps_or_fraction(cfg: AdapterConfig, name: str, fraction: float, minimum: int = 0) -> int:
+    """A step count from the config: the field's value if >= 0, else (-1) round(fraction · total_steps)."""
+    value = getattr(cfg, name)
+    if value >= 0:
+        return value
+    if value != -1:
+        raise ValueError(f"{_flag(name)} must be >= 0 (or -1 for the default), got {value}")
+    if cfg.total_steps < 1:
+        raise ValueError(f"{_flag(name)} -1 means a fraction of --steps, but total_steps is not set; pass "
+                         f"total_steps (train.py sets it from --steps) or give {_flag(name)}")
+    return max(minimum, round(fraction * cfg.total_steps))
+
+
+def adalora_ranks(cfg: AdapterConfig) -> tuple[int, int]:
+    """(initial rank r₀, target rank) per module, defaults resolved: target = --rank, r₀ = ⌈1.5 · target⌉."""
+    for name in ("init_rank", "target_rank"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{_flag(name)} must be >= 0 (0 = default), got {getattr(cfg, name)}")
+    target = cfg.target_rank or cfg.r
+    initial = cfg.init_rank or math.ceil(1.5 * target)
+    if initial < target:
+        raise ValueError(f"--target-rank {target} is larger than --init-rank {initial}: AdaLoRA only removes ranks; "
+                         f"lower --target-rank or raise --init-rank")
+    return initial, target
+
+
+def _validate_adalora(cfg: AdapterConfig) -> None:
+    adalora_ranks(cfg)
+    for name in ("beta1", "beta2"):
+        if not 0.0 < getattr(cfg, name) < 1.0:
+            raise ValueError(f"{_flag(name)} must be in (0, 1), got {getattr(cfg, name)}")
+    if cfg.orth_reg < 0:
+        raise ValueError(f"--orth-reg must be >= 0, got {cfg.orth_reg}")
+    if cfg.total_steps > 0:
+        adalora_schedule(cfg, n_modules=1)  # budgets scale with the module count: one module checks them all
+    else:
+        BudgetSchedule.check_options(cfg.delta_t, cfg.budget_schedule)
+
+
+def triadapt_init_rank(cfg: AdapterConfig) -> int:
+    """Rank of every TriAdaptLoRA module before growth: --tri-init-rank, default max(1, r_ref // 2)."""
+    init = cfg.tri_init_rank or max(1, cfg.r // 2)
+    if cfg.tri_init_rank < 0 or init > cfg.r:
+        raise ValueError(f"--tri-init-rank {cfg.tri_init_rank} must be in [1, --rank {cfg.r}] (0 = half of --rank): "
+                         f"--rank is the reference rank, the budget is --rank × modules")
+    return init
+
+
+def triadapt_events(cfg: AdapterConfig) -> tuple[int, int, int]:
+    """(T_w, interval, T_final) of the growth events, defaults resolved (10%, 10%, 70% of --steps)."""
+    warmup = _steps_or_fraction(cfg, "tri_warmup", 0.1)
+    interval = _steps_or_fraction(cfg, "tri_interval", 0.1, minimum=1)
+    final = _steps_or_fraction(cfg, "tri_final", 0.7)
+    if interval < 1:
+        raise ValueError(f"--tri-interval must be >= 1, got {interval}")
+    if final <= warmup:
+        raise ValueError(f"--tri-final {final} must come after --tri-warmup {warmup}: no step is left for growth")
+    if cfg.total_steps and final > cfg.total_steps:
+        raise ValueError(f"--tri-final {final} is after the last step (--steps {cfg.total_steps}); lower it")
+    return warmup, interval, final
+
+
+def _validate_triadapt(cfg: AdapterConfig) -> None:
+    triadapt_init_rank(cfg)
+    if cfg.tri_block < 1:
+        raise ValueError(f"--tri-block must be >= 1, got {cfg.tri_block}")
+    if cfg.tri_threshold not in THRESHOLD_MODES:
+        raise ValueError(f"--tri-threshold must be one of {', '.join(THRESHOLD_MODES)}, got {cfg.tri_threshold!r}")
+    if cfg.tri_top_k < 1:
+        raise ValueError(f"--tri-top-k must be >= 1, got {cfg.tri_top_k}")
+    if cfg.tri_init_std <= 0:
+        raise ValueError(f"--tri-init-std must be > 0, got {cfg.tri_init_std}")
+    if cfg.orth_reg < 0:
+        raise ValueError(f"--orth-reg must be >= 0, got {cfg.orth_reg}")
+    if cfg.total_steps > 0 or min(cfg.tri_warmup, cfg.tri_interval, cfg.tri_final) >= 0:
+        triadapt_events(cfg)
+
+
+def parse_targets(text: str) -> list[str]:
+    """Split a comma list: "q_proj, v_proj" -> ["q_proj", "v_proj"]."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _check_types(values: dict, hints: dict) -> None:
+    """Raise a one-line ValueError naming the first key whose value does not match its type hint."""
+    for key, value in values.items():
+        if not _has_type(value, hints[key]):
+            raise ValueError(f"adapter config key {key!r} must be {_type_name(hints[key])}, "
+                             f"got {type(value).__name__} {value!r}")
+
+
+def _has_type(value, tp) -> bool:
+    """Does a JSON-ish value match a type hint (int, float, str, bool, list[X], dict[str, X], X | None)?"""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_has_type(k, args[0]) and _has_type(v, args[1])
+                                               for k, v in value.items())
+    if args:  # Union / Optional
+        return any(_has_type(value, a) for a in args)
+    raise TypeError(f"AdapterConfig field type {tp} is not supported by the JSON validator")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) if typing.get_origin(tp) is None else str(tp)
+
+
+# -----------------------------------------------------------------------------
+# 4. Putting adapters into a model
+
+
+def _build_lora(base: nn.Linear, cfg: AdapterConfig, r: int | None) -> LoRALinear:
+    return LoRALinear(base, r=r or cfg.r, alpha=cfg.alpha, dropout=cfg.dropout)
+
+
+def _build_adalora(base: nn.Linear, cfg: AdapterConfig, r: int | None) -> SVDLinear:
+    return SVDLinear(base, r=r or adalora_ranks(cfg)[0], alpha=cfg.alpha, dropout=cfg.dropout)  # c = α / r₀
+
+
+def _build_triadapt(base: nn.Linear, cfg: AdapterConfig, r: int | None) -> TriAdaptLinear:
+    return TriAdaptLinear(base, r_ref=cfg.r, alpha=cfg.alpha, init_rank=triadapt_init_rank(cfg), block=cfg.tri_block,
+                          dropout=cfg.dropout, init_std=cfg.tri_init_std, rank=r)  # r: a saved (grown) rank
+
+
+# method name -> builder(base linear, config, saved rank of this module or None for the method's default)
+METHODS: dict[str, Callable[[nn.Linear, AdapterConfig, int | None], AdaptedLinear]] = {
+    "lora": _build_lora,
+    "adalora": _build_adalora,
+    "triadapt": _build_triadapt,
+}
+
+
+def _name_matches(module_name: str, target: str) -> bool:
+    """peft's rule for a list of target names: the full name equals the target or ends with '.' + target."""
+    return module_name == target or module_name.endswith("." + target)
+
+
+def inject_adapters(model: nn.Module, targets: list[str],
+                    make_layer: Callable[[str, nn.Linear], AdaptedLinear]) -> dict[str, AdaptedLinear]:
+    """Replace every `nn.Linear` whose name ends in one of `targets` with `make_layer(name, linear)`.
+
+    Returns {module name: new layer}. Each target must match at least one linear, else a ValueError names the
+    linear names that do exist.
+    """
+    if adapter_layers(model):
+        raise ValueError("model already has adapters; load or apply adapters to a fresh base model")
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for target in targets:
+        if not any(_name_matches(name, target) for name in linears):
+            leaf_names = sorted({name.rsplit(".", 1)[-1] for name in linears})
+            raise ValueError(f"target {target!r} matches no nn.Linear in the model; linear names are: "
+                             f"{', '.join(leaf_names)}")
+    chosen = [name for name in linears if any(_name_matches(name, t) for t in targets)]
+    new_layers = {}
+    for name in chosen:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        new_layers[name] = make_layer(name, linears[name]).train(linears[name].training)  # keep train/eval mode
+        setattr(parent, child_name, new_layers[name])
+    return new_layers
+
+
+def apply_method(model: nn.Module, method: str, cfg: AdapterConfig | None = None,
+                 ranks: dict[str, int] | None = None) -> dict[str, AdaptedLinear]:
+    """The entry point: adapt `model` in place with `method` ("lora", "adalora", "triadapt") and return {name: layer}.
+
+    `ranks` optionally gives a per-module rank as saved by save_adapter (loading: LoRA's per-module r, AdaLoRA's
+    r₀, TriAdaptLoRA's grown rank); otherwise every module gets the method's initial rank (`cfg.r` for LoRA).
+    Also freezes everything except the adapter parameters.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown adapter method {method!r}; known methods: {', '.join(METHODS)}")
+    cfg = cfg if cfg is not None else AdapterConfig(method=method)
+    if cfg.method != method:
+        raise ValueError(f"apply_method got method={method!r} but cfg.method={cfg.method!r}; make them agree")
+    build = METHODS[method]
+    layers = inject_adapters(model, cfg.targets,
+                             lambda name, base: build(base, cfg, ranks.get(name) if ranks else None))
+    if ranks is not None and set(ranks) != set(layers):
+        missing, unexpected = sorted(set(layers) - set(ranks)), sorted(set(ranks) - set(layers))
+        remove_adapters(model)
+        raise ValueError(f"per-module ranks do not match the targeted modules: missing {missing}, "
+                         f"unexpected {unexpected}")
+    mark_only_adapters_trainable(model)
+    return layers
+
+
+def remove_adapters(model: nn.Module) -> dict[str, nn.Linear]:
+    """Undo inject_adapters: put plain nn.Linear layers back, sharing the (current) weight tensors.
+
+    If a layer is merged its merged weight is kept (this is 'merge and unload'); unmerge first to get W0 back.
+    """
+    restored = {}
+    for name, layer in adapter_layers(model).items():
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        linear.weight = layer.weight
+        if layer.bias is not None:
+            linear.bias = layer.bias
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, linear)
+        restored[name] = linear
+    return restored
+
+
+# -----------------------------------------------------------------------------
+# 5. Small free functions (loralib style)
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
+    """{module name: adapted layer} in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+
+
+def adapter_ranks(model: nn.Module) -> dict[str, int]:
+    """{module name: rank in use now}: LoRA's r, AdaLoRA's kept triplets, TriAdaptLoRA's grown rank.
+    For logs and the rank heatmap (eval.plot_rank_heatmap)."""
+    return {name: layer.active_rank for name, layer in adapter_layers(model).items()}
+
+
+def adapter_named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """{full parameter name: parameter} of adapter parameters only (not the frozen base weight/bias)."""
+    out = {}
+    for name, layer in adapter_layers(model).items():
+        for pname, p in layer.named_parameters():
+            if pname not in ("weight", "bias"):
+                out[f"{name}.{pname}"] = p
+    return out
+
+
+def mark_only_adapters_trainable(model: nn.Module) -> None:
+    """requires_grad = True for adapter parameters, False for everything else (embeddings, norms, W0, lm_head)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in adapter_named_parameters(model).values():
+        p.requires_grad_(True)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter tensors (parameters and buffers such as masks), keyed by full name, detached."""
+    out = {}
+    for name, layer in adapter_layers(model).items():
+        for key, t in layer.state_dict().items():
+            if key not in ("weight", "bias"):
+                out[f"{name}.{key}"] = t.detach()
+    return out
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """{"total", "trainable", "adapter"} parameter counts (shared/tied tensors counted once)."""
+    params = list(model.parameters())  # deduplicated by nn.Module
+    return {
+        "total": sum(p.numel() for p in params),
+        "trainable": sum(p.numel() for p in params if p.requires_grad),
+        "adapter": sum(p.numel() for p in adapter_named_parameters(model).values()),
+    }
+
+
+def merge_adapters(model: nn.Module) -> None:
+    """Merge every adapter into its base weight (fp32, NaN-checked); raises naming the first broken module."""
+    for name, layer in adapter_layers(model).items():
+        try:
+            layer.merge()
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    for layer in adapter_layers(model).values():
+        layer.unmerge()
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A plain base state dict (original key names, base dtypes) with every adapter merged: W0 + ΔW in fp32.
+
+    Does not modify the model. Raises ValueError naming the module if a merged weight has NaN/inf.
+    """
+    layers = adapter_layers(model)
+    adapter_keys = set(adapter_state_dict(model))
+    out = {k: v.detach() for k, v in model.state_dict().items() if k not in adapter_keys}
+    for name, layer in layers.items():
+        if layer.merged:
+            continue  # self.weight already holds W0 + ΔW
+        merged = layer.weight.float() + layer.delta_weight().to(layer.weight.device)  # (d_out, d_in) fp32
+        if not torch.isfinite(merged).all():
+            raise ValueError(f"{name}: merged weight has NaN/inf; the adapter is broken")
+        out[f"{name}.weight"] = merged.to(layer.weight.dtype)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 5b. Per-method training hooks, called visibly by train.py's loop
+
+
+class MethodHooks:
+    """What a method does around the optimizer step. This base class is plain LoRA: every hook does nothing.
+
+    train.py calls, in this order, every step:
+        loss.backward(); reg = hooks.regularizer(); reg.backward() if reg is not None   (orthogonality penalties)
+        clip; hooks.before_optimizer_step(optimizer, step)                             (CTR-LoRA trust region)
+        optimizer.step(); new = hooks.after_optimizer_step(step); optimizer.zero_grad()  (masking, growth, allocation;
+                                                                                        .grad is still readable)
+    and hooks.log_items() when logging. state_dict() / restore_structure() carry method state (e.g. grown block
+    counts) through checkpoints; state_dict() must hold only plain types and tensors (read with weights_only=True).
+    """
+
+    def __init__(self, model: nn.Module | None = None, cfg: AdapterConfig | None = None):
+        self.model, self.cfg = model, cfg
+
+    def regularizer(self) -> torch.Tensor | None:
+        return None  # LoRA has no penalty term
+
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        pass
+
+    def after_optimizer_step(self, step: int) -> list[nn.Parameter]:
+        return []  # parameters created this step (they join the optimizer as a new group)
+
+    def log_items(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def restore_structure(self, state: dict) -> list[tuple[list[nn.Parameter], int]]:
+        """Rebuild structure saved by state_dict() (before weights and optimizer state load). Returns the parameter
+        groups created mid-run, as (params, start_step) in the order they joined the optimizer."""
+        return []
+
+
+# -----------------------------------------------------------------------------
+# 5c. Rank machinery shared by AdaLoRA and CTR-LoRA (the penalty is TriAdaptLoRA's too)
+
+
+def orthogonality_penalty(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """AdaLoRA's orthogonality regularizer (Zhang et al. 2023, §3.1 eq. 4 — stated by the paper), with unsquared
+    Frobenius norms averaged over every factor matrix, exactly as the official code and peft compute it:
+
+        R = 1/(2K) Σ_k ( ‖P_kᵀ P_k − I‖_F + ‖Q_k Q_kᵀ − I‖_F ),     factors = [(P_k (d_out×r_k), Q_k (r_k×d_in))]
+
+    SPEC §3 writes mean_k(‖PᵀP − I‖ + ‖QQᵀ − I‖), which is 2R; we follow the official code so that γ (--orth-reg)
+    means what peft's orth_reg_weight means (tests/test_adalora.py checks R against peft). TriAdaptLoRA applies the
+    same penalty to its concatenated (B, A) (SPEC §4: this project's choice).
+    """
+    terms = []
+    for P, Q in factors:
+        eye = torch.eye(P.shape[1], device=P.device, dtype=P.dtype)  # (r, r)
+        terms.append(torch.linalg.matrix_norm(P.T @ P - eye))  # ‖PᵀP − I‖_F
+        terms.append(torch.linalg.matrix_norm(Q @ Q.T - eye))  # ‖QQᵀ − I‖_F
+    return torch.stack(terms).mean()
+
+
+class BudgetSchedule:
+    """The global budget b(t) (number of kept components) and the steps that re-allocate it. AdaLoRA's schedule
+    (Zhang et al. 2023, §3.3 eq. 12 — stated by the paper), written to equal peft's RankAllocator.budget_schedule
+    step for step, including when it masks (tests/test_adalora.py compares them):
+
+        t ≤ t_i            b(t) = b₀                                              no allocation (warm-up)
+        t_i < t ≤ T − t_f  b(t) = ⌊b_T + (b₀ − b_T) (1 − (t − t_i)/(T − t_i − t_f))³⌋   allocate when t % ΔT == 0
+        t > T − t_f        b(t) = b_T                                             mask frozen (peft re-applies it)
+
+    t counts completed optimizer steps (1..T). shape="linear" uses the first power instead of the cube (this
+    project's option, for ablations). Shared by AdaLoRA and CTR-LoRA (budgets in triplets or parameters).
+    Validated on construction: one-line errors naming the flag.
+    """
+
+    SHAPES = ("cubic", "linear")
+
+    def __init__(self, initial: int, target: int, total_steps: int, t_init: int, t_final: int, delta_t: int,
+                 shape: str = "cubic"):
+        self.check_options(delta_t, shape)
+        if total_steps < 1:
+            raise ValueError("the rank budget schedule needs the run's length: set total_steps (train.py sets it "
+                             "from --steps)")
+        if t_init < 0 or t_final < 0:
+            raise ValueError(f"--t-init and --t-final must be >= 0, got {t_init} and {t_final}")
+        if t_init + t_final >= total_steps:
+            raise ValueError(f"--t-init {t_init} + --t-final {t_final} must be less than --steps {total_steps}: no "
+                             f"step is left to allocate ranks; lower --t-init/--t-final or raise --steps")
+        if target < 1:
+            raise ValueError(f"the final rank budget must be > 0, got {target}; raise --target-rank")
+        if target > initial:
+            raise ValueError(f"the final rank budget {target} exceeds the initial budget {initial}: ranks are only "
+                             f"removed; lower --target-rank or raise --init-rank")
+        self.initial, self.target, self.total_steps = initial, target, total_steps
+        self.t_init, self.t_final, self.delta_t, self.shape = t_init, t_final, delta_t, shape
+
+    @classmethod
+    def check_options(cls, delta_t: int, shape: str) -> None:
+        if delta_t < 1:
+            raise ValueError(f"--delta-t must be >= 1, got {delta_t}")
+        if shape not in cls.SHAPES:
+            raise ValueError(f"--budget-schedule must be one of {', '.join(cls.SHAPES)}, got {shape!r}")
+
+    @property
+    def freeze_step(self) -> int:
+        """T − t_f: the last allocation (at b_T); the mask is frozen after it."""
+        return self.total_steps - self.t_final
+
+    def __call__(self, t: int) -> tuple[int, bool]:
+        """(b(t), whether step t allocates) — peft's (budget, mask_ind) for shape="cubic"."""
+        if t <= self.t_init:
+            return self.initial, False
+        if t > self.freeze_step:
+            return self.target, True
+        progress = 1 - (t - self.t_init) / (self.total_steps - self.t_final - self.t_init)
+        power = 3 if self.shape == "cubic" else 1
+        return int((self.initial - self.target) * progress ** power + self.target), t % self.delta_t == 0
+
+
+def keep_top_budget(scores: dict[str, torch.Tensor], budget: int) -> dict[str, torch.Tensor]:
+    """Global top-b: 0/1 masks (shaped like the scores) keeping the `budget` highest scores over all modules.
+
+    Exactly `budget` entries are kept; ties go to the earlier module / index. (peft masks `score ≤ k-th smallest`,
+    which drops every tie and can keep fewer than b(t); with distinct scores the two agree.)
+    """
+    flat = torch.cat([s.flatten() for s in scores.values()])  # (Σ r_ℓ,)
+    keep = torch.zeros_like(flat)
+    keep[torch.sort(flat, descending=True, stable=True).indices[:budget]] = 1.0
+    masks, start = {}, 0
+    for name, s in scores.items():
+        masks[name] = keep[start:start + s.numel()].view_as(s)
+        start += s.numel()
+    return masks
+
+
+class MaskAllocator:
+    """Keeps the SVD-form layers at the scheduled budget (SPEC §3, §5): at an allocation step of the schedule, and
+    once more at t = T − t_f with b_T, masks ← select(scores(), b(t)); after T − t_f the masks are frozen. After
+    every optimizer step the masked λ are set to 0. The score is plugged in: AdaLoRA's sensitivity × uncertainty
+    now, CTR-LoRA's marginal utility (with a hysteresis `select`) later.
+    """
+
+    def __init__(self, layers: dict[str, SVDLinear], schedule: BudgetSchedule,
+                 select: Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]] = keep_top_budget):
+        self.layers, self.schedule, self.select = layers, schedule, select
+
+    @torch.no_grad()
+    def step(self, t: int, scores: Callable[[], dict[str, torch.Tensor]]) -> bool:
+        """Allocate if step t is an allocation step (returns True then); always zero the masked λ."""
+        budget, allocate_now = self.schedule(t)
+        freeze = self.schedule.freeze_step
+        allocate = (allocate_now and t < freeze) or t == freeze
+        if allocate:
+            masks = self.select(scores(), budget)
+            for name, layer in self.layers.items():
+                layer.lora_mask.copy_(masks[name])
+        for layer in self.layers.values():
+            layer.apply_mask()
+        return allocate
+
+
+class SensitivityScores:
+    """AdaLoRA's importance of every adapter entry (Zhang et al. 2023, §3.2 eqs. 8–11 — stated by the paper),
+    computed as peft computes it, one Ī and one Ū per parameter entry:
+
+        I = |θ ⊙ ∂L/∂θ|,   Ī ← β₁ Ī + (1 − β₁) I,   Ū ← β₂ Ū + (1 − β₂) |I − Ī|,   s = Ī ⊙ Ū
+
+    and the triplet score (eq. 7):  S_i = s(λ_i) + mean_j s(P_ji) + mean_j s(Q_ij).
+    update() runs after optimizer.step and before zero_grad (as peft's update_and_allocate): θ is the updated value
+    and ∂L/∂θ the (clipped) gradient of the step just taken. Under DDP gradients are already all-reduced, so every
+    rank computes the same scores and makes the same decisions.
+    """
+
+    def __init__(self, layers: dict[str, SVDLinear], beta1: float, beta2: float):
+        self.layers, self.beta1, self.beta2 = layers, beta1, beta2
+        self.avg: dict[str, torch.Tensor] = {}  # "<module>.lora_P" -> Ī, same shape as the parameter
+        self.unc: dict[str, torch.Tensor] = {}  # "<module>.lora_P" -> Ū
+
+    def _named_params(self):
+        for name, layer in self.layers.items():
+            for pname in ("lora_P", "lora_lambda", "lora_Q"):
+                yield f"{name}.{pname}", getattr(layer, pname)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for key, p in self._named_params():
+            if p.grad is None:
+                continue
+            if key not in self.avg:
+                self.avg[key], self.unc[key] = torch.zeros_like(p), torch.zeros_like(p)
+            sensitivity = (p * p.grad).abs()  # I = |θ ⊙ ∇θ|
+            self.avg[key] = self.beta1 * self.avg[key] + (1 - self.beta1) * sensitivity  # Ī
+            self.unc[key] = self.beta2 * self.unc[key] + (1 - self.beta2) * (sensitivity - self.avg[key]).abs()  # Ū
+
+    def _score(self, key: str, p: torch.Tensor) -> torch.Tensor:
+        return self.avg[key] * self.unc[key] if key in self.avg else torch.zeros_like(p)  # s = Ī ⊙ Ū
+
+    @torch.no_grad()
+    def triplet_scores(self) -> dict[str, torch.Tensor]:
+        """{module name: S (r₀,)} with S_i = s(λ_i) + mean_j s(P_ji) + mean_j s(Q_ij)."""
+        out = {}
+        for name, layer in self.layers.items():
+            s_P = self._score(f"{name}.lora_P", layer.lora_P)  # (d_out, r₀)
+            s_lambda = self._score(f"{name}.lora_lambda", layer.lora_lambda)  # (r₀,)
+            s_Q = self._score(f"{name}.lora_Q", layer.lora_Q)  # (r₀, d_in)
+            out[name] = s_lambda + s_P.mean(dim=0) + s_Q.mean(dim=1)
+        return out
+
+    def reset(self) -> None:
+        self.avg, self.unc = {}, {}
+
+    def state_dict(self) -> dict:
+        return {"avg": dict(self.avg), "unc": dict(self.unc)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.avg, self.unc = dict(state.get("avg", {})), dict(state.get("unc", {}))
+
+
+def adalora_schedule(cfg: AdapterConfig, n_modules: int) -> BudgetSchedule:
+    """AdaLoRA's budget schedule for a model with `n_modules` adapted linears (budgets in triplets)."""
+    initial_rank, target_rank = adalora_ranks(cfg)
+    if cfg.total_steps < 1:
+        raise ValueError("AdaLoRA needs the run's total optimizer steps for its budget schedule: set total_steps "
+                         "(train.py sets it from --steps)")
+    return BudgetSchedule(initial_rank * n_modules, target_rank * n_modules, cfg.total_steps,
+                          _steps_or_fraction(cfg, "t_init", 0.1), _steps_or_fraction(cfg, "t_final", 0.3),
+                          cfg.delta_t, cfg.budget_schedule)
+
+
+def _rank_summary(ranks: dict[str, int]) -> str:
+    values = list(ranks.values())
+    return f"rank per module min {min(values)}, mean {sum(values) / len(values):.1f}, max {max(values)}"
+
+
+# -----------------------------------------------------------------------------
+# 5d. AdaLoRA hooks
+
+
+class AdaLoRAHooks(MethodHooks):
+    """AdaLoRA around the optimizer step (Zhang et al. 2023; SPEC §3 — every piece stated by the paper):
+
+        regularizer()            γ · R(P, Q)                                   (orthogonality_penalty)
+        after_optimizer_step(t)  t < T − t_f: update s = Ī·Ū from |θ·∇θ|       (SensitivityScores)
+                                 allocation steps: keep the global top-b(t) triplets by S_i, mask the rest
+                                 every step: masked λ ← 0                      (MaskAllocator, BudgetSchedule)
+
+    t = step + 1 counts completed optimizer steps, so the t_f frozen steps are the last t_f steps of the run.
+    """
+
+    def __init__(self, model: nn.Module, cfg: AdapterConfig):
+        super().__init__(model, cfg)
+        self.layers = {n: m for n, m in adapter_layers(model).items() if isinstance(m, SVDLinear)}
+        if not self.layers:
+            raise ValueError("AdaLoRA hooks need SVD-form adapters: call apply_method(model, 'adalora', cfg) first")
+        self.schedule = adalora_schedule(cfg, len(self.layers))
+        self.scores = SensitivityScores(self.layers, cfg.beta1, cfg.beta2)
+        self.allocator = MaskAllocator(self.layers, self.schedule)
+        self.budget = self.schedule.initial
+        self._unlogged_ranks: dict[str, int] | None = None  # per-module ranks of the last allocation, for log_items
+
+    def regularizer(self) -> torch.Tensor | None:
+        if self.cfg.orth_reg == 0:
+            return None
+        return self.cfg.orth_reg * orthogonality_penalty([(m.lora_P, m.lora_Q) for m in self.layers.values()])
+
+    def after_optimizer_step(self, step: int) -> list[nn.Parameter]:
+        t = step + 1
+        if t < self.schedule.freeze_step:
+            self.scores.update()
+        self.budget = self.schedule(t)[0]
+        if self.allocator.step(t, self.scores.triplet_scores):
+            ranks = {name: m.active_rank for name, m in self.layers.items()}
+            self._unlogged_ranks = ranks
+            frozen = t == self.schedule.freeze_step
+            print(f"adalora step {t}/{self.schedule.total_steps}: kept {sum(ranks.values())} of "
+                  f"{self.schedule.initial} triplets (budget {self.budget}); {_rank_summary(ranks)}"
+                  f"{'; mask frozen from here on' if frozen else ''}", file=sys.stderr)
+            if frozen:
+                self.scores.reset()  # no longer needed (peft frees them too)
+        return []
+
+    def log_items(self) -> dict:
+        items = {"total_rank": sum(m.active_rank for m in self.layers.values()), "budget": self.budget}
+        if self._unlogged_ranks is not None:
+            items["ranks"], self._unlogged_ranks = self._unlogged_ranks, None
+        return items
+
+    def state_dict(self) -> dict:
+        return {"scores": self.scores.state_dict(), "budget": self.budget}
+
+    def restore_structure(self, state: dict) -> list[tuple[list[nn.Parameter], int]]:
+        self.scores.load_state_dict(state.get("scores", {}))
+        self.budget = state.get("budget", self.budget)
+        return []  # masks are buffers in the adapter weights; shapes never change
+
+
+# -----------------------------------------------------------------------------
+# 5e. TriAdaptLoRA: importance, dynamic threshold, growth (SPEC §4 — this project's formulation)
+
+THRESHOLD_MODES = ("linear", "exponential", "fixed")
+
+
+@torch.no_grad()
+def normalized_frobenius_norm(layer: TriAdaptLinear) -> float:
+    """ν_ℓ = ‖C_ℓ‖_F / N_ℓ, N_ℓ = number of blocks. The paper states importance from *normalized Frobenius norms*;
+    normalizing by the block count is SPEC §4's reconstruction. No gradients and no per-entry buffers: cheap."""
+    return (torch.linalg.matrix_norm(layer.core()) / layer.num_blocks).item()
+
+
+def growth_count(mode: str, remaining: int, progress: float, n_modules: int, block: int, top_k: int = 1) -> int:
+    """How many modules grow at an event. The paper states dynamic thresholds, linear growth working best; the rules
+    are SPEC §4's reconstruction. R = remaining budget in ranks, p = progress in [0, 1]:
+
+        linear: n = ⌊R·p⌋      exponential: n = ⌊R^p⌋      fixed: n = top_k (IncreLoRA-style)
+        n = clamp(n, 1, min(#modules, ⌊R/k⌋)),  and 0 when R < k: the budget b_T is never overshot.
+    """
+    if remaining < block:
+        return 0
+    if mode == "linear":
+        n = math.floor(remaining * progress)
+    elif mode == "exponential":
+        n = math.floor(remaining ** progress)
+    elif mode == "fixed":
+        n = top_k
+    else:
+        raise ValueError(f"--tri-threshold must be one of {', '.join(THRESHOLD_MODES)}, got {mode!r}")
+    return max(1, min(n, n_modules, remaining // block))
+
+
+def highest(scores: list[float], n: int) -> list[int]:
+    """Indices of the n highest scores, best first; ties go to the earlier index."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:n]
+
+
+class TriAdaptHooks(MethodHooks):
+    """TriAdaptLoRA around the optimizer step (SPEC §4; the paper states growth under dynamic thresholds driven by
+    normalized Frobenius norms, with warm-up, interval and reference rank — the rules are our reconstruction):
+
+        regularizer()            γ · R(B, A) on each module's concatenated B and A    (orthogonality_penalty)
+        after_optimizer_step(t)  at t = T_w, T_w + interval, ... ≤ T_final:
+                                   s_ℓ = ν_ℓ − ν_ℓ^prev                      (normalized_frobenius_norm)
+                                   n = growth_count(...), the n highest s_ℓ grow by k (TriAdaptLinear.grow)
+                                   ν^prev ← ν (after growth); the new tensors are returned -> a new optimizer group
+
+    Budget b_T = r_ref × #modules. t = step + 1 counts completed steps; a group born at step s starts at s + 1.
+    """
+
+    def __init__(self, model: nn.Module, cfg: AdapterConfig):
+        super().__init__(model, cfg)
+        self.layers = {n: m for n, m in adapter_layers(model).items() if isinstance(m, TriAdaptLinear)}
+        if not self.layers:
+            raise ValueError("TriAdaptLoRA hooks need TriAdaptLoRA adapters: call apply_method(model, 'triadapt', "
+                             "cfg) first")
+        self.warmup, self.interval, self.final = triadapt_events(cfg)
+        self.budget = cfg.r * len(self.layers)  # b_T = r_ref × #modules
+        self.nu_prev = {name: normalized_frobenius_norm(m) for name, m in self.layers.items()}
+        self.events: list[dict] = []  # [{"step": step, "modules": [names grown, in order]}] — the grown structure
+        self._unlogged_ranks: dict[str, int] | None = None
+
+    def total_rank(self) -> int:
+        return sum(m.rank for m in self.layers.values())
+
+    def regularizer(self) -> torch.Tensor | None:
+        if self.cfg.orth_reg == 0:
+            return None
+        return self.cfg.orth_reg * orthogonality_penalty([(m.full_B(), m.full_A()) for m in self.layers.values()])
+
+    def is_event(self, t: int) -> bool:
+        return self.warmup <= t <= self.final and (t - self.warmup) % self.interval == 0
+
+    def after_optimizer_step(self, step: int) -> list[nn.Parameter]:
+        t = step + 1
+        if not self.is_event(t):
+            return []
+        remaining = self.budget - self.total_rank()  # R, in ranks
+        progress = min(1.0, max(0.0, (t - self.warmup) / (self.final - self.warmup)))  # p
+        n = growth_count(self.cfg.tri_threshold, remaining, progress, len(self.layers), self.cfg.tri_block,
+                         self.cfg.tri_top_k)
+        if n == 0:
+            return []
+        names = list(self.layers)
+        scores = [normalized_frobenius_norm(self.layers[name]) - self.nu_prev[name] for name in names]  # s_ℓ
+        chosen = [names[i] for i in highest(scores, n)]
+        new_params = [p for name in chosen for p in self.layers[name].grow()]
+        self.nu_prev = {name: normalized_frobenius_norm(m) for name, m in self.layers.items()}
+        self.events.append({"step": step, "modules": chosen})
+        self._unlogged_ranks = {name: m.rank for name, m in self.layers.items()}
+        print(f"triadapt step {t}/{self.cfg.total_steps or '?'}: {n} module(s) grew by {self.cfg.tri_block} "
+              f"({self.cfg.tri_threshold} threshold, progress {progress:.2f}); total rank {self.total_rank()} of "
+              f"budget {self.budget}; {_rank_summary(self._unlogged_ranks)}", file=sys.stderr)
+        return new_params
+
+    def log_items(self) -> dict:
+        items = {"total_rank": self.total_rank(), "budget": self.budget}
+        if self._unlogged_ranks is not None:
+            items["ranks"], self._unlogged_ranks = self._unlogged_ranks, None
+        return items
+
+    def state_dict(self) -> dict:
+        return {"events": [dict(e) for e in self.events], "nu_prev": dict(self.nu_prev)}
+
+    def restore_structure(self, state: dict) -> list[tuple[list[nn.Parameter], int]]:
+        """Replay the saved growth events on the freshly built adapters (new tensors get placeholder values; the
+        checkpoint's weights and optimizer state load into them next). Returns [(params, start_step)] in order."""
+        groups = []
+        for event in state.get("events", []):
+            unknown = [name for name in event["modules"] if name not in self.layers]
+            if unknown:
+                raise ValueError(f"checkpoint grows module(s) {unknown[:3]} that this model does not adapt")
+            groups.append(([p for name in event["modules"] for p in self.layers[name].grow()], event["step"] + 1))
+        self.events = [dict(e) for e in state.get("events", [])]
+        self.nu_prev = dict(state.get("nu_prev", self.nu_prev))
+        return groups
+
+
+# method name -> hooks class; a method without an entry uses the no-op MethodHooks
+METHOD_HOOKS: dict[str, type[MethodHooks]] = {"lora": MethodHooks, "adalora": AdaLoRAHooks, "triadapt": TriAdaptHooks}
+
+
+def training_hooks(model: nn.Module, cfg: AdapterConfig) -> MethodHooks:
+    """The hooks object of cfg.method for a model that already has its adapters (apply_method first)."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown adapter method {cfg.method!r}; known methods: {', '.join(METHODS)}")
+    return METHOD_HOOKS.get(cfg.method, MethodHooks)(model, cfg)
+
+
+# -----------------------------------------------------------------------------
+# 6. Save / load / export
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Write via `write(tmp_path)` to a temporary file in the same folder, fsync, then os.replace onto `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _write_json(path: str, obj: dict) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+    _atomic_write(path, write)
+
+
+def _write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def save_adapter(model: nn.Module, cfg: AdapterConfig, out_dir: str) -> None:
+    """Write `adapter.safetensors` (adapter tensors only) and `adapter_config.json` (method, config, ranks).
+
+    Both files are written atomically; the config is written last, so a folder with a config is complete.
+    """
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("model has no adapters to save; call apply_method first")
+    os.makedirs(out_dir, exist_ok=True)
+    _write_safetensors(os.path.join(out_dir, ADAPTER_WEIGHTS_NAME), adapter_state_dict(model), {"format": "pt"})
+    _write_json(os.path.join(out_dir, ADAPTER_CONFIG_NAME), {
+        "format_version": FORMAT_VERSION,
+        "method": cfg.method,
+        "config": cfg.to_dict(),
+        "ranks": {name: layer.rank for name, layer in layers.items()},
+    })
+
+
+def _read_adapter_config(path: str) -> tuple[AdapterConfig, dict[str, int]]:
+    """Read and validate this project's adapter_config.json -> (config, per-module ranks)."""
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG_NAME} at {path}; is this an adapter folder written by "
+                                f"save_adapter?") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    known = ["format_version", "method", "config", "ranks"]
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    unknown = [k for k in meta if k not in known]
+    missing = [k for k in known if k not in meta]
+    if unknown or missing:
+        raise ValueError(f"{path}: unknown key(s) {unknown}, missing key(s) {missing}; expected {known}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {meta['format_version']!r} is not supported (expected "
+                         f"{FORMAT_VERSION})")
+    try:
+        cfg = AdapterConfig.from_dict(meta["config"])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    if meta["method"] != cfg.method:
+        raise ValueError(f"{path}: 'method' is {meta['method']!r} but config.method is {cfg.method!r}")
+    if not _has_type(meta["ranks"], dict[str, int]):
+        raise ValueError(f"{path}: 'ranks' must map module names to int ranks")
+    return cfg, meta["ranks"]
+
+
+def load_adapter(model: nn.Module, adapter_dir: str) -> AdapterConfig:
+    """Build the adapter described by `adapter_dir` into a base `model` and load its tensors, strictly.
+
+    Any missing, unexpected or mis-shaped tensor is an error listing them; on error the plain nn.Linear layers are
+    put back (parameters stay frozen). Returns the adapter's config. Only adapter parameters are left trainable.
+    """
+    cfg, ranks = _read_adapter_config(os.path.join(adapter_dir, ADAPTER_CONFIG_NAME))
+    if not os.path.exists(os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME)):
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS_NAME} in {adapter_dir}")
+    apply_method(model, cfg.method, cfg, ranks=ranks)
+    try:
+        load_adapter_weights(model, adapter_dir)
+    except ValueError:
+        remove_adapters(model)
+        raise
+    return cfg
+
+
+def load_adapter_weights(model: nn.Module, adapter_dir: str) -> None:
+    """Copy `adapter_dir/adapter.safetensors` into a model that already has the matching adapters (e.g. on resume).
+
+    Strict: a one-line ValueError lists missing, unexpected and mis-shaped tensors; nothing is copied in that case.
+    TriAdaptLoRA layers are first grown to the per-module ranks recorded in `adapter_dir/adapter_config.json`
+    (growth leaves the function unchanged; on resume train.py has already replayed the growth through
+    TriAdaptHooks.restore_structure, so that the new tensors are in the optimizer, and this is a no-op).
+    """
+    weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME)
+    layers = adapter_layers(model)
+    config_path = os.path.join(adapter_dir, ADAPTER_CONFIG_NAME)
+    if any(isinstance(m, TriAdaptLinear) for m in layers.values()) and os.path.exists(config_path):
+        _, saved_ranks = _read_adapter_config(config_path)
+        for name, layer in layers.items():
+            if isinstance(layer, TriAdaptLinear) and saved_ranks.get(name, 0) > layer.rank:
+                layer.grow_to(saved_ranks[name])
+    expected = adapter_state_dict(model)
+    if not expected:
+        raise ValueError("model has no adapters to load weights into; use load_adapter on a base model instead")
+    with safe_open(weights_path, framework="pt") as f:
+        saved_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        problems = _state_dict_problems({k: tuple(v.shape) for k, v in expected.items()}, saved_shapes)
+        if problems:
+            raise ValueError(f"{weights_path} does not fit the model's adapters: {problems}")
+        with torch.no_grad():
+            for key, target in expected.items():
+                target.copy_(f.get_tensor(key))  # casts to the adapter dtype, moves to the model's device
+
+
+def _state_dict_problems(expected: dict[str, tuple], found: dict[str, tuple], show: int = 5) -> str:
+    """One line listing missing / unexpected / mis-shaped keys ("" if none)."""
+    def listing(items):
+        return ", ".join(items[:show]) + (f" (+{len(items) - show} more)" if len(items) > show else "")
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = [f"{k} {list(found[k])} != expected {list(expected[k])}"
+                 for k in sorted(set(expected) & set(found)) if found[k] != expected[k]]
+    parts = []
+    if missing:
+        parts.append(f"missing {listing(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {listing(unexpected)}")
+    if misshaped:
+        parts.append(f"mis-shaped {listing(misshaped)}")
+    return "; ".join(parts)
+
+
+def _json_number(x: float) -> int | float:
+    return int(round(x)) if abs(x - round(x)) < 1e-9 else x
+
+
+def export_peft(model: nn.Module, cfg: AdapterConfig, out_dir: str,
+                base_model_name_or_path: str | None = None) -> None:
+    """Write the adapter in HF peft's LoRA format: `adapter_model.safetensors` + `adapter_config.json`.
+
+    Keys are `base_model.model.<module path>.lora_A.weight` (r, d_in) and `.lora_B.weight` (d_out, r) — the adapter
+    name ("default") is not part of saved keys. peft scales by lora_alpha / r per module, so each module m is written
+    with rank r_m and alpha_m = scale_m · r_m; the most common (r, alpha) become `r` / `lora_alpha` and modules that
+    differ go into `rank_pattern` / `alpha_pattern` (keys are full module paths, which peft matches as
+    `(.*\\.)?<key>$`). Every method exports through its `lora_factors()` (A, B, scale).
+    """
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("model has no adapters to export; call apply_method first")
+    tensors, ranks, alphas = {}, {}, {}
+    for name, layer in layers.items():
+        A, B, scale = layer.lora_factors()  # (r, d_in), (d_out, r)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B
+        ranks[name] = A.shape[0]
+        alphas[name] = _json_number(scale * A.shape[0])
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": sorted(cfg.targets),
+        "rank_pattern": {name: rm for name, rm in ranks.items() if rm != r},
+        "alpha_pattern": {name: am for name, am in alphas.items() if am != alpha},
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    _write_safetensors(os.path.join(out_dir, PEFT_WEIGHTS_NAME), tensors, {"format": "pt"})
+    _write_json(os.path.join(out_dir, ADAPTER_CONFIG_NAME), peft_config)

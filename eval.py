@@ -1,0 +1,298 @@
+"""
+Evaluate a base model and, side by side, the same model with an adapter (or a fully fine-tuned checkpoint).
+
+    python eval.py --model smollm2-135m --adapter runs/demo --data data/wordnet_val.jsonl data/wordnet_val_choice.jsonl
+
+Per data file, by its format (see data.py):
+  {"text"} / {"prompt","completion"} / {"instruction",...}  ->  loss and perplexity over the target tokens, and for
+                                                                prompt/completion data the exact match of greedy
+                                                                generations
+  {"question","choices","answer"}                            ->  accuracy by log-likelihood of each choice (summed,
+                                                                and per token)
+Results print as a table and are written as JSON (--out). `--plot-metrics` draws loss curves from runs'
+metrics.jsonl files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import data as D
+import model as M
+
+# ----------------------------------------------------------------------------------------------------------------
+# metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _positions_logprobs(model, input_ids, labels):
+    """log p(label) at every labelled position, and the row each belongs to. Head applied only where labels exist."""
+    h = model.hidden_states(input_ids)                                   # (B, T, C)
+    keep = labels != D.IGNORE_INDEX                                       # (B, T)
+    logits = model.lm_head(h[keep]).float()                               # (N, vocab)
+    logp = logits.log_softmax(-1).gather(-1, labels[keep][:, None])[:, 0] # (N,)
+    rows = keep.nonzero()[:, 0]                                           # (N,) batch row of each position
+    return logp, rows
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples, batch_size: int, pad_id: int) -> dict:
+    """Mean cross-entropy per target token over encoded examples, and its perplexity."""
+    device = model.inv_freq.device
+    total, n = 0.0, 0
+    for batch in D.iter_batches(examples, batch_size, pad_id):
+        ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        total += model(ids, labels=labels, reduction="sum").item()
+        n += D.count_label_tokens(batch)
+    loss = total / max(n, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": n}   # (700: avoid float overflow)
+
+
+@torch.no_grad()
+def choice_accuracy(model, tok, records, max_len: int, chat: bool = False, batch_size: int = 16) -> dict:
+    """Pick the choice with the highest log-likelihood given the question. 'acc' sums log-probs over the choice's
+    tokens; 'acc_per_token' averages them (less biased towards short choices)."""
+    device = model.inv_freq.device
+    correct = correct_norm = 0
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        encoded = [D.encode_choices(r, tok, max_len, chat) for r in chunk]
+        flat = [cand for cands, _ in encoded for cand in cands]
+        batch = D.collate(flat, tok.pad_id)
+        labels = batch["labels"].to(device)
+        logp, rows = _positions_logprobs(model, batch["input_ids"].to(device), labels)
+        sums = torch.zeros(len(flat), device=device).index_add_(0, rows, logp)
+        counts = (labels != D.IGNORE_INDEX).sum(1).clamp(min=1)
+        i = 0
+        for cands, answer in encoded:
+            k = len(cands)
+            correct += int(sums[i:i + k].argmax()) == answer
+            correct_norm += int((sums[i:i + k] / counts[i:i + k]).argmax()) == answer
+            i += k
+    n = len(records)
+    return {"acc": correct / n, "acc_per_token": correct_norm / n, "examples": n}
+
+
+@torch.no_grad()
+def exact_match(model, tok, records, chat: bool = False, max_len: int = 256, batch_size: int = 16,
+                n_samples: int = 3) -> dict:
+    """Fraction of prompts whose greedy continuation is exactly the completion's tokens followed by EOS.
+
+    Computed in one teacher-forced pass per batch, which is exact for greedy decoding: the greedy output equals
+    target+EOS iff, at every target position, the argmax given the previous target tokens is the next target
+    token. (Matching is on tokens: a different tokenization of the same text counts as a miss.) A few real
+    generations are kept as samples to look at.
+    """
+    device = model.inv_freq.device
+    examples = D.encode_dataset(records, tok, max_len, chat, name="exact match")
+    hits = 0
+    for batch in D.iter_batches(examples, batch_size, tok.pad_id):
+        ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        h = model.hidden_states(ids)                                            # (B, T, C)
+        keep = labels != D.IGNORE_INDEX
+        wrong = model.lm_head(h[keep]).argmax(-1) != labels[keep]               # (N,) one per target token
+        rows = keep.nonzero()[:, 0]
+        misses = torch.zeros(ids.shape[0], device=device).index_add_(0, rows, wrong.float())
+        hits += int((misses == 0).sum())
+    samples = []
+    for r in records[:n_samples]:
+        prompt, target = D.render(r, tok, chat)
+        out = M.generate(model, tok.encode(prompt, bos=True), len(tok.encode(target)) + 4, eos_id=tok.eos_id)
+        samples.append({"prompt": prompt[-60:], "target": target, "generated": tok.decode(out)})
+    return {"exact_match": hits / len(examples), "examples": len(examples), "samples": samples}
+
+
+def evaluate_file(model, tok, path, max_len: int, batch_size: int, chat: bool, max_examples: int | None,
+                  generate: bool) -> dict:
+    records = D.load_jsonl(path)[:max_examples]
+    fmt = D.dataset_format(records)
+    if fmt == "choice":
+        return choice_accuracy(model, tok, records, max_len, chat, batch_size)
+    result = evaluate_loss(model, D.encode_dataset(records, tok, max_len, chat, name=str(path)), batch_size,
+                           tok.pad_id)
+    if generate and fmt in ("prompt_completion", "instruction"):
+        result.update(exact_match(model, tok, records, chat, max_len, batch_size))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plots
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_metrics(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss_curves(runs: dict[str, str | Path], out_png: str | Path) -> Path:
+    """One panel of training loss (and validation loss where logged) per step, one line per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, path in runs.items():
+        rows = read_metrics(path)
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        if train:
+            line, = ax.plot(*zip(*train), label=f"{label} train", alpha=0.8)
+            if val:
+                ax.plot(*zip(*val), "o--", color=line.get_color(), label=f"{label} validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per target token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+MODULE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def rank_grid(ranks: dict[str, int]):
+    """{'model.layers.3.self_attn.q_proj': 6, ...} -> (grid[layer][module type], layer ids, module types)."""
+    cells = {}
+    for name, r in ranks.items():
+        parts = name.split(".")
+        layer = next(int(p) for p in parts if p.isdigit())
+        cells[(layer, parts[-1])] = r
+    layers = sorted({l for l, _ in cells})
+    kinds = [k for k in MODULE_ORDER if any(kk == k for _, kk in cells)]
+    kinds += sorted({k for _, k in cells} - set(kinds))
+    grid = [[cells.get((l, k), 0) for k in kinds] for l in layers]
+    return grid, layers, kinds
+
+
+def plot_rank_heatmap(ranks: dict[str, int], out_png: str | Path, title: str = "rank per module") -> Path:
+    """Heatmap of adapter ranks, layers (rows) x module types (columns), as in TriAdaptLoRA's rank figures."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    grid, layers, kinds = rank_grid(ranks)
+    fig, ax = plt.subplots(figsize=(1.1 * len(kinds) + 2, 0.28 * len(layers) + 1.6))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(layers)), layers, fontsize=7)
+    ax.set_ylabel("layer")
+    ax.set_title(f"{title} (total {sum(ranks.values())})", fontsize=9)
+    fig.colorbar(im, ax=ax, label="rank")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def saved_ranks(adapter_dir) -> dict[str, int]:
+    """Per-module ranks recorded in a saved adapter's adapter_config.json."""
+    import adapters as A
+    return json.loads((Path(adapter_dir) / A.ADAPTER_CONFIG_NAME).read_text())["ranks"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_tuned(base: str, adapter_dir: str | None, dtype, device):
+    """The base model, or the base with an adapter from `adapter_dir`, or a full checkpoint saved there."""
+    import adapters as A
+    if adapter_dir is None:
+        return M.load_pretrained(base, dtype, device)
+    d = Path(adapter_dir)
+    if (d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file():
+        return M.load_pretrained(d, dtype, device)                      # --method full saves a whole model
+    if not (d / A.ADAPTER_CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{d}: no {A.ADAPTER_CONFIG_NAME} (adapter) or model.safetensors (full model); "
+                                f"pass the --out folder of a train.py run")
+    net = M.load_pretrained(base, dtype, device)
+    A.load_adapter(net, str(d))
+    return net.to(device).eval()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Evaluate a base model and an adapter side by side.")
+    ap.add_argument("--model", default="smollm2-135m", help="base checkpoint folder or name (default: smollm2-135m)")
+    ap.add_argument("--adapter", default=None,
+                    help="a train.py --out folder (adapter, or full model for --method full); omit for base only")
+    ap.add_argument("--data", nargs="*", default=[], help="JSONL files to evaluate (format detected per file)")
+    ap.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N records of each file")
+    ap.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    ap.add_argument("--seq-len", type=int, default=256, help="maximum tokens per example")
+    ap.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat format")
+    ap.add_argument("--no-generate", action="store_true", help="skip greedy generation (exact match)")
+    ap.add_argument("--no-base", action="store_true", help="evaluate only the adapter, not the base model")
+    ap.add_argument("--out", default=None, help="write the results as JSON to this file")
+    ap.add_argument("--plot-metrics", nargs="*", default=[],
+                    help="metrics.jsonl files (or run folders) to draw as loss curves into --plot-out")
+    ap.add_argument("--plot-out", default="loss_curves.png", help="PNG file for --plot-metrics")
+    ap.add_argument("--rank-heatmap", default=None,
+                    help="draw the per-module ranks of --adapter as a heatmap into this PNG file")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = ap.parse_args(argv)
+
+    if args.rank_heatmap:
+        if not args.adapter:
+            ap.error("--rank-heatmap needs --adapter")
+        print(f"wrote {plot_rank_heatmap(saved_ranks(args.adapter), args.rank_heatmap, Path(args.adapter).name)}")
+
+    if args.plot_metrics:
+        runs = {}
+        for p in map(Path, args.plot_metrics):
+            f = p / "metrics.jsonl" if p.is_dir() else p
+            runs[f.parent.name] = f
+        print(f"wrote {plot_loss_curves(runs, args.plot_out)}")
+    if not args.data:
+        if not args.plot_metrics and not args.rank_heatmap:
+            ap.error("nothing to do: give --data files (and --adapter), --plot-metrics or --rank-heatmap")
+        return
+    device = torch.device(args.device)
+    dtype = M.default_dtype(device)
+    tok = M.load_tokenizer(args.model)
+    variants = ([] if args.no_base else [("base", None)]) + ([("adapter", args.adapter)] if args.adapter else [])
+    results = {}
+    for label, adapter_dir in variants:
+        net = load_tuned(args.model, adapter_dir, dtype, device)
+        for path in args.data:
+            t0 = time.perf_counter()
+            r = evaluate_file(net, tok, path, args.seq_len, args.batch_size, args.chat, args.max_examples,
+                              not args.no_generate)
+            r["seconds"] = round(time.perf_counter() - t0, 2)
+            results.setdefault(Path(path).name, {})[label] = r
+            print(f"[{label}] {Path(path).name}: " + ", ".join(
+                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if k != "samples"),
+                  file=sys.stderr)
+        del net
+    print_table(results)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.out}")
+    return results
+
+
+def print_table(results: dict):
+    keys = ("loss", "ppl", "exact_match", "acc", "acc_per_token")
+    print(f"{'file':28s} {'metric':14s} {'base':>10s} {'adapter':>10s}")
+    for file, by_variant in results.items():
+        for k in keys:
+            vals = [by_variant.get(v, {}).get(k) for v in ("base", "adapter")]
+            if all(v is None for v in vals):
+                continue
+            cells = [f"{v:10.4f}" if v is not None else f"{'-':>10s}" for v in vals]
+            print(f"{file[:28]:28s} {k:14s} {cells[0]} {cells[1]}")
+
+
+if __name__ == "__main__":
+    M.cli(main)

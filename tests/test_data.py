@@ -1,0 +1,370 @@
+"""Tests for data.py: label masking by position, BOS/EOS, truncation, batching and resume, JSONL validation,
+and the shipped demo dataset. A character-level tokenizer stands in for model.py's (same interface)."""
+
+import os
+import random
+import sys
+import warnings
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+from data import IGNORE_INDEX, Batcher, DataError  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class CharTokenizer:
+    """One token per character (id = 3 + code point), plus "<s>" (BOS) and "</s>" (EOS) written in the text, as a
+    real tokenizer parses special tokens. chat_prompt mimics ChatML: it opens with BOS and contains EOS."""
+
+    def __init__(self, bos=True, pad_id=0, chat=False):
+        self.bos_id = 1 if bos else None
+        self.eos_id = 2
+        self.pad_id = pad_id
+        self.vocab_size = 3 + 0x110000
+        self.chat = chat
+
+    def encode(self, text, bos=False, eos=False):
+        ids, i = [], 0
+        while i < len(text):
+            if text.startswith("<s>", i):
+                ids.append(1)
+                i += 3
+            elif text.startswith("</s>", i):
+                ids.append(2)
+                i += 4
+            else:
+                ids.append(3 + ord(text[i]))
+                i += 1
+        if bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids = [self.bos_id] + ids
+        return ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids):
+        return "".join({1: "<s>", 2: "</s>"}.get(i, chr(i - 3)) if i > 0 else "" for i in ids)
+
+    def chat_prompt(self, user, system=None):
+        if not self.chat:
+            return None
+        return f"<s>user\n{user}</s>\n<s>assistant\n"
+
+
+def labeled_tokens(batch, b):
+    labels = batch["labels"][b]
+    return labels[labels != IGNORE_INDEX].tolist()
+
+
+def write_lines(tmp_path, lines, name="d.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+# --- masking, BOS and EOS ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_prompt_tokens_never_carry_labels(chat):
+    tok = CharTokenizer(chat=chat)
+    records = [{"prompt": "Word: owl\nCategory:", "completion": " bird"},
+               {"instruction": "Name the category.", "input": "owl", "output": "bird"},
+               {"instruction": "Say hi.", "output": "hi"}]
+    for record in records:
+        prompt_text, target_text = data.render(record, tok, chat)
+        ids, mask = data.encode_example(record, tok, max_len=512, chat=chat)
+        n_prompt = len(ids) - len(tok.encode(target_text)) - 1  # BOS + prompt tokens
+        assert ids[:n_prompt] == ([1] if not prompt_text.startswith("<s>") else []) + tok.encode(prompt_text)
+        assert not any(mask[:n_prompt]) and all(mask[n_prompt:])
+        batch = data.collate([(ids, mask)], tok.pad_id)
+        # labels exist exactly for the completion tokens + EOS, nothing from the prompt
+        assert labeled_tokens(batch, 0) == tok.encode(target_text) + [tok.eos_id]
+        assert (batch["labels"][0, :n_prompt - 1] == IGNORE_INDEX).all()
+
+
+def test_prompt_tokens_equal_to_eos_still_carry_no_label():
+    # the chat prompt contains "</s>" (= EOS id) inside the prompt: masking is by position, not by value
+    tok = CharTokenizer(chat=True)
+    ids, mask = data.encode_example({"prompt": "hi", "completion": "yo"}, tok, max_len=512, chat=True)
+    assert tok.eos_id in ids[:-3]
+    batch = data.collate([(ids, mask)], tok.pad_id)
+    assert labeled_tokens(batch, 0) == tok.encode("yo") + [tok.eos_id]
+
+
+def test_eos_appended_to_completion_and_is_a_target():
+    tok = CharTokenizer()
+    for record in [{"prompt": "a", "completion": "bc"}, {"text": "bc"}, {"instruction": "a", "output": "bc"}]:
+        ids, mask = data.encode_example(record, tok, max_len=512)
+        assert ids[-1] == tok.eos_id and mask[-1]
+        assert ids[-3:-1] == tok.encode("bc") and mask[-3] and mask[-2]
+        assert ids.count(tok.eos_id) == 1
+
+
+def test_text_records_target_every_token_after_bos():
+    tok = CharTokenizer()
+    ids, mask = data.encode_example({"text": "hello"}, tok, max_len=512)
+    assert ids == [1] + tok.encode("hello") + [2]
+    assert mask == [False] + [True] * 6
+
+
+def test_exactly_one_bos():
+    plain, chat, no_bos = CharTokenizer(), CharTokenizer(chat=True), CharTokenizer(bos=False)
+    record = {"prompt": "p", "completion": "c"}
+    assert data.encode_example(record, plain, 512)[0].count(1) == 1
+    assert data.encode_example(record, plain, 512)[0][0] == 1
+    # the chat prompt already opens with BOS: no second one in front of it
+    ids, _ = data.encode_example(record, chat, 512, chat=True)
+    assert ids[:2] != [1, 1] and ids[0] == 1
+    # a text that starts with the BOS string gets no extra BOS
+    assert data.encode_example({"text": "<s>abc"}, plain, 512)[0][:2] == [1, 3 + ord("a")]
+    # a tokenizer without BOS gets none, and its first token is not a target
+    ids, mask = data.encode_example({"text": "abc"}, no_bos, 512)
+    assert 1 not in ids and mask[0] is False and all(mask[1:])
+    candidates, _ = data.encode_choices({"question": "q", "choices": ["a", "b"], "answer": 0}, chat, 512, chat=True)
+    assert all(ids[:2] != [1, 1] for ids, _ in candidates)
+
+
+def test_chat_false_or_no_chat_format_uses_the_plain_prompt():
+    record = {"prompt": "Word: owl\nCategory:", "completion": " bird"}
+    assert data.render(record, CharTokenizer(chat=False), chat=True)[0] == "Word: owl\nCategory:"
+    assert data.render(record, CharTokenizer(chat=True), chat=False)[0] == "Word: owl\nCategory:"
+    wrapped = data.render(record, CharTokenizer(chat=True), chat=True)[0]
+    assert wrapped == "<s>user\nWord: owl\nCategory:</s>\n<s>assistant\n"
+
+
+def test_instruction_template_omits_empty_input():
+    tok = CharTokenizer()
+    with_input, _ = data.render({"instruction": "Do it.", "input": "x", "output": "y"}, tok)
+    without, _ = data.render({"instruction": "Do it.", "input": "", "output": "y"}, tok)
+    assert "### Input:\nx" in with_input and "Input" not in without
+    assert without == data.render({"instruction": "Do it.", "output": "y"}, tok)[0]
+    assert with_input.endswith("### Response:\n") and without.endswith("### Response:\n")
+
+
+# --- collate ----------------------------------------------------------------------------------------------------
+
+def test_labels_are_next_token_by_position():
+    rng = random.Random(0)
+    tok = CharTokenizer()
+    examples = []
+    for _ in range(6):
+        prompt = "".join(rng.choice("abc") for _ in range(rng.randint(0, 6)))
+        completion = "".join(rng.choice("xyz") for _ in range(rng.randint(1, 6)))
+        examples.append(data.encode_example({"prompt": prompt, "completion": completion}, tok, 512))
+    batch = data.collate(examples, tok.pad_id)
+    T = max(len(ids) for ids, _ in examples) - 1
+    assert batch["input_ids"].shape == batch["labels"].shape == (len(examples), T)
+    assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
+    for b, (ids, mask) in enumerate(examples):
+        for t in range(T):
+            expected_input = ids[t] if t < len(ids) - 1 else tok.pad_id
+            expected_label = ids[t + 1] if t + 1 < len(ids) and mask[t + 1] else IGNORE_INDEX
+            assert batch["input_ids"][b, t].item() == expected_input
+            assert batch["labels"][b, t].item() == expected_label
+
+
+@pytest.mark.parametrize("pad_id", [0, 2, 3 + ord("x")])  # 2 = EOS, 3+ord("x") = a completion token
+def test_padding_never_carries_labels_even_when_pad_id_is_a_real_token(pad_id):
+    tok = CharTokenizer(pad_id=pad_id)
+    short = data.encode_example({"prompt": "a", "completion": "x"}, tok, 512)
+    long = data.encode_example({"prompt": "abcdef", "completion": "xxxxxx"}, tok, 512)
+    batch = data.collate([short, long], tok.pad_id)
+    n_real = len(short[0]) - 1
+    assert (batch["input_ids"][0, n_real:] == pad_id).all()
+    assert (batch["labels"][0, n_real:] == IGNORE_INDEX).all()
+    assert labeled_tokens(batch, 0) == [3 + ord("x"), tok.eos_id]
+    assert labeled_tokens(batch, 1) == [3 + ord("x")] * 6 + [tok.eos_id]
+    assert data.count_label_tokens(batch) == 2 + 7
+
+
+# --- truncation -------------------------------------------------------------------------------------------------
+
+def test_truncation_warns_once_with_count_and_drops_examples_without_targets():
+    tok = CharTokenizer()
+    records = [{"prompt": "ab", "completion": "cd"},          # 6 tokens: fits
+               {"prompt": "ab", "completion": "cdefgh"},      # 10 tokens: cut, keeps targets
+               {"prompt": "abcdefgh", "completion": "x"},     # all targets cut away: dropped
+               {"prompt": "abcdefghij", "completion": "y"}]   # dropped
+    with pytest.warns(UserWarning) as caught:
+        examples = data.encode_dataset(records, tok, max_len=6, name="toy")
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "toy" in message and "3 of 4" in message and "2 had no target" in message
+    assert len(examples) == 2
+    assert all(len(ids) <= 6 for ids, _ in examples)
+    assert examples[1][0] == [1] + tok.encode("abcde")  # cut from the right: the EOS is gone
+    with pytest.raises(DataError, match="max_len"), pytest.warns(UserWarning):
+        data.encode_dataset(records[2:], tok, max_len=6)
+
+
+def test_no_warning_when_nothing_is_truncated():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.encode_dataset([{"text": "abc"}], CharTokenizer(), max_len=5)
+
+
+# --- multiple choice --------------------------------------------------------------------------------------------
+
+def test_choice_tokens_are_the_only_targets_and_answer_may_be_text():
+    tok = CharTokenizer()
+    record = {"question": "Q?", "choices": [" yes", " no"], "answer": " no"}
+    candidates, answer = data.encode_choices(record, tok, max_len=512)
+    assert answer == 1
+    for (ids, mask), choice in zip(candidates, record["choices"]):
+        assert ids == [1] + tok.encode("Q?") + tok.encode(choice)
+        assert mask == [False] * 3 + [True] * len(choice)
+
+
+def test_long_choice_question_is_cut_from_the_left_keeping_every_choice_token():
+    tok = CharTokenizer()
+    record = {"question": "0123456789", "choices": ["ab", "abc"], "answer": 0}
+    with pytest.warns(UserWarning):
+        candidates, _ = data.encode_choices(record, tok, max_len=6)
+    for (ids, mask), choice in zip(candidates, record["choices"]):
+        assert len(ids) == 6 and ids[0] == 1
+        assert ids[-len(choice):] == tok.encode(choice) and sum(mask) == len(choice)
+
+
+# --- batcher ----------------------------------------------------------------------------------------------------
+
+def toy_examples(n):
+    tok = CharTokenizer()
+    return [data.encode_example({"prompt": "p" * (i % 3), "completion": chr(97 + i % 26) * (1 + i % 4)}, tok, 64)
+            for i in range(n)]
+
+
+def take(batcher, k):
+    return [next(batcher) for _ in range(k)]
+
+
+def same_batches(xs, ys):
+    return len(xs) == len(ys) and all(torch.equal(x["input_ids"], y["input_ids"]) and
+                                      torch.equal(x["labels"], y["labels"]) for x, y in zip(xs, ys))
+
+
+def test_batcher_is_deterministic_for_a_seed_and_differs_across_seeds():
+    examples = toy_examples(23)
+    a, b, c = Batcher(examples, 4, 0, seed=1), Batcher(examples, 4, 0, seed=1), Batcher(examples, 4, 0, seed=2)
+    xs, ys, zs = take(a, 12), take(b, 12), take(c, 12)
+    assert same_batches(xs, ys)
+    assert not same_batches(xs, zs)
+    # each epoch is a different permutation, and within an epoch no example repeats
+    assert a.epoch_order(0) != a.epoch_order(1)
+    assert sorted(a.epoch_order(0)) == list(range(23))
+
+
+def test_batcher_resume_from_saved_cursor_reproduces_remaining_batches(tmp_path):
+    examples = toy_examples(23)  # 5 steps per epoch at batch 4: resume points inside and across epochs
+    for k in (0, 3, 5, 7, 11):
+        reference = Batcher(examples, 4, 0, seed=7)
+        expected = take(reference, 20)
+        first = Batcher(examples, 4, 0, seed=7)
+        take(first, k)
+        state = first.state_dict()
+        # the cursor survives a checkpoint round trip that refuses arbitrary objects
+        torch.save(state, tmp_path / "cursor.pt")
+        state = torch.load(tmp_path / "cursor.pt", weights_only=True)
+        resumed = Batcher(examples, 4, 0, seed=7)
+        resumed.load_state_dict(state)
+        assert same_batches(take(resumed, 20 - k), expected[k:]), f"resume after {k} batches diverged"
+
+
+def test_batcher_refuses_a_cursor_from_different_settings():
+    examples = toy_examples(23)
+    state = Batcher(examples, 4, 0, seed=7).state_dict()
+    with pytest.raises(DataError, match="batch_size"):
+        Batcher(examples, 2, 0, seed=7).load_state_dict(state)
+    with pytest.raises(DataError, match="num_examples"):
+        Batcher(examples[:20], 4, 0, seed=7).load_state_dict(state)
+
+
+def test_batcher_ranks_get_disjoint_full_batches_covering_the_global_batch():
+    examples = toy_examples(23)
+    ranks = [Batcher(examples, 3, 0, seed=5, rank=r, world_size=2) for r in range(2)]
+    single = Batcher(examples, 6, 0, seed=5)
+    for _ in range(7):
+        parts = [next(r) for r in ranks]
+        whole = next(single)
+        assert all(p["input_ids"].shape[0] == 3 for p in parts)
+        assert data.count_label_tokens(whole) == sum(data.count_label_tokens(p) for p in parts)
+
+
+def test_batcher_needs_at_least_one_full_step():
+    with pytest.raises(DataError, match="fewer than one step"):
+        Batcher(toy_examples(3), 4, 0)
+
+
+# --- JSONL validation -------------------------------------------------------------------------------------------
+
+def test_malformed_json_line_raises_data_error_naming_the_line(tmp_path):
+    path = write_lines(tmp_path, ['{"text": "ok"}', '', '{"text": "broken"', '{"text": "ok"}'])
+    with pytest.raises(DataError, match=r"line 3: not valid JSON") as err:
+        data.load_jsonl(path)
+    assert path in str(err.value) and "\n" not in str(err.value)
+
+
+def test_empty_file_raises_data_error(tmp_path):
+    for content in ["", "\n  \n"]:
+        path = tmp_path / "empty.jsonl"
+        path.write_text(content)
+        with pytest.raises(DataError, match="no records"):
+            data.load_jsonl(str(path))
+    with pytest.raises(DataError, match="no such file"):
+        data.load_jsonl(str(tmp_path / "missing.jsonl"))
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "a"}', "missing key 'completion'"),
+    ('{"prompt": "a", "completion": "b", "id": 3}', "unknown key 'id'"),
+    ('{"prompt": "a", "completion": 5}', "'completion' must be a string"),
+    ('{"text": ""}', "'text' is empty"),
+    ('{"question": "q", "choices": ["a"], "answer": 0}', "at least 2"),
+    ('{"question": "q", "choices": ["a", "b"], "answer": 2}', "out of range"),
+    ('{"question": "q", "choices": ["a", "b"], "answer": "c"}', "not one of the choices"),
+    ('{"question": "q", "choices": ["a", "b"], "answer": true}', "must be an index"),
+    ('["text"]', "expected a JSON object"),
+    ('{"foo": 1}', "match no format"),
+])
+def test_bad_records_raise_data_error_naming_the_line_and_key(tmp_path, line, message):
+    path = write_lines(tmp_path, ['{"prompt": "x", "completion": "y"}'] * 2 + [line])
+    with pytest.raises(DataError, match="line 3") as err:
+        data.load_jsonl(path)
+    assert message in str(err.value)
+
+
+def test_one_format_per_file(tmp_path):
+    path = write_lines(tmp_path, ['{"text": "a"}', '{"prompt": "x", "completion": "y"}'])
+    with pytest.raises(DataError, match="line 2: a prompt_completion record in a file of text records"):
+        data.load_jsonl(path)
+
+
+# --- the shipped demo dataset -----------------------------------------------------------------------------------
+
+def demo_word(prompt):
+    # "Word: owl\nCategory:" -> "owl"
+    assert prompt.startswith("Word: ") and prompt.endswith("\nCategory:"), prompt
+    return prompt[len("Word: "):-len("\nCategory:")]
+
+
+def test_shipped_demo_files_parse_and_train_val_words_are_disjoint():
+    folder = os.path.join(REPO, "data")
+    train = data.load_jsonl(os.path.join(folder, "wordnet_train.jsonl"))
+    val = data.load_jsonl(os.path.join(folder, "wordnet_val.jsonl"))
+    choice = data.load_jsonl(os.path.join(folder, "wordnet_val_choice.jsonl"))
+    assert data.dataset_format(train) == data.dataset_format(val) == "prompt_completion"
+    assert data.dataset_format(choice) == "choice"
+    assert len(train) >= 1000 and len(val) >= 100 and len(choice) >= 100
+    train_words = {demo_word(r["prompt"]) for r in train}
+    val_words = {demo_word(r["prompt"]) for r in val}
+    choice_words = {demo_word(r["question"]) for r in choice}
+    assert len(train_words) == len(train) and len(val_words) == len(val)  # no word twice
+    assert not train_words & val_words
+    assert choice_words <= val_words
+    # every multiple-choice answer is the category the val file gives for that word; the choices are distinct
+    val_answer = {demo_word(r["prompt"]): r["completion"] for r in val}
+    for r in choice:
+        assert len(set(r["choices"])) == len(r["choices"]) == 4
+        assert r["choices"][data.answer_index(r)] == val_answer[demo_word(r["question"])]
+    # the categories of val all appear in train (the task is learnable from the train file)
+    assert {r["completion"] for r in val} <= {r["completion"] for r in train}

@@ -1,0 +1,297 @@
+"""train.py: accumulation, resume, signals, gradients under checkpointing, overfitting, bad input, peft export."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import adapters as A
+import data as D
+import model as M
+import train as T
+
+REPO = M.REPO_DIR
+TRAIN_DATA = str(REPO / "data" / "wordnet_train.jsonl")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_dir):
+    """A tiny random Llama (2 layers, d=64) that uses SmolLM2's real tokenizer: milliseconds per step."""
+    cfg = M.LlamaConfig(**dict(M.PRESETS["tiny"], vocab_size=49152, tie_word_embeddings=True, bos_token_id=1,
+                               eos_token_id=2))
+    torch.manual_seed(0)
+    net = M.Llama(cfg)
+    out = tmp_path_factory.mktemp("tiny")
+    M.save_pretrained(net.state_dict(), cfg, out, tokenizer_dir=smollm2_dir)
+    return out
+
+
+def tiny_cfg(tiny_dir, out, **kw):
+    base = dict(model=str(tiny_dir), data=TRAIN_DATA, val_data="", out=str(out), steps=6, batch_size=4,
+                log_every=1, eval_every=0, save_every=0, lr=5e-3, rank=4, targets="q_proj,v_proj,down_proj")
+    base.update(kw)
+    cfg = T.TrainConfig(**base)
+    T.validate(cfg)
+    return cfg
+
+
+def lora_model(tiny_dir, seed=0, random_b=True):
+    net, tok = M.load_model_and_tokenizer(tiny_dir, torch.float32, "cpu")
+    torch.manual_seed(seed)
+    A.apply_method(net, "lora", A.AdapterConfig(r=4, targets=["q_proj", "v_proj", "down_proj"]))
+    if random_b:
+        with torch.no_grad():
+            for layer in A.adapter_layers(net).values():
+                layer.lora_B.normal_(0, 0.1)
+    return net, tok
+
+
+def lora_grads(net):
+    return {n: p.grad.clone() for n, p in A.adapter_named_parameters(net).items()}
+
+
+# --------------------------------------------------------------------------------------------- the math of a step
+
+def test_gradient_accumulation_4x2_equals_batch_of_8(tiny_dir):
+    net, tok = lora_model(tiny_dir)
+    words = "the cat sat on a warm mat while rain fell over the quiet old town".split()
+    records = [{"prompt": " ".join(words[:2 + i]), "completion": " " + " ".join(words[i:i + 1 + 2 * i])}
+               for i in range(8)]                                            # prompts and completions of many lengths
+    examples = [D.encode_example(r, tok) for r in records]
+    assert len({len(ids) for ids, _ in examples}) >= 6
+    big = [D.collate(examples, tok.pad_id)]
+    small = [D.collate(examples[i:i + 2], tok.pad_id) for i in range(0, 8, 2)]
+    n_label = D.count_label_tokens(big[0])
+    assert n_label == sum(D.count_label_tokens(b) for b in small)
+
+    loss_big = T.accumulate_gradients(net, big, n_label, "cpu")
+    g_big = lora_grads(net)
+    net.zero_grad()
+    loss_small = T.accumulate_gradients(net, small, n_label, "cpu")
+    g_small = lora_grads(net)
+    assert abs(loss_big - loss_small) < 1e-5
+    for n in g_big:
+        assert torch.allclose(g_big[n], g_small[n], atol=1e-6, rtol=1e-4), n
+
+    # the test can tell: averaging per micro-batch (the common mistake) gives a different gradient
+    net.zero_grad()
+    for b in small:
+        T.accumulate_gradients(net, [b], D.count_label_tokens(b) * len(small), "cpu")
+    g_wrong = lora_grads(net)
+    assert max((g_wrong[n] - g_big[n]).abs().max().item() for n in g_big) > 1e-4
+
+
+def test_every_lora_parameter_gets_a_gradient_under_checkpointing(tiny_dir):
+    net, tok = lora_model(tiny_dir)
+    batch = D.collate(D.encode_dataset(D.load_jsonl(TRAIN_DATA)[:8], tok, 64), tok.pad_id)
+    grads = {}
+    for ckpt in (False, True):
+        net.zero_grad()
+        net.train()
+        net.grad_checkpoint = ckpt
+        net(batch["input_ids"], labels=batch["labels"]).backward()
+        grads[ckpt] = lora_grads(net)
+    assert len(grads[True]) == 2 * 3 * 2                                     # A and B, 3 targets, 2 layers
+    for n, g in grads[True].items():
+        assert g.abs().sum() > 0, f"{n} has a zero gradient under gradient checkpointing"
+        assert torch.allclose(g, grads[False][n], atol=1e-6), n
+    assert all(p.grad is None for n, p in net.named_parameters() if "lora_" not in n)
+
+
+def test_prompt_positions_get_no_gradient(tiny_dir):
+    """The final hidden state at a prompt position feeds only that position's head: its gradient must be 0."""
+    net, tok = lora_model(tiny_dir)
+    records = D.load_jsonl(TRAIN_DATA)[:4]
+    batch = D.collate(D.encode_dataset(records, tok, 64), tok.pad_id)
+    captured = {}
+    def keep_hidden(module, inputs, output):
+        output.retain_grad()
+        captured["h"] = output
+    net.model.norm.register_forward_hook(keep_hidden)
+    net(batch["input_ids"], labels=batch["labels"]).backward()
+    g = captured["h"].grad.abs().sum(-1)                                     # (B, T)
+    labelled = batch["labels"] != D.IGNORE_INDEX
+    assert (g[~labelled] == 0).all() and (g[labelled] > 0).all()
+    for row, r in enumerate(records):                                        # completion tokens + EOS, no more
+        assert labelled[row].sum() == len(tok.encode(r["completion"])) + 1
+
+
+def test_lr_schedule_warms_up_each_group_from_its_start():
+    cfg = T.TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert T.lr_at(0, 0, cfg) == pytest.approx(0.1)
+    assert T.lr_at(9, 0, cfg) == pytest.approx(T.lr_at(9, 0, cfg.__class__(steps=100, lr=1.0, warmup_steps=0,
+                                                                           min_lr_ratio=0.1)))
+    assert T.lr_at(50, 50, cfg) == pytest.approx(0.1 * T.lr_at(50, 0, cfg))  # a new group restarts warm-up
+    assert T.lr_at(99, 0, cfg) == pytest.approx(0.1)                        # cosine ends at min_lr_ratio
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+def test_small_batch_can_be_overfitted(tiny_dir, tmp_path):
+    four = tmp_path / "four.jsonl"
+    four.write_text("".join(json.dumps(r) + "\n" for r in D.load_jsonl(TRAIN_DATA)[:4]))
+    cfg = tiny_cfg(tiny_dir, tmp_path / "run", data=str(four), steps=80, lr=2e-2, rank=8, warmup_steps=5,
+                   targets=T.ALL_LINEARS)
+    T.train(cfg)
+    rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    first, last = rows[0]["loss"], rows[-1]["loss"]
+    assert last < 0.1 * first and last < 0.5, (first, last)
+
+    # eval.exact_match (one teacher-forced pass) agrees with real greedy decoding, example by example
+    import eval as E
+    net, tok = M.load_model_and_tokenizer(tiny_dir, torch.float32, "cpu")
+    A.load_adapter(net, str(tmp_path / "run"))
+    records = D.load_jsonl(TRAIN_DATA)[:8]                                   # 4 memorized + 4 unseen
+    by_generation = []
+    for r in records:
+        prompt_ids = tok.encode(r["prompt"], bos=True)
+        target = tok.encode(r["completion"]) + [tok.eos_id]
+        by_generation.append(M.generate(net, prompt_ids, len(target) + 2, eos_id=tok.eos_id) == target)
+    assert sum(by_generation[:4]) >= 3                                        # memorized ones are reproduced
+    assert E.exact_match(net, tok, records)["exact_match"] == sum(by_generation) / len(records)
+
+
+def test_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
+    """6 steps in one go == 3 steps, checkpoint, resume, 3 more (dropout on, so RNG state matters too)."""
+    a = tiny_cfg(tiny_dir, tmp_path / "a", steps=6, save_every=3, keep_checkpoints=5, dropout=0.1)
+    T.train(a)
+    b_out = tmp_path / "b"
+    (b_out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-000003", b_out / "checkpoints" / "step-000003")
+    (b_out / "checkpoints" / "latest").write_text("step-000003")
+    T.train(tiny_cfg(tiny_dir, b_out, steps=6, save_every=3, keep_checkpoints=5, dropout=0.1, resume=True))
+    wa = load_file(str(tmp_path / "a" / A.ADAPTER_WEIGHTS_NAME))
+    wb = load_file(str(b_out / A.ADAPTER_WEIGHTS_NAME))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert [json.loads(l)["step"] for l in open(b_out / "metrics.jsonl")] == [4, 5, 6]
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "train.py"), "--model", str(tiny_dir), "--data", TRAIN_DATA, "--val-data", "",
+           "--out", str(out), "--steps", "3000", "--batch-size", "2", "--log-every", "1", "--save-every", "0",
+           "--rank", "2", "--targets", "q_proj"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    ckpt = T.latest_checkpoint(out)
+    assert ckpt is not None and "saved checkpoint" in err
+    stopped_at = torch.load(ckpt / "trainer_state.pt", weights_only=True)["step"]
+    assert 3 <= stopped_at < 3000
+    r = subprocess.run(cmd[:cmd.index("--steps") + 1] + [str(stopped_at + 2)] + cmd[cmd.index("--steps") + 2:]
+                       + ["--resume"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {ckpt} at step {stopped_at}" in r.stderr
+    steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
+    assert steps[-2:] == [stopped_at + 1, stopped_at + 2]
+
+
+def test_run_folder_holds_the_documented_products_and_peft_gives_our_logits(tiny_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+    out = tmp_path / "run"
+    T.train(tiny_cfg(tiny_dir, out, steps=4))
+    for name in ("adapter.safetensors", "adapter_config.json", "peft/adapter_model.safetensors",
+                 "peft/adapter_config.json", "metrics.jsonl", "config.json", "loss.png"):
+        assert (out / name).is_file(), name
+    ours = M.load_pretrained(tiny_dir, torch.float32, "cpu")
+    A.load_adapter(ours, str(out))
+    hf = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32),
+                                   str(out / "peft")).eval()
+    idx = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = M.load_pretrained(tiny_dir, torch.float32, "cpu")(idx)
+        mine = ours(idx)
+        assert (mine - base).abs().max() > 1e-3                               # the adapter learned something
+        assert (hf(input_ids=idx).logits - mine).abs().max().item() <= 1e-5
+
+
+def test_full_finetuning_writes_a_loadable_model(tiny_dir, tmp_path):
+    out = tmp_path / "full"
+    T.train(tiny_cfg(tiny_dir, out, method="full", steps=3, lr=1e-3))
+    tuned = M.load_pretrained(out, torch.float32, "cpu")
+    base = M.load_pretrained(tiny_dir, torch.float32, "cpu")
+    assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def one_line_error(r):
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    return lines[0]
+
+
+def test_malformed_jsonl_line_is_named(tiny_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n{"prompt": oops}\n')
+    msg = one_line_error(run_cli("--model", str(tiny_dir), "--data", str(bad), "--val-data", "",
+                                 "--out", str(tmp_path / "o")))
+    assert "line 3" in msg
+
+
+def test_empty_dataset_is_an_error(tiny_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(D.DataError, match="empty"):
+        T.train(tiny_cfg(tiny_dir, tmp_path / "o", data=str(empty)))
+
+
+def test_unknown_method_is_a_one_line_cli_error(tmp_path):
+    msg = one_line_error(run_cli("--method", "qlora", "--out", str(tmp_path / "o")))
+    assert "unknown method 'qlora'" in msg
+
+
+def test_unknown_target_module_is_an_error(tiny_dir, tmp_path):
+    with pytest.raises(ValueError, match="'qkv_proj' matches no nn.Linear"):
+        T.train(tiny_cfg(tiny_dir, tmp_path / "o", targets="q_proj,qkv_proj"))
+
+
+def test_sequence_longer_than_the_model_allows_is_an_error(tiny_dir, tmp_path):
+    with pytest.raises(ValueError, match="--seq-len 1000 is longer than the model allows"):
+        T.train(tiny_cfg(tiny_dir, tmp_path / "o", seq_len=1000))
+
+
+def test_failed_start_never_touches_existing_checkpoints(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    T.train(tiny_cfg(tiny_dir, out, steps=2))
+    ckpt = T.latest_checkpoint(out)
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):       # no --resume/--overwrite
+        T.train(tiny_cfg(tiny_dir, out, steps=2))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    with pytest.raises(D.DataError, match="line 1"):
+        T.train(tiny_cfg(tiny_dir, out, steps=4, data=str(bad), resume=True))
+    with pytest.raises(ValueError, match="cannot resume with different settings"):
+        T.train(tiny_cfg(tiny_dir, out, steps=4, rank=8, resume=True))
+    assert T.latest_checkpoint(out) == ckpt
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+
+
+def test_help_explains_every_flag():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    flags = [f.name for f in T.fields(T.TrainConfig) if f.name != "method_options"]
+    flags += [f.name for f in T.method_option_fields()]                    # every method hyper-parameter too
+    for name in flags:
+        assert "--" + name.replace("_", "-") in r.stdout, name

@@ -1,0 +1,456 @@
+"""
+Fine-tune a Llama-architecture model with an adapter method (or fully), in one readable loop.
+
+    python train.py --method lora --model smollm2-135m --data data/wordnet_train.jsonl --steps 100
+    python train.py --method lora --model llama-7b --device cuda --grad-checkpoint ...
+
+The loop, top to bottom (each method-specific call is visible where it happens):
+
+    for step in steps:
+        micro-batches <- data cursor                       (grad_accum of them; label tokens counted first)
+        loss = sum_t CE_t / N_label_tokens  + method.regularizer()     (AdaLoRA / TriAdaptLoRA orthogonality)
+        backward; clip grad norm
+        method.before_optimizer_step(...)                  (CTR-LoRA: trust region on the proposed step)
+        optimizer.step() with per-group LR (warm-up from the group's start step, cosine decay)
+        method.after_optimizer_step(step)                  (AdaLoRA masking, TriAdaptLoRA growth, CTR-LoRA allocator)
+        log / evaluate / checkpoint
+
+Checkpoints hold the adapter (safetensors), optimizer, LR groups, RNG and data-cursor state, so `--resume` continues
+exactly; they are written to a temporary folder and renamed, so an interruption never leaves a broken one.
+SIGINT/SIGTERM finish the current step, save a checkpoint and exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+import adapters as A
+import data as D
+import eval as E
+import model as M
+
+# ----------------------------------------------------------------------------------------------------------------
+# configuration: one dataclass; the command line is generated from it (every field has a help text)
+# ----------------------------------------------------------------------------------------------------------------
+
+ALL_LINEARS = ",".join(A.LLAMA_LINEAR_NAMES)
+
+
+@dataclass
+class TrainConfig:
+    model: str = field(default="smollm2-135m", metadata={"help": "checkpoint folder or name under checkpoints/"})
+    method: str = field(default="lora", metadata={"help": "adapter method: " + ", ".join(A.METHODS) +
+                                                  "; or 'full' (all weights, small models: a reference run)"})
+    data: str = field(default="data/wordnet_train.jsonl", metadata={"help": "training JSONL (see data.py)"})
+    val_data: str = field(default="data/wordnet_val.jsonl",
+                          metadata={"help": "validation JSONL for the loss logged every --eval-every steps "
+                                            "('' to skip)"})
+    out: str = field(default="runs/lora", metadata={"help": "output folder: adapter, peft/, metrics.jsonl, plots"})
+    steps: int = field(default=100, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    seq_len: int = field(default=256, metadata={"help": "maximum tokens per example (longer ones are cut, "
+                                                         "with a warning)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay ends at lr * this"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps (restarted for parameter "
+                                                            "groups added mid-run)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    clip: float = field(default=1.0, metadata={"help": "gradient-norm clipping threshold (0 = off)"})
+    rank: int = field(default=8, metadata={"help": "adapter rank r (reference / initial rank for adaptive methods)"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
+    targets: str = field(default=ALL_LINEARS, metadata={"help": "comma-separated linear names to adapt"})
+    chat: bool = field(default=False, metadata={"help": "wrap prompts in the model's chat format"})
+    seed: int = field(default=0, metadata={"help": "seed for adapter init, dropout and data order"})
+    device: str = field(default="", metadata={"help": "cpu or cuda (default: cuda if available)"})
+    grad_checkpoint: bool = field(default=False, metadata={"help": "recompute each block in backward (saves "
+                                                                   "activation memory; on by default on CUDA)"})
+    log_every: int = field(default=5, metadata={"help": "progress line and metrics every N steps"})
+    eval_every: int = field(default=50, metadata={"help": "validation loss every N steps (0 = only at the end)"})
+    eval_examples: int = field(default=200, metadata={"help": "validation examples used for the loss"})
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
+    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
+    overwrite: bool = field(default=False, metadata={"help": "start afresh in an --out that holds an earlier "
+                                                             "run's checkpoints (they are replaced)"})
+    max_nonfinite: int = field(default=20, metadata={"help": "abort after this many consecutive NaN/inf losses"})
+
+    method_options: dict = field(default_factory=dict, metadata={"help": "method hyper-parameters: the "
+                                 "AdapterConfig fields below, one flag each"})
+
+    def adapter_config(self) -> A.AdapterConfig:
+        derived = {"total_steps": self.steps} if "total_steps" in ADAPTER_FIELD_NAMES else {}   # schedules need T
+        return A.AdapterConfig(method=self.method, r=self.rank, alpha=self.alpha, dropout=self.dropout,
+                               targets=self.targets, **derived, **self.method_options)
+
+
+# AdapterConfig fields that TrainConfig spells differently; every other AdapterConfig field (the hyper-parameters
+# of AdaLoRA, TriAdaptLoRA, CTR-LoRA, CG-LoRA) becomes a flag of its own, with the help text from its metadata.
+SHARED_ADAPTER_FIELDS = {"method", "r", "alpha", "dropout", "targets", "total_steps"}
+ADAPTER_FIELD_NAMES = {f.name for f in fields(A.AdapterConfig)}
+
+
+def method_option_fields():
+    return [f for f in fields(A.AdapterConfig) if f.name not in SHARED_ADAPTER_FIELDS]
+
+
+# settings that may differ between a run and its resumption; everything else must match the checkpoint
+RESUMABLE_CHANGES = {"out", "steps", "resume", "overwrite", "log_every", "eval_every", "save_every", "keep_checkpoints", "device",
+                     "eval_examples", "max_nonfinite"}
+
+
+def parse_args(argv=None) -> TrainConfig:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip(),
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_flags(ap, [f for f in fields(TrainConfig) if f.name != "method_options"])
+    group = ap.add_argument_group("method hyper-parameters (used by the methods that name them)")
+    add_flags(group, method_option_fields())
+    args = vars(ap.parse_args(argv))
+    options = {f.name: args.pop(f.name) for f in method_option_fields()}
+    defaults = A.AdapterConfig()
+    cfg = TrainConfig(**args, method_options={k: v for k, v in options.items() if v != getattr(defaults, k)})
+    validate(cfg)
+    return cfg
+
+
+def add_flags(ap, flds):
+    """One --flag per dataclass field: bools get --x/--no-x, the rest their type; help from field metadata."""
+    for f in flds:
+        flag = "--" + f.name.replace("_", "-")
+        tname = f.type if isinstance(f.type, str) else f.type.__name__
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        help_text = f.metadata.get("help", "")
+        if tname == "bool":
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif tname in ("int", "float", "str"):
+            ap.add_argument(flag, type={"int": int, "float": float, "str": str}[tname], default=default,
+                            help=help_text)
+        elif tname.startswith("list"):
+            ap.add_argument(flag, type=lambda t: [x.strip() for x in t.split(",") if x.strip()], default=default,
+                            help=help_text + " (comma-separated)")
+        else:
+            raise TypeError(f"field {f.name} of type {tname} has no command-line form")
+
+
+def validate(cfg: TrainConfig):
+    if cfg.method != "full" and cfg.method not in A.METHODS:
+        raise ValueError(f"unknown method '{cfg.method}'; choose one of: {', '.join(A.METHODS)}, full")
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.lr <= 0:
+        raise ValueError("--lr must be positive")
+    if cfg.method != "full":
+        cfg.adapter_config()                              # validates the method's hyper-parameters now
+    if not cfg.data or not Path(cfg.data).is_file():
+        raise FileNotFoundError(f"--data {cfg.data!r}: no such file")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# learning rate: warm-up from each parameter group's own start step, cosine decay over the whole run
+# ----------------------------------------------------------------------------------------------------------------
+
+def lr_at(step: int, group_start: int, cfg: TrainConfig) -> float:
+    """lr(t) = lr · warmup(t − t_group) · decay(t); groups added mid-run (TriAdaptLoRA growth) restart warm-up."""
+    warm = min(1.0, (step - group_start + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    progress = min(1.0, step / max(1, cfg.steps - 1))
+    decay = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * warm * decay
+
+
+def set_lrs(optimizer, step: int, cfg: TrainConfig):
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, group["start_step"], cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints: <out>/checkpoints/step-000100/{adapter..., trainer_state.pt}, <out>/checkpoints/latest
+# ----------------------------------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_weights(net, cfg: TrainConfig, folder: Path):
+    """The trained weights: the adapter for adapter methods, the whole model for --method full."""
+    if cfg.method == "full":
+        M.save_pretrained(net.state_dict(), net.config, folder)
+    else:
+        A.save_adapter(net, cfg.adapter_config(), str(folder))
+
+
+def save_checkpoint(out: Path, step: int, net, optimizer, batcher, cfg: TrainConfig, extra: dict):
+    """Write the checkpoint into a temporary folder, rename it into place, then point `latest` at it."""
+    ckpt_dir = out / "checkpoints"
+    final = ckpt_dir / f"step-{step:06d}"
+    tmp = ckpt_dir / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_weights(net, cfg, tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(),
+                "group_starts": [g["start_step"] for g in optimizer.param_groups],
+                "rng": rng_state(), "data": batcher.state_dict(), "config": asdict(cfg), **extra},
+               tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    M.atomic_write(ckpt_dir / "latest", lambda p: Path(p).write_text(final.name))
+    for old in sorted(ckpt_dir.glob("step-*"))[:-cfg.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    pointer = out / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = out / "checkpoints" / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def check_resume_config(saved: dict, cfg: TrainConfig):
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in asdict(cfg).items()
+             if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    if diffs:
+        raise ValueError("cannot resume with different settings (" + "; ".join(diffs) + "); "
+                         "use the original flags or a new --out")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------------------------
+
+class StopFlag:
+    """SIGINT/SIGTERM set the flag; the loop finishes its step, saves a checkpoint and exits."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __call__(self, signum, frame):
+        if self.signal is not None:               # a second Ctrl-C: stop now, without saving
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step", file=sys.stderr)
+
+
+def build_model(cfg: TrainConfig, device):
+    """Load the base model, then (seeded) build the adapters and freeze everything else."""
+    full = cfg.method == "full"
+    dtype = torch.float32 if full else M.default_dtype(device)   # full fine-tuning keeps fp32 master weights
+    net, tok = M.load_model_and_tokenizer(cfg.model, dtype, device)
+    torch.manual_seed(cfg.seed)                                   # adapter init depends on the seed, nothing else
+    if full:
+        for p in net.parameters():
+            p.requires_grad_(True)
+    else:
+        A.apply_method(net, cfg.method, cfg.adapter_config())
+        net.to(device)
+    return net, tok
+
+
+def accumulate_gradients(net, micro: list[dict], n_label: int, device, autocast=None) -> float:
+    """Backward over micro-batches so that the gradient equals that of one batch holding all of them.
+
+    loss = (Σ over every label token t of the step of CE_t) / n_label, where n_label counts the label tokens of
+    *all* micro-batches. Averaging per micro-batch instead would weight a token by 1/len(its micro-batch).
+    Returns the step's loss (a float, for logging).
+    """
+    loss_total = 0.0
+    for b in micro:
+        ids, labels = b["input_ids"].to(device), b["labels"].to(device)
+        with autocast or nullcontext():
+            loss = net(ids, labels=labels, reduction="sum") / n_label
+        loss.backward()
+        loss_total += loss.item()
+    return loss_total
+
+
+def train(cfg: TrainConfig) -> dict:
+    device = torch.device(cfg.device or M.default_device())
+    out = Path(cfg.out)
+    if not cfg.resume and latest_checkpoint(out) is not None and not cfg.overwrite:   # never lose a run by accident
+        raise ValueError(f"{out} holds checkpoints of an earlier run; add --resume to continue it, "
+                         f"--overwrite to start again, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    random.seed(cfg.seed)
+    train_records = D.load_jsonl(cfg.data)                 # read and validated before the (slow) model load
+    val_records = D.load_jsonl(cfg.val_data)[:cfg.eval_examples] if cfg.val_data else None
+    net, tok = build_model(cfg, device)
+    if cfg.seq_len > net.config.max_position_embeddings:
+        raise ValueError(f"--seq-len {cfg.seq_len} is longer than the model allows "
+                         f"({net.config.max_position_embeddings}); lower --seq-len")
+    net.grad_checkpoint = cfg.grad_checkpoint or device.type == "cuda"
+    params = [p for p in net.parameters() if p.requires_grad]
+    counts = A.count_parameters(net) if cfg.method != "full" else {"trainable": sum(p.numel() for p in params)}
+    print(f"{cfg.method}: {counts['trainable']:,} trainable parameters", file=sys.stderr)
+
+    train_examples = D.encode_dataset(train_records, tok, cfg.seq_len, cfg.chat, name=cfg.data)
+    val_examples = (D.encode_dataset(val_records, tok, cfg.seq_len, cfg.chat, name=cfg.val_data)
+                    if val_records else None)
+    batcher = D.Batcher(train_examples, cfg.batch_size, tok.pad_id, seed=cfg.seed)
+
+    # AdamW on the trainable parameters only; each group remembers the step it joined (for its warm-up)
+    optimizer = torch.optim.AdamW([{"params": params, "start_step": 0}], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.999), eps=1e-8)
+    method = A.training_hooks(net, cfg.adapter_config()) if cfg.method != "full" else A.MethodHooks()
+
+    start_step, nonfinite_total = 0, 0
+    if cfg.resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}; drop --resume to start fresh")
+        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)  # never unpickles code
+        check_resume_config(state["config"], cfg)
+        if cfg.method == "full":
+            M.load_state_into(net, ckpt, torch.float32, device)
+            for p in net.parameters():
+                p.requires_grad_(True)
+            params = list(net.parameters())
+            optimizer.param_groups[0]["params"] = params
+        else:
+            # rebuild grown structure (TriAdaptLoRA) first, so tensors and optimizer groups exist to load into
+            for group_params, group_start in method.restore_structure(state.get("method", {})):
+                optimizer.add_param_group({"params": group_params, "start_step": group_start})
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            A.load_adapter_weights(net, str(ckpt))
+        optimizer.load_state_dict(state["optimizer"])
+        for g, s in zip(optimizer.param_groups, state["group_starts"]):
+            g["start_step"] = s
+        batcher.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        start_step, nonfinite_total = state["step"], state.get("nonfinite_total", 0)
+        print(f"resumed from {ckpt} at step {start_step}", file=sys.stderr)
+    else:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    metrics = open(out / "metrics.jsonl", "a")
+
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
+    stop = StopFlag()
+    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    def validate_now(step):
+        net.eval()
+        v = E.evaluate_loss(net, val_examples, cfg.batch_size * 2, tok.pad_id)
+        net.train()
+        print(f"step {step:5d} | validation loss {v['loss']:.4f} (ppl {v['ppl']:.2f})", file=sys.stderr)
+        metrics.write(json.dumps({"step": step, "val_loss": v["loss"], "val_ppl": v["ppl"]}) + "\n")
+        metrics.flush()
+
+    if val_examples and start_step == 0:
+        validate_now(0)                                   # the starting point of the validation curve
+    net.train()
+    t_start, consecutive_nonfinite = time.perf_counter(), 0
+    window_loss, window_steps, window_tokens, t_window = 0.0, 0, 0, time.perf_counter()
+    step = start_step
+    try:
+        while step < cfg.steps:
+            # ---- 1. fetch the micro-batches of this step and count their label tokens (the loss normalizer)
+            micro = [next(batcher) for _ in range(cfg.grad_accum)]
+            n_label = sum(D.count_label_tokens(b) for b in micro)
+            set_lrs(optimizer, step, cfg)
+
+            # ---- 2. forward/backward: summed token losses / label tokens of the whole step == one big batch
+            loss_total = accumulate_gradients(net, micro, n_label, device, autocast)
+            reg = method.regularizer()                 # AdaLoRA/TriAdaptLoRA orthogonality penalty (0 for LoRA)
+            if reg is not None:
+                reg.backward()
+
+            # ---- 3. skip steps whose loss is NaN/inf (reported, counted; too many in a row aborts)
+            if not math.isfinite(loss_total):
+                optimizer.zero_grad(set_to_none=True)
+                consecutive_nonfinite += 1
+                nonfinite_total += 1
+                print(f"step {step}: non-finite loss ({loss_total}), step skipped", file=sys.stderr)
+                if consecutive_nonfinite >= cfg.max_nonfinite:
+                    raise RuntimeError(f"{consecutive_nonfinite} non-finite losses in a row; lower --lr")
+                step += 1
+                continue
+            consecutive_nonfinite = 0
+
+            # ---- 4. clip, trust region, optimizer step, allocator
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip).item() if cfg.clip > 0 else float("nan")
+            method.before_optimizer_step(optimizer, step)   # CTR-LoRA: trust region on the proposed step
+            optimizer.step()
+            new_params = method.after_optimizer_step(step)  # AdaLoRA masking / TriAdaptLoRA growth / CTR allocator
+            optimizer.zero_grad(set_to_none=True)           # (after the hook: importance scores read .grad)
+            if new_params:                                  # grown tensors join as a group with fresh warm-up
+                optimizer.add_param_group({"params": new_params, "start_step": step + 1})
+                params += new_params
+            step += 1
+
+            # ---- 5. log, evaluate, checkpoint
+            window_loss += loss_total
+            window_steps += 1
+            window_tokens += sum(b["input_ids"].numel() for b in micro)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                dt = time.perf_counter() - t_window
+                elapsed = time.perf_counter() - t_start
+                eta = elapsed / (step - start_step) * (cfg.steps - step)
+                row = {"step": step, "loss": window_loss / window_steps, "lr": optimizer.param_groups[0]["lr"],
+                       "grad_norm": grad_norm, "tokens_per_s": window_tokens / dt, "elapsed_s": round(elapsed, 1),
+                       **method.log_items()}
+                print(f"step {step:5d}/{cfg.steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+                      f"grad {grad_norm:.3f} | {row['tokens_per_s']:.0f} tok/s | ETA {eta:.0f}s", file=sys.stderr)
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                window_loss, window_steps, window_tokens, t_window = 0.0, 0, 0, time.perf_counter()
+            if val_examples and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+                validate_now(step)
+            if stop.signal is not None or (cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps):
+                path = save_checkpoint(out, step, net, optimizer, batcher, cfg,
+                                       {"nonfinite_total": nonfinite_total, "method": method.state_dict()})
+                print(f"saved checkpoint {path}", file=sys.stderr)
+            if stop.signal is not None:
+                print(f"stopped at step {step}; continue with the same command plus --resume", file=sys.stderr)
+                sys.exit(128 + stop.signal)
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        metrics.close()
+
+    # ---- the run's products: weights, peft export, plot
+    net.eval()
+    save_weights(net, cfg, out)
+    if cfg.method != "full":
+        A.export_peft(net, cfg.adapter_config(), str(out / "peft"), base_model_name_or_path=cfg.model)
+    save_checkpoint(out, step, net, optimizer, batcher, cfg,
+                    {"nonfinite_total": nonfinite_total, "method": method.state_dict()})
+    E.plot_loss_curves({cfg.method: out / "metrics.jsonl"}, out / "loss.png")
+    if cfg.method != "full":
+        E.plot_rank_heatmap(E.saved_ranks(out), out / "ranks.png", f"{cfg.method} ranks")
+    wall = time.perf_counter() - t_start
+    print(f"done: {step} steps in {wall:.0f}s; wrote {out}/ (weights, peft/, metrics.jsonl, loss.png, ranks.png)",
+          file=sys.stderr)
+    return {"steps": step, "wall_s": wall, "nonfinite_steps": nonfinite_total}
+
+
+def main(argv=None):
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    M.cli(main)
