@@ -10,11 +10,11 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 
 .PHONY: demo test setup clean
 
-# The demo: LoRA fine-tuning of the embedded SmolLM2-135M-Instruct on the WordNet category task (CPU, a few
+# The demo: TriAdaptLoRA fine-tuning of the embedded SmolLM2-135M-Instruct on the WordNet category task (CPU, a few
 # minutes), then base vs adapter on the validation split. Products in runs/demo/ (adapter, peft/, loss.png, eval.json).
 demo: $(VENV)/.runtime
 	$(PY) model.py --prompt "What is the capital of France?"
-	$(PY) train.py --method lora --out runs/demo --overwrite
+	$(PY) train.py --method triadapt --out runs/demo --overwrite
 	$(PY) eval.py --adapter runs/demo --data data/wordnet_val.jsonl data/wordnet_val_choice.jsonl \
 		--max-examples 100 --out runs/demo/eval.json
 

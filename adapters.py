@@ -14,7 +14,7 @@ tensors sit beside it (`...q_proj.lora_A`, `...q_proj.lora_B`).
 Contents, top to bottom:
   1. AdaptedLinear:  the base class (frozen W0, dtype policy, explicit merge/unmerge with a NaN check)
   2. LoRALinear:     ΔW = (α/r) B A                                     (Hu et al. 2021, eq. 3)
-     SVDLinear:      ΔW = (α/r₀) P diag(λ) Q, rank by a 0/1 mask         (AdaLoRA, Zhang et al. 2023; CTR-LoRA reuses it)
+     SVDLinear:      ΔW = (α/r₀) P diag(λ) Q, rank by a 0/1 mask       (AdaLoRA, Zhang et al. 2023; CTR-LoRA too)
      TriAdaptLinear: ΔW = (α/r_ref) B (L + U) A, grown block by block   (TriAdaptLoRA, SPEC §4: our formulation)
   3. AdapterConfig: the JSON-validated configuration (every method hyper-parameter is a field = a train.py flag)
   4. inject_adapters / apply_method: put adapters into a model by module name
@@ -273,15 +273,20 @@ class TriAdaptLinear(AdaptedLinear):
         K_n (r_{n-1}×k) = 0             -> tri_K[n-1]   new block-column of U above the diagonal
 
     and old entries never move. With b_n = 0 and K_n = 0 the function is unchanged at growth, and every new tensor
-    gets a gradient within two steps (b_n, K_n at once; a_n and R_n once b_n ≠ 0). The first block is A ~ N(0, σ²),
+    gets a gradient within two steps (b_n at once, K_n at once through the already trained B; a_n and R_n once
+    b_n ≠ 0). The first block is A ~ N(0, σ²),
     C = R_0 = I, B = 0. (The public code starts B and C at zero, so nothing ever trains; it also rescales by 1/r,
     a jump at every growth.)
 
         x (.., d_in) ──A──> (.., r) ──C──> (.., r) ──B──> (.., d_out) ──× c──> ΔW x      (ΔW never formed)
 
-            C = L + U:  [ R_0       | K_1 | K_2 ]      R_0: r_0×r_0 block, R_n: k×r_n strip, K_n: r_{n-1}×k strip
-                        [ R_1 ------------ | K_2 ]
-                        [ R_2 ------------------ ]
+        C = L + U after two growths:     ┌ r_0 ┬  k  ┬  k  ┐
+                                     r_0 │ R_0 │     │     │     R_0: r_0×r_0, the first diagonal block
+                                         ├─────┘ K_1 │ K_2 │     R_n: k×r_n, block-row n of L (diagonal included)
+                                      k  │   R_1     │     │     K_n: r_{n-1}×k, block-column n of U
+                                         ├───────────┘     │          (above the diagonal)
+                                      k  │      R_2        │
+                                         └─────────────────┘
     """
 
     def __init__(self, base: nn.Linear, r_ref: int, alpha: float, init_rank: int, block: int, dropout: float = 0.0,
@@ -296,6 +301,7 @@ class TriAdaptLinear(AdaptedLinear):
         self.tri_B = nn.ParameterList([torch.zeros(self.out_features, init_rank, device=device)])
         self.tri_R = nn.ParameterList([torch.eye(init_rank, device=device)])  # R_0 = the first diagonal block
         self.tri_K = nn.ParameterList()  # K_1, K_2, ... (none before the first growth)
+        self._index: torch.Tensor | None = None  # cache of _core_index()
         if rank is not None:  # rebuild a grown structure (loading a saved adapter)
             self.grow_to(rank)
 
@@ -325,6 +331,7 @@ class TriAdaptLinear(AdaptedLinear):
         self.tri_B.append(b)
         self.tri_R.append(R)
         self.tri_K.append(K)
+        self._index = None
         return [a, b, R, K]
 
     def grow_to(self, rank: int) -> list[nn.Parameter]:
@@ -356,8 +363,30 @@ class TriAdaptLinear(AdaptedLinear):
         return torch.cat([first] + [F.pad(K, (0, 0, 0, r - K.shape[0])) for K in self.tri_K], dim=1)
 
     def core(self) -> torch.Tensor:
-        """C = L + U (r×r), assembled from the strips (r is small: this is cheap and never d×d)."""
-        return self.tri_R[0] if not len(self.tri_K) else self.lower() + self.upper()
+        """C = L + U (r×r). The strips tile C exactly once, so C is one gather from their concatenation:
+        C.flatten() = cat(R_0, R_1, ..., K_1, K_2, ...)[index] — two autograd nodes instead of a pad per strip
+        (the same matrix as lower() + upper(); tests/test_triadapt.py checks it entry by entry)."""
+        if not len(self.tri_K):
+            return self.tri_R[0]
+        strips = torch.cat([p.reshape(-1) for p in (*self.tri_R, *self.tri_K)])  # (r²,)
+        return strips[self._core_index()].view(self.rank, self.rank)
+
+    def _core_index(self) -> torch.Tensor:
+        """(r²,) position of each entry of C in the concatenated strips; rebuilt after growth or a device move."""
+        device = self.tri_R[0].device
+        if self._index is None or self._index.device != device:
+            offsets = [0]
+            for R in self.tri_R:
+                offsets.append(offsets[-1] + R.shape[0])
+            index, start = torch.empty(self.rank, self.rank, dtype=torch.long), 0
+            for n, R in enumerate(self.tri_R):  # R_n: rows of block n, columns up to the end of block n
+                index[offsets[n]:offsets[n + 1], :offsets[n + 1]] = start + torch.arange(R.numel()).view(R.shape)
+                start += R.numel()
+            for n, K in enumerate(self.tri_K, start=1):  # K_n: rows above block n, columns of block n
+                index[:offsets[n], offsets[n]:offsets[n + 1]] = start + torch.arange(K.numel()).view(K.shape)
+                start += K.numel()
+            self._index = index.flatten().to(device)
+        return self._index
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.linear(x, self.full_A())  # (..., r)     = A x
@@ -381,9 +410,9 @@ class TriAdaptLinear(AdaptedLinear):
 class AdapterConfig:
     """Everything needed to rebuild an adapter's structure. Round-trips through JSON; validated on construction.
 
-    method:  one of METHODS ("lora", ...)
-    r:       rank per module (the initial/reference rank for adaptive methods)
-    alpha:   LoRA α; the update is scaled by c = α / r
+    method:  one of METHODS ("lora", "adalora", "triadapt", ...)
+    r:       rank per module (LoRA's r; AdaLoRA's default target rank; TriAdaptLoRA's reference rank r_ref)
+    alpha:   LoRA α; the update is scaled by c = α / r (AdaLoRA: α / r₀; TriAdaptLoRA: α / r_ref, fixed)
     dropout: dropout on the adapter input only (the base path never sees dropout)
     targets: leaf names of the linears to adapt, e.g. ["q_proj", "v_proj"] (a comma string is accepted here too)
     Later methods add their fields below this line; every field must have a default, a JSON-able type and a
@@ -402,7 +431,7 @@ class AdapterConfig:
                                                           "(train.py sets it from --steps; 0 = not known yet)"})
     orth_reg: float = field(default=0.1, metadata={"help": "AdaLoRA/TriAdaptLoRA: weight γ of the orthogonality "
                                                            "penalty on the adapter factors (0 = off)"})
-    # --- AdaLoRA (SPEC §3) ---------------------------------------------------------------------------------------------
+    # --- AdaLoRA (SPEC §3) -------------------------------------------------------------------------------------------
     init_rank: int = field(default=0, metadata={"help": "AdaLoRA: initial rank r₀ of every module (0 = 1.5 × the "
                                                         "target rank, rounded up)"})
     target_rank: int = field(default=0, metadata={"help": "AdaLoRA: final average rank; the budget is target rank × "
@@ -416,7 +445,7 @@ class AdapterConfig:
                                                                     "target: cubic (the paper) or linear"})
     beta1: float = field(default=0.85, metadata={"help": "AdaLoRA: EMA factor β₁ of the smoothed sensitivity"})
     beta2: float = field(default=0.85, metadata={"help": "AdaLoRA: EMA factor β₂ of the uncertainty"})
-    # --- TriAdaptLoRA (SPEC §4) ----------------------------------------------------------------------------------------
+    # --- TriAdaptLoRA (SPEC §4) --------------------------------------------------------------------------------------
     tri_init_rank: int = field(default=0, metadata={"help": "TriAdaptLoRA: rank of every module before growth "
                                                             "(0 = half of --rank, at least 1); --rank is the "
                                                             "reference rank r_ref, the budget is r_ref × modules"})
@@ -608,11 +637,12 @@ def _type_name(tp) -> str:
 
 
 def _build_lora(base: nn.Linear, cfg: AdapterConfig, r: int | None) -> LoRALinear:
-    return LoRALinear(base, r=r or cfg.r, alpha=cfg.alpha, dropout=cfg.dropout)
+    return LoRALinear(base, r=cfg.r if r is None else r, alpha=cfg.alpha, dropout=cfg.dropout)
 
 
 def _build_adalora(base: nn.Linear, cfg: AdapterConfig, r: int | None) -> SVDLinear:
-    return SVDLinear(base, r=r or adalora_ranks(cfg)[0], alpha=cfg.alpha, dropout=cfg.dropout)  # c = α / r₀
+    r0 = adalora_ranks(cfg)[0] if r is None else r
+    return SVDLinear(base, r=r0, alpha=cfg.alpha, dropout=cfg.dropout)  # c = α / r₀
 
 
 def _build_triadapt(base: nn.Linear, cfg: AdapterConfig, r: int | None) -> TriAdaptLinear:
@@ -794,16 +824,21 @@ class MethodHooks:
     """What a method does around the optimizer step. This base class is plain LoRA: every hook does nothing.
 
     train.py calls, in this order, every step:
-        loss.backward(); reg = hooks.regularizer(); reg.backward() if reg is not None   (orthogonality penalties)
+        per micro-batch: hooks.before_micro_batch(ids, labels, n_label); loss.backward()   (curvature statistics)
+        reg = hooks.regularizer(); reg.backward() if reg is not None                   (orthogonality penalties)
         clip; hooks.before_optimizer_step(optimizer, step)                             (CTR-LoRA trust region)
         optimizer.step(); new = hooks.after_optimizer_step(step); optimizer.zero_grad()  (masking, growth, allocation;
                                                                                         .grad is still readable)
-    and hooks.log_items() when logging. state_dict() / restore_structure() carry method state (e.g. grown block
-    counts) through checkpoints; state_dict() must hold only plain types and tensors (read with weights_only=True).
+    and hooks.log_items() when logging, hooks.close() at the end. state_dict() / restore_structure() carry method
+    state (e.g. grown block counts) through checkpoints; state_dict() must hold only plain types and tensors (read
+    with weights_only=True).
     """
 
     def __init__(self, model: nn.Module | None = None, cfg: AdapterConfig | None = None):
         self.model, self.cfg = model, cfg
+
+    def before_micro_batch(self, input_ids: torch.Tensor, labels: torch.Tensor, n_label_tokens: int) -> None:
+        pass  # curvature collectors (CTR-LoRA) learn which tokens carry a loss; nothing for LoRA/AdaLoRA/TriAdaptLoRA
 
     def regularizer(self) -> torch.Tensor | None:
         return None  # LoRA has no penalty term
@@ -824,6 +859,9 @@ class MethodHooks:
         """Rebuild structure saved by state_dict() (before weights and optimizer state load). Returns the parameter
         groups created mid-run, as (params, start_step) in the order they joined the optimizer."""
         return []
+
+    def close(self) -> None:
+        pass  # release what the method attached to the model (e.g. CTR-LoRA's statistics hooks)
 
 
 # -----------------------------------------------------------------------------
@@ -1016,6 +1054,14 @@ def adalora_schedule(cfg: AdapterConfig, n_modules: int) -> BudgetSchedule:
                           cfg.delta_t, cfg.budget_schedule)
 
 
+def _check_same_total_steps(what: str, state: dict, cfg: AdapterConfig) -> None:
+    """A schedule derived from T must not change under a resumed run (train.py lets --steps change on resume)."""
+    saved = state.get("total_steps", cfg.total_steps)
+    if saved != cfg.total_steps:
+        raise ValueError(f"{what} was planned for --steps {saved}, not {cfg.total_steps}: resume with --steps {saved} "
+                         f"(the ranks already allocated depend on it)")
+
+
 def _rank_summary(ranks: dict[str, int]) -> str:
     values = list(ranks.values())
     return f"rank per module min {min(values)}, mean {sum(values) / len(values):.1f}, max {max(values)}"
@@ -1075,9 +1121,10 @@ class AdaLoRAHooks(MethodHooks):
         return items
 
     def state_dict(self) -> dict:
-        return {"scores": self.scores.state_dict(), "budget": self.budget}
+        return {"scores": self.scores.state_dict(), "budget": self.budget, "total_steps": self.cfg.total_steps}
 
     def restore_structure(self, state: dict) -> list[tuple[list[nn.Parameter], int]]:
+        _check_same_total_steps("AdaLoRA's budget schedule", state, self.cfg)
         self.scores.load_state_dict(state.get("scores", {}))
         self.budget = state.get("budget", self.budget)
         return []  # masks are buffers in the adapter weights; shapes never change
@@ -1186,11 +1233,13 @@ class TriAdaptHooks(MethodHooks):
         return items
 
     def state_dict(self) -> dict:
-        return {"events": [dict(e) for e in self.events], "nu_prev": dict(self.nu_prev)}
+        return {"events": [dict(e) for e in self.events], "nu_prev": dict(self.nu_prev),
+                "total_steps": self.cfg.total_steps}
 
     def restore_structure(self, state: dict) -> list[tuple[list[nn.Parameter], int]]:
         """Replay the saved growth events on the freshly built adapters (new tensors get placeholder values; the
         checkpoint's weights and optimizer state load into them next). Returns [(params, start_step)] in order."""
+        _check_same_total_steps("TriAdaptLoRA's growth schedule", state, self.cfg)
         groups = []
         for event in state.get("events", []):
             unknown = [name for name in event["modules"] if name not in self.layers]
@@ -1249,6 +1298,9 @@ def _write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: di
 def save_adapter(model: nn.Module, cfg: AdapterConfig, out_dir: str) -> None:
     """Write `adapter.safetensors` (adapter tensors only) and `adapter_config.json` (method, config, ranks).
 
+    "ranks" are the shape ranks load_adapter needs (LoRA r, AdaLoRA r₀, TriAdaptLoRA grown rank); "active_ranks" are
+    the ranks in use (adapter_ranks: AdaLoRA's kept triplets) for heatmaps and reports.
+
     Both files are written atomically; the config is written last, so a folder with a config is complete.
     """
     layers = adapter_layers(model)
@@ -1260,7 +1312,8 @@ def save_adapter(model: nn.Module, cfg: AdapterConfig, out_dir: str) -> None:
         "format_version": FORMAT_VERSION,
         "method": cfg.method,
         "config": cfg.to_dict(),
-        "ranks": {name: layer.rank for name, layer in layers.items()},
+        "ranks": {name: layer.rank for name, layer in layers.items()},  # shape ranks: what load needs to rebuild
+        "active_ranks": adapter_ranks(model),  # ranks in use (AdaLoRA: kept triplets), for plots and reports
     })
 
 
@@ -1274,10 +1327,10 @@ def _read_adapter_config(path: str) -> tuple[AdapterConfig, dict[str, int]]:
                                 f"save_adapter?") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-    known = ["format_version", "method", "config", "ranks"]
+    known, optional = ["format_version", "method", "config", "ranks"], ["active_ranks"]
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: expected a JSON object")
-    unknown = [k for k in meta if k not in known]
+    unknown = [k for k in meta if k not in known + optional]
     missing = [k for k in known if k not in meta]
     if unknown or missing:
         raise ValueError(f"{path}: unknown key(s) {unknown}, missing key(s) {missing}; expected {known}")
@@ -1290,8 +1343,9 @@ def _read_adapter_config(path: str) -> tuple[AdapterConfig, dict[str, int]]:
         raise ValueError(f"{path}: {e}") from None
     if meta["method"] != cfg.method:
         raise ValueError(f"{path}: 'method' is {meta['method']!r} but config.method is {cfg.method!r}")
-    if not _has_type(meta["ranks"], dict[str, int]):
-        raise ValueError(f"{path}: 'ranks' must map module names to int ranks")
+    for key in ("ranks", "active_ranks"):
+        if key in meta and not _has_type(meta[key], dict[str, int]):
+            raise ValueError(f"{path}: {key!r} must map module names to int ranks")
     return cfg, meta["ranks"]
 
 

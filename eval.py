@@ -110,14 +110,32 @@ def exact_match(model, tok, records, chat: bool = False, max_len: int = 256, bat
     return {"exact_match": hits / len(examples), "examples": len(examples), "samples": samples}
 
 
+@torch.no_grad()
+def prediction_kl(model, reference, examples, batch_size: int, pad_id: int) -> dict:
+    """Prediction alignment (CG-LoRA's target): mean over target tokens of KL(p_reference ‖ p_model) between the
+    next-token distributions of a reference (e.g. a --method full run) and the evaluated model, in nats."""
+    device = model.inv_freq.device
+    total, n = 0.0, 0
+    for batch in D.iter_batches(examples, batch_size, pad_id):
+        ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        keep = labels != D.IGNORE_INDEX
+        logp = model.lm_head(model.hidden_states(ids)[keep]).float().log_softmax(-1)           # (N, vocab)
+        logq = reference.lm_head(reference.hidden_states(ids)[keep]).float().log_softmax(-1)   # (N, vocab)
+        total += (logq.exp() * (logq - logp)).sum().item()
+        n += int(keep.sum())
+    return {"kl_to_reference": total / max(n, 1), "tokens": n}
+
+
 def evaluate_file(model, tok, path, max_len: int, batch_size: int, chat: bool, max_examples: int | None,
-                  generate: bool) -> dict:
+                  generate: bool, reference=None) -> dict:
     records = D.load_jsonl(path)[:max_examples]
     fmt = D.dataset_format(records)
     if fmt == "choice":
         return choice_accuracy(model, tok, records, max_len, chat, batch_size)
-    result = evaluate_loss(model, D.encode_dataset(records, tok, max_len, chat, name=str(path)), batch_size,
-                           tok.pad_id)
+    examples = D.encode_dataset(records, tok, max_len, chat, name=str(path))
+    result = evaluate_loss(model, examples, batch_size, tok.pad_id)
+    if reference is not None:
+        result["kl_to_reference"] = prediction_kl(model, reference, examples, batch_size, tok.pad_id)["kl_to_reference"]
     if generate and fmt in ("prompt_completion", "instruction"):
         result.update(exact_match(model, tok, records, chat, max_len, batch_size))
     return result
@@ -198,7 +216,8 @@ def plot_rank_heatmap(ranks: dict[str, int], out_png: str | Path, title: str = "
 def saved_ranks(adapter_dir) -> dict[str, int]:
     """Per-module ranks recorded in a saved adapter's adapter_config.json."""
     import adapters as A
-    return json.loads((Path(adapter_dir) / A.ADAPTER_CONFIG_NAME).read_text())["ranks"]
+    meta = json.loads((Path(adapter_dir) / A.ADAPTER_CONFIG_NAME).read_text())
+    return meta.get("active_ranks", meta["ranks"])          # masked methods: the ranks in use, not tensor shapes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -238,6 +257,9 @@ def main(argv=None):
     ap.add_argument("--plot-metrics", nargs="*", default=[],
                     help="metrics.jsonl files (or run folders) to draw as loss curves into --plot-out")
     ap.add_argument("--plot-out", default="loss_curves.png", help="PNG file for --plot-metrics")
+    ap.add_argument("--reference", default=None,
+                    help="a run folder (adapter or full model) whose predictions are the target: reports the mean "
+                         "KL(reference ‖ model) per target token (prediction alignment)")
     ap.add_argument("--rank-heatmap", default=None,
                     help="draw the per-module ranks of --adapter as a heatmap into this PNG file")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -263,12 +285,13 @@ def main(argv=None):
     tok = M.load_tokenizer(args.model)
     variants = ([] if args.no_base else [("base", None)]) + ([("adapter", args.adapter)] if args.adapter else [])
     results = {}
+    reference = load_tuned(args.model, args.reference, dtype, device) if args.reference else None
     for label, adapter_dir in variants:
         net = load_tuned(args.model, adapter_dir, dtype, device)
         for path in args.data:
             t0 = time.perf_counter()
             r = evaluate_file(net, tok, path, args.seq_len, args.batch_size, args.chat, args.max_examples,
-                              not args.no_generate)
+                              not args.no_generate, reference)
             r["seconds"] = round(time.perf_counter() - t0, 2)
             results.setdefault(Path(path).name, {})[label] = r
             print(f"[{label}] {Path(path).name}: " + ", ".join(
@@ -283,7 +306,7 @@ def main(argv=None):
 
 
 def print_table(results: dict):
-    keys = ("loss", "ppl", "exact_match", "acc", "acc_per_token")
+    keys = ("loss", "ppl", "exact_match", "acc", "acc_per_token", "kl_to_reference")
     print(f"{'file':28s} {'metric':14s} {'base':>10s} {'adapter':>10s}")
     for file, by_variant in results.items():
         for k in keys:

@@ -271,16 +271,19 @@ def build_model(cfg: TrainConfig, device):
     return net, tok
 
 
-def accumulate_gradients(net, micro: list[dict], n_label: int, device, autocast=None) -> float:
+def accumulate_gradients(net, micro: list[dict], n_label: int, device, autocast=None, method=None) -> float:
     """Backward over micro-batches so that the gradient equals that of one batch holding all of them.
 
     loss = (Σ over every label token t of the step of CE_t) / n_label, where n_label counts the label tokens of
     *all* micro-batches. Averaging per micro-batch instead would weight a token by 1/len(its micro-batch).
-    Returns the step's loss (a float, for logging).
+    Returns the step's loss (a float, for logging). `method.before_micro_batch` tells curvature collectors
+    (CTR-LoRA) which tokens carry a loss and the step's token count.
     """
     loss_total = 0.0
     for b in micro:
         ids, labels = b["input_ids"].to(device), b["labels"].to(device)
+        if method is not None:
+            method.before_micro_batch(ids, labels, n_label)
         with autocast or nullcontext():
             loss = net(ids, labels=labels, reduction="sum") / n_label
         loss.backward()
@@ -313,8 +316,9 @@ def train(cfg: TrainConfig) -> dict:
     batcher = D.Batcher(train_examples, cfg.batch_size, tok.pad_id, seed=cfg.seed)
 
     # AdamW on the trainable parameters only; each group remembers the step it joined (for its warm-up)
+    # (fused: one kernel for all tensors — TriAdaptLoRA has thousands of small ones; same arithmetic as the loop)
     optimizer = torch.optim.AdamW([{"params": params, "start_step": 0}], lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.999), eps=1e-8)
+                                  betas=(0.9, 0.999), eps=1e-8, fused=device.type in ("cpu", "cuda"))
     method = A.training_hooks(net, cfg.adapter_config()) if cfg.method != "full" else A.MethodHooks()
 
     start_step, nonfinite_total = 0, 0
@@ -374,7 +378,7 @@ def train(cfg: TrainConfig) -> dict:
             set_lrs(optimizer, step, cfg)
 
             # ---- 2. forward/backward: summed token losses / label tokens of the whole step == one big batch
-            loss_total = accumulate_gradients(net, micro, n_label, device, autocast)
+            loss_total = accumulate_gradients(net, micro, n_label, device, autocast, method)
             reg = method.regularizer()                 # AdaLoRA/TriAdaptLoRA orthogonality penalty (0 for LoRA)
             if reg is not None:
                 reg.backward()
@@ -431,6 +435,7 @@ def train(cfg: TrainConfig) -> dict:
         for s, h in old_handlers.items():
             signal.signal(s, h)
         metrics.close()
+        method.close()                                     # e.g. remove CTR-LoRA's statistics hooks
 
     # ---- the run's products: weights, peft export, plot
     net.eval()
@@ -441,7 +446,7 @@ def train(cfg: TrainConfig) -> dict:
                     {"nonfinite_total": nonfinite_total, "method": method.state_dict()})
     E.plot_loss_curves({cfg.method: out / "metrics.jsonl"}, out / "loss.png")
     if cfg.method != "full":
-        E.plot_rank_heatmap(E.saved_ranks(out), out / "ranks.png", f"{cfg.method} ranks")
+        E.plot_rank_heatmap(A.adapter_ranks(net), out / "ranks.png", f"{cfg.method} ranks")   # ranks in use
     wall = time.perf_counter() - t_start
     print(f"done: {step} steps in {wall:.0f}s; wrote {out}/ (weights, peft/, metrics.jsonl, loss.png, ranks.png)",
           file=sys.stderr)

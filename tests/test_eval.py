@@ -86,3 +86,24 @@ def test_cli_reports_base_and_adapter_side_by_side(tiny, tmp_path):
     assert set(val) == {"base", "adapter"} and val["base"]["loss"] != val["adapter"]["loss"]
     assert 0 <= choice["adapter"]["acc"] <= 1 and choice["base"]["examples"] == 12
     assert (tmp_path / "ranks.png").stat().st_size > 1000
+
+
+def test_prediction_kl_equals_explicit_kl_and_is_zero_against_itself(tiny, smollm2_dir, tmp_path):
+    path, net, tok = tiny
+    other = M.load_pretrained(path, torch.float32, "cpu")
+    with torch.no_grad():
+        other.model.norm.weight.mul_(0.05)                           # softens the reference's predictions
+    examples = D.encode_dataset(D.load_jsonl(M.REPO_DIR / "data" / "wordnet_val.jsonl")[:6], tok, 64)
+    assert E.prediction_kl(net, net, examples, 4, tok.pad_id)["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)
+    want, n = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in examples:
+            p = net(torch.tensor([ids]))[0].log_softmax(-1)             # model
+            q = other(torch.tensor([ids]))[0].log_softmax(-1)           # reference
+            for i in range(1, len(ids)):
+                if mask[i]:
+                    want += (q[i - 1].exp() * (q[i - 1] - p[i - 1])).sum().item()
+                    n += 1
+    got = E.prediction_kl(net, other, examples, 4, tok.pad_id)
+    assert got["tokens"] == n and got["kl_to_reference"] == pytest.approx(want / n, rel=1e-4)
+    assert got["kl_to_reference"] > 1e-4

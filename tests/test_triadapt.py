@@ -1,0 +1,342 @@
+"""Tests for TriAdaptLoRA (adapters.py: TriAdaptLinear, growth_count, TriAdaptHooks) — SPEC §4, our formulation.
+
+Checked against explicit computations: a dense core assembled entry by entry, logits before/after growth, the
+budget arithmetic, train.py's uninterrupted run (for resume) and HF peft loading our export (an independent
+implementation of the exported LoRA). CPU only, tiny random Llamas.
+"""
+
+import copy
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import adapters as A
+import model as M
+import train as T
+from adapters import AdapterConfig
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TRAIN_DATA = str(M.REPO_DIR / "data" / "wordnet_train.jsonl")
+
+
+def tiny_llama(seed: int = 0):
+    """A tiny random Llama. initializer_range 0.1 (not 0.02) so logits are O(1) and differences are visible."""
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def idx():
+    return torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(123))
+
+
+@torch.no_grad()
+def logits(model, idx):
+    return model(idx).logits.float()
+
+
+def with_triadapt(base, **kw):
+    options = {"method": "triadapt", "r": 4, "tri_init_rank": 2, "targets": ALL_LINEARS, **kw}
+    cfg = AdapterConfig(**options)
+    model = copy.deepcopy(base)
+    A.apply_method(model, "triadapt", cfg)
+    return model, cfg
+
+
+@torch.no_grad()
+def randomize(model, std=0.1, seed=1):
+    """Give every adapter tensor (B, the core strips included) random values, so that growth has something to keep."""
+    g = torch.Generator().manual_seed(seed)
+    for p in A.adapter_named_parameters(model).values():
+        p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+# -----------------------------------------------------------------------------
+# the layer
+
+
+def test_initialization_is_identity_and_the_first_block_is_A_random_C_identity_B_zero(base, idx):
+    model, _ = with_triadapt(base)
+    assert torch.equal(logits(model, idx), logits(base, idx))
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.rank == 2 and layer.num_blocks == 1 and layer.scale == 16 / 4  # c = α / r_ref
+    assert torch.equal(layer.core(), torch.eye(2)) and torch.count_nonzero(layer.full_B()) == 0
+    assert 0.01 < layer.full_A().std() < 0.03
+
+
+def test_core_has_the_block_lower_upper_structure_of_spec(base):
+    model, _ = with_triadapt(base, tri_init_rank=3, tri_block=2, targets=["up_proj"])
+    layer = model.model.layers[0].mlp.up_proj
+    for _ in range(3):
+        layer.grow()
+    randomize(model)
+    offsets = [0, 3, 5, 7, 9]  # block boundaries: r_0 = 3, then k = 2 per growth
+    assert layer.rank == 9 and [R.shape for R in layer.tri_R] == [(3, 3), (2, 5), (2, 7), (2, 9)]
+    assert [K.shape for K in layer.tri_K] == [(3, 2), (5, 2), (7, 2)]
+
+    dense = torch.zeros(9, 9)  # the core assembled entry by entry from the strips
+    for n, R in enumerate(layer.tri_R):  # R_n: new block-row of L, diagonal block included
+        dense[offsets[n]:offsets[n + 1], :offsets[n + 1]] = R.detach()
+    for n, K in enumerate(layer.tri_K, start=1):  # K_n: new block-column of U above the diagonal
+        dense[:offsets[n], offsets[n]:offsets[n + 1]] = K.detach()
+    assert torch.equal(layer.core().detach(), dense)
+
+    L, U = layer.lower().detach(), layer.upper().detach()
+    assert torch.equal(L + U, dense)
+    for n in range(4):
+        rows = slice(offsets[n], offsets[n + 1])
+        assert torch.count_nonzero(L[rows, offsets[n + 1]:]) == 0  # L: nothing right of the diagonal block
+        assert torch.count_nonzero(U[rows, :offsets[n + 1]]) == 0  # U: nothing on or left of the diagonal block
+    # the strips tile C exactly once: the core has r² free entries, no more
+    assert sum(R.numel() for R in layer.tri_R) + sum(K.numel() for K in layer.tri_K) == 81
+
+    x = torch.randn(5, 64)  # forward == c · x (B C A)ᵀ with the dense matrices
+    dense_delta = layer.scale * layer.full_B().detach() @ dense @ layer.full_A().detach()
+    assert torch.allclose(layer.adapter_forward(x), x @ dense_delta.T, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [1, 3])
+def test_logits_are_unchanged_by_a_growth_event(base, idx, block):
+    """In float64, so that the only difference left is summation order inside the longer matmuls (in fp32 that is
+    ~1e-5 here, with large random adapter values; in float64 it is ~1e-14, while the adapter's own effect is ~1)."""
+    model, cfg = with_triadapt(base, tri_block=block, total_steps=20, tri_warmup=5, tri_interval=5, tri_final=15)
+    randomize(model)  # B ≠ 0, K and R off-diagonal ≠ 0: growth must preserve a non-trivial function
+    model.double()
+    hooks = A.training_hooks(model, cfg)
+    before = logits(model, idx)
+    assert (before - logits(base, idx)).abs().max() > 1e-1
+    new = hooks.after_optimizer_step(9)  # t = 10: an event at progress 0.5
+    assert len(new) > 0 and all(p.dtype == torch.float64 for p in new)
+    assert (logits(model, idx) - before).abs().max() <= 1e-12
+
+
+def test_every_new_tensor_gets_a_gradient_within_two_steps(base, idx):
+    model, cfg = with_triadapt(base, total_steps=10, tri_warmup=2, tri_interval=100, tri_final=8, orth_reg=0.0)
+    hooks = A.training_hooks(model, cfg)
+    optimizer = torch.optim.AdamW(list(A.adapter_named_parameters(model).values()), lr=1e-2)
+    model.train()
+    first_block = list(A.adapter_named_parameters(model).values())
+    got_grad, new = {id(p): False for p in first_block}, []
+    for step in range(4):
+        model(idx, labels=idx).loss.backward()
+        for p in first_block + new:
+            got_grad[id(p)] |= bool(p.grad is not None and p.grad.abs().max() > 0)
+        if step == 1:  # two steps after init: every first-block tensor (A_0, R_0 too, though B_0 = 0) has learned
+            assert all(got_grad[id(p)] for p in first_block)
+        optimizer.step()
+        grown = hooks.after_optimizer_step(step)  # the event is at t = 2 (step 1)
+        optimizer.zero_grad(set_to_none=True)
+        if grown:
+            optimizer.add_param_group({"params": grown})
+            new = grown
+            got_grad.update({id(p): False for p in grown})
+    assert len(new) == 4  # one module grew (progress 0 -> n = 1): a_n, b_n, R_n, K_n
+    assert all(got_grad[id(p)] for p in new)  # in the two steps after growth
+
+
+# -----------------------------------------------------------------------------
+# budget and thresholds
+
+
+@pytest.mark.parametrize("mode, remaining, progress, modules, block, top_k, expected", [
+    ("linear", 28, 0.5, 14, 1, 1, 14),
+    ("linear", 28, 0.25, 14, 1, 1, 7),
+    ("linear", 28, 0.0, 14, 1, 1, 1),  # clamped up to one module
+    ("exponential", 28, 0.5, 14, 1, 1, 5),  # ⌊28^0.5⌋
+    ("exponential", 28, 0.0, 14, 1, 1, 1),
+    ("exponential", 100, 1.0, 14, 1, 1, 14),  # clamped to the number of modules
+    ("fixed", 28, 0.9, 14, 1, 3, 3),
+    ("linear", 5, 1.0, 14, 2, 1, 2),  # ⌊R/k⌋ = 2: never overshoot the budget
+    ("fixed", 1, 0.5, 14, 2, 3, 0),  # R < k: no growth at all
+])
+def test_growth_count_follows_the_threshold_rule(mode, remaining, progress, modules, block, top_k, expected):
+    assert A.growth_count(mode, remaining, progress, modules, block, top_k) == expected
+
+
+@pytest.mark.parametrize("mode, t, expected", [
+    ("linear", 15, 3),  # p = 0.125: ⌊28 · 0.125⌋
+    ("linear", 30, 14),  # p = 0.5: ⌊14⌋
+    ("exponential", 15, 1),  # ⌊28^0.125⌋ = ⌊1.52⌋
+    ("exponential", 30, 5),  # ⌊28^0.5⌋ = ⌊5.29⌋
+    ("fixed", 15, 4),
+])
+def test_each_threshold_mode_grows_the_expected_modules_on_constructed_scores(base, mode, t, expected):
+    """14 modules, r_ref 4, initial rank 2: R = 28. Module i's core grows by 0.05·i after the reference point, so
+    s_i = ν_i − ν_i^prev increases with i; module 0 has the largest ν but no change, and must not be chosen."""
+    model, cfg = with_triadapt(base, total_steps=60, tri_warmup=10, tri_interval=5, tri_final=50,
+                               tri_threshold=mode, tri_top_k=4)
+    layers = list(A.adapter_layers(model).values())
+    with torch.no_grad():
+        layers[0].tri_R[0].mul_(5.0)  # large ν, but recorded as ν^prev below
+    hooks = A.training_hooks(model, cfg)
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            layer.tri_R[0].mul_(1 + 0.05 * i)
+    hooks.after_optimizer_step(t - 1)
+    ranks = [layer.rank for layer in layers]
+    grown = [i for i, r in enumerate(ranks) if r == 3]
+    assert len(grown) == expected
+    assert grown == list(range(14 - expected, 14))  # the modules with the highest s_ℓ
+    assert sum(ranks) == 28 + expected
+    # ν^prev is now recorded after growth: with no further change, scores are 0 for modules that did not grow
+    nu = {n: A.normalized_frobenius_norm(m) for n, m in hooks.layers.items()}
+    assert nu == hooks.nu_prev
+
+
+@pytest.mark.parametrize("mode", A.THRESHOLD_MODES)
+@pytest.mark.parametrize("init_rank, block", [(2, 1), (2, 3), (1, 2)])
+def test_total_rank_never_exceeds_the_budget(base, mode, init_rank, block):
+    model, cfg = with_triadapt(base, tri_init_rank=init_rank, tri_block=block, total_steps=40, tri_warmup=1,
+                               tri_interval=1, tri_final=30, tri_threshold=mode, tri_top_k=5)
+    hooks = A.training_hooks(model, cfg)
+    g = torch.Generator().manual_seed(0)
+    budget = 4 * 14
+    for step in range(40):
+        with torch.no_grad():  # perturb the cores so that scores differ from event to event
+            for layer in hooks.layers.values():
+                layer.tri_R[0].add_(0.1 * torch.randn(layer.tri_R[0].shape, generator=g))
+        hooks.after_optimizer_step(step)
+        assert hooks.total_rank() <= budget
+        assert hooks.log_items()["total_rank"] == hooks.total_rank() == sum(A.adapter_ranks(model).values())
+    assert budget - hooks.total_rank() < block  # and it is used up (all modes get there in 30 events here)
+
+
+# -----------------------------------------------------------------------------
+# export, save/load, resume
+
+
+def grown_model(base, idx):
+    """Every module grown 0, 1 or 2 times (ranks 2, 3, 4) with random values: rank_pattern is needed."""
+    model, cfg = with_triadapt(base, total_steps=30)
+    for i, layer in enumerate(A.adapter_layers(model).values()):
+        for _ in range(i % 3):
+            layer.grow()
+    randomize(model)
+    assert (logits(model, idx) - logits(base, idx)).abs().max() > 1e-2
+    return model, cfg
+
+
+def test_exported_triadapt_loads_in_peft_and_gives_our_logits(base, idx, tmp_path):
+    model, cfg = grown_model(base, idx)
+    A.export_peft(model, cfg, str(tmp_path), base_model_name_or_path="tiny-random-llama")
+    peft_cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    ranks = A.adapter_ranks(model)
+    assert {**{n: peft_cfg["r"] for n in ranks}, **peft_cfg["rank_pattern"]} == ranks
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    assert not [w for w in caught if "missing adapter keys" in str(w.message)]
+    for name, layer in A.adapter_layers(model).items():
+        assert loaded.base_model.model.get_submodule(name).scaling["default"] == pytest.approx(16 / 4)  # α / r_ref
+    assert (logits(loaded, idx) - logits(model, idx)).abs().max() <= 1e-5
+
+
+def test_save_then_load_rebuilds_the_grown_blocks(base, idx, tmp_path):
+    model, cfg = grown_model(base, idx)
+    A.save_adapter(model, cfg, str(tmp_path))
+    fresh = copy.deepcopy(base)
+    assert A.load_adapter(fresh, str(tmp_path)) == cfg
+    blocks = {n: m.num_blocks for n, m in A.adapter_layers(model).items()}
+    assert {n: m.num_blocks for n, m in A.adapter_layers(fresh).items()} == blocks
+    assert torch.equal(logits(fresh, idx), logits(model, idx))
+    # load_adapter_weights into freshly built (un-grown) adapters grows them from adapter_config.json first
+    ungrown, _ = with_triadapt(base, total_steps=30)
+    A.load_adapter_weights(ungrown, str(tmp_path))
+    assert {n: m.num_blocks for n, m in A.adapter_layers(ungrown).items()} == blocks
+    assert torch.equal(logits(ungrown, idx), logits(model, idx))
+
+
+def test_restore_replays_growth_in_order_and_refuses_a_changed_schedule(base, idx):
+    model, cfg = with_triadapt(base, total_steps=30, tri_warmup=3, tri_interval=3, tri_final=20)
+    hooks = A.training_hooks(model, cfg)
+    joined = [(hooks.after_optimizer_step(step), step + 1) for step in (2, 5)]  # events at t = 3 and t = 6
+    state = hooks.state_dict()
+    fresh, _ = with_triadapt(base, total_steps=30, tri_warmup=3, tri_interval=3, tri_final=20)
+    groups = A.training_hooks(fresh, cfg).restore_structure(state)
+    assert [(len(p), s) for p, s in groups] == [(len(p), s) for p, s in joined]
+    assert [[tuple(t.shape) for t in p] for p, _ in groups] == [[tuple(t.shape) for t in p] for p, _ in joined]
+    assert {n: m.rank for n, m in A.adapter_layers(fresh).items()} == A.adapter_ranks(model)
+    other, other_cfg = with_triadapt(base, total_steps=40, tri_warmup=3, tri_interval=3, tri_final=20)
+    with pytest.raises(ValueError, match="resume with --steps 30"):
+        A.training_hooks(other, other_cfg).restore_structure(state)
+
+
+@pytest.mark.parametrize("options, named", [
+    (dict(tri_init_rank=6), "--tri-init-rank 6 must be in [1, --rank 4]"),
+    (dict(tri_threshold="quadratic"), "--tri-threshold"),
+    (dict(tri_warmup=50, tri_final=40), "--tri-final 40 must come after --tri-warmup 50"),
+    (dict(tri_final=120), "--tri-final 120 is after the last step (--steps 100)"),
+    (dict(tri_block=0), "--tri-block"),
+    (dict(tri_interval=0), "--tri-interval"),
+])
+def test_bad_triadapt_options_are_one_line_errors_naming_the_flag(options, named):
+    with pytest.raises(ValueError) as e:
+        AdapterConfig(method="triadapt", r=4, total_steps=100, **options)
+    assert named in str(e.value) and "\n" not in str(e.value)
+
+
+def test_defaults_fit_the_100_step_demo():
+    cfg = AdapterConfig(method="triadapt", r=8, targets=ALL_LINEARS, total_steps=100)
+    assert A.triadapt_events(cfg) == (10, 10, 70) and A.triadapt_init_rank(cfg) == 4
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_dir):
+    """A tiny random Llama (2 layers, d=64) that uses SmolLM2's real tokenizer (as in tests/test_train.py)."""
+    cfg = M.LlamaConfig(**dict(M.PRESETS["tiny"], vocab_size=49152, tie_word_embeddings=True, bos_token_id=1,
+                               eos_token_id=2))
+    torch.manual_seed(0)
+    net = M.Llama(cfg)
+    out = tmp_path_factory.mktemp("tiny")
+    M.save_pretrained(net.state_dict(), cfg, out, tokenizer_dir=smollm2_dir)
+    return out
+
+
+def tiny_cfg(tiny_dir, out, **kw):
+    base = dict(model=str(tiny_dir), data=TRAIN_DATA, val_data="", out=str(out), steps=6, batch_size=4,
+                log_every=1, eval_every=0, save_every=3, keep_checkpoints=5, lr=5e-3, rank=4, dropout=0.1,
+                targets="q_proj,v_proj,down_proj", method="triadapt",
+                method_options=dict(tri_init_rank=2, tri_warmup=2, tri_interval=2, tri_final=5))
+    base.update(kw)
+    cfg = T.TrainConfig(**base)
+    T.validate(cfg)
+    return cfg
+
+
+def test_resume_across_a_growth_event_equals_the_uninterrupted_run(tiny_dir, tmp_path):
+    """6 steps in one go == 3 steps, checkpoint, resume, 3 more. Growth at t = 2 (before the checkpoint: the
+    resumed run must rebuild it and its optimizer group) and at t = 4 (after it)."""
+    T.train(tiny_cfg(tiny_dir, tmp_path / "a"))
+    ckpt = tmp_path / "a" / "checkpoints" / "step-000003"
+    events = torch.load(ckpt / "trainer_state.pt", weights_only=True)["method"]["events"]
+    assert [e["step"] for e in events] == [1]  # grown at t = 2, before the checkpoint
+
+    b_out = tmp_path / "b"
+    (b_out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt, b_out / "checkpoints" / "step-000003")
+    (b_out / "checkpoints" / "latest").write_text("step-000003")
+    T.train(tiny_cfg(tiny_dir, b_out, resume=True))
+    wa, wb = load_file(str(tmp_path / "a" / A.ADAPTER_WEIGHTS_NAME)), load_file(str(b_out / A.ADAPTER_WEIGHTS_NAME))
+    assert wa.keys() == wb.keys()
+    assert any(k.endswith("tri_A.2") for k in wa)  # a module grew twice: at t = 2 and t = 4
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    rows = [json.loads(line) for line in open(b_out / "metrics.jsonl")]
+    # 6 modules at rank 2 (budget 24): t = 2 grows one module (p = 0 -> n = 1), t = 4 all six (⌊11 · 2/3⌋ = 7 -> 6)
+    assert (rows[-1]["total_rank"], rows[-1]["budget"]) == (12 + 1 + 6, 24)
+    assert "ranks" in rows[0]  # the t = 4 event, logged with per-module ranks
