@@ -461,6 +461,27 @@ class AdapterConfig:
     tri_top_k: int = field(default=1, metadata={"help": "TriAdaptLoRA: modules grown per event with "
                                                         "--tri-threshold fixed"})
     tri_init_std: float = field(default=SVD_INIT_STD, metadata={"help": "TriAdaptLoRA: std σ of new rows of A"})
+    # --- CTR-LoRA (SPEC §5; its budget uses --init-rank, --target-rank, --t-init, --t-final, --delta-t,
+    #     --budget-schedule and --orth-reg above) ----------------------------------------------------------------------
+    ctr_metric: str = field(default="kfac-diag", metadata={"help": "CTR-LoRA: curvature proxy of the trust region "
+                                                                   "and utilities: kfac-diag (scales to 13B), "
+                                                                   "kfac-full (small models) or hessian (Hutchinson)"})
+    ctr_schedule: bool = field(default=True, metadata={"help": "CTR-LoRA: marginal-utility rank scheduling (off: "
+                                                               "every triplet stays active — an ablation)"})
+    ctr_trust_region: bool = field(default=True, metadata={"help": "CTR-LoRA: scale steps whose predicted KL "
+                                                                   "exceeds the radius (off: an ablation)"})
+    ctr_rho: float = field(default=0.01, metadata={"help": "CTR-LoRA: trust radius ρ, the largest K-FAC-predicted "
+                                                           "KL (nats per token) one step may cause (the prediction "
+                                                           "runs low: notes/ctr_lora.md)"})
+    ctr_rho_warmup: int = field(default=-1, metadata={"help": "CTR-LoRA: steps over which ρ grows from ρ/10 to ρ "
+                                                              "(-1 = 10%% of --steps, 0 = none)"})
+    ctr_beta: float = field(default=0.95, metadata={"help": "CTR-LoRA: EMA factor of the curvature statistics and "
+                                                            "of ∂L/∂λ"})
+    ctr_refresh: int = field(default=1, metadata={"help": "CTR-LoRA: fold new curvature statistics every N steps"})
+    ctr_probes: int = field(default=1, metadata={"help": "CTR-LoRA: Hutchinson probes per refresh with "
+                                                         "--ctr-metric hessian"})
+    ctr_hysteresis: float = field(default=0.1, metadata={"help": "CTR-LoRA: a masked triplet replaces an active one "
+                                                                 "only if its utility is higher by this factor + 1"})
 
     def __post_init__(self):
         if isinstance(self.targets, str):  # "q_proj,v_proj" from a command line (JSON must give a list)
@@ -486,6 +507,8 @@ class AdapterConfig:
             _validate_adalora(self)
         if self.method == "triadapt":
             _validate_triadapt(self)
+        if self.method == "ctr":
+            _validate_ctr(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -655,6 +678,7 @@ METHODS: dict[str, Callable[[nn.Linear, AdapterConfig, int | None], AdaptedLinea
     "lora": _build_lora,
     "adalora": _build_adalora,
     "triadapt": _build_triadapt,
+    "ctr": _build_adalora,          # CTR-LoRA uses AdaLoRA's SVD-form layer (ranks change by masking)
 }
 
 
@@ -1251,8 +1275,302 @@ class TriAdaptHooks(MethodHooks):
         return groups
 
 
+# -----------------------------------------------------------------------------
+# 5f. CTR-LoRA: curvature proxies, marginal-utility rank scheduling, metric trust region
+#     (arXiv 2510.15962; SPEC §5 — the paper's method section was not available: the equations below are this
+#     project's formulation, built to satisfy the paper's stated ideas; notes/ctr_lora.md says which is which)
+
+CTR_METRICS = ("kfac-diag", "kfac-full", "hessian")
+
+
+def gauss_newton_curvature(S_r: torch.Tensor, Gamma_r: torch.Tensor, scale: float) -> torch.Tensor:
+    """H_i = c² · Γ̃_ii · S̃_ii (r₀,): the K-FAC Gauss-Newton curvature of the loss along λ_i (ours, SPEC §5).
+
+    One unit of λ_i moves ΔW by c·p_i q_iᵀ, whose metric norm is c²·(p_iᵀ Γ p_i)(q_iᵀ S q_i); with the projected
+    factors Γ̃ = Pᵀ Γ P and S̃ = Q S Qᵀ (r₀×r₀, from the adapter's own intermediates) those are their diagonals.
+    """
+    return scale ** 2 * torch.diagonal(Gamma_r) * torch.diagonal(S_r)
+
+
+def marginal_utility(lam: torch.Tensor, g: torch.Tensor, H: torch.Tensor, active: torch.Tensor,
+                     eps: float = 1e-12) -> torch.Tensor:
+    """Second-order marginal utility of each triplet (SPEC §5 — ours; the paper states "marginal utility from
+    lightweight second-order proxies"). From L(λ_i + δ) ≈ L + g_i δ + ½ H_i δ²  (exact for a quadratic loss):
+
+        active i:  u_i = | ½ H_i λ_i² − g_i λ_i |     loss increase if the triplet is removed (δ = −λ_i; OBD)
+        masked i:  u_i = g_i² / (2 H_i + ε)           loss decrease of a Newton step δ = −g_i / H_i switching it on
+    """
+    remove = (0.5 * H * lam ** 2 - g * lam).abs()
+    add = g ** 2 / (2 * H + eps)
+    return torch.where(active, remove, add)
+
+
+def select_with_hysteresis(scores: dict[str, torch.Tensor], budget: int, active: dict[str, torch.Tensor],
+                           eta: float) -> dict[str, torch.Tensor]:
+    """Global top-b(t) where a masked component displaces an active one only if its score is higher by a factor
+    1 + η (ours): active scores are multiplied by 1 + η before the top-b selection. Keeps exactly `budget`."""
+    boosted = {n: s * torch.where(active[n], 1.0 + eta, 1.0) for n, s in scores.items()}
+    return keep_top_budget(boosted, budget)
+
+
+def ctr_schedule(cfg: AdapterConfig, n_modules: int) -> BudgetSchedule:
+    """CTR-LoRA's budget: AdaLoRA's schedule machinery, in triplets (init rank → target rank per module)."""
+    initial_rank, target_rank = adalora_ranks(cfg)
+    return BudgetSchedule(initial_rank * n_modules, target_rank * n_modules, cfg.total_steps,
+                          _steps_or_fraction(cfg, "t_init", 0.1), _steps_or_fraction(cfg, "t_final", 0.3),
+                          cfg.delta_t, cfg.budget_schedule)
+
+
+def _validate_ctr(cfg: AdapterConfig) -> None:
+    if cfg.ctr_metric not in CTR_METRICS:
+        raise ValueError(f"--ctr-metric must be one of {', '.join(CTR_METRICS)}, got {cfg.ctr_metric!r}")
+    if cfg.ctr_rho <= 0:
+        raise ValueError(f"--ctr-rho must be > 0 (a predicted KL per step), got {cfg.ctr_rho}")
+    if not 0.0 <= cfg.ctr_beta < 1.0:
+        raise ValueError(f"--ctr-beta must be in [0, 1), got {cfg.ctr_beta}")
+    if cfg.ctr_refresh < 1 or cfg.ctr_probes < 1:
+        raise ValueError("--ctr-refresh and --ctr-probes must be >= 1")
+    if cfg.ctr_hysteresis < 0:
+        raise ValueError(f"--ctr-hysteresis must be >= 0, got {cfg.ctr_hysteresis}")
+    adalora_ranks(cfg)
+    if cfg.ctr_schedule and cfg.total_steps > 0:
+        ctr_schedule(cfg, n_modules=1)
+
+
+class CTRLoRAHooks(MethodHooks):
+    """CTR-LoRA around the optimizer step (SPEC §5; each part switchable for ablations):
+
+        before_micro_batch      tell the K-FAC collector which tokens carry a loss and the step's token count
+        regularizer()           γ · R(P, Q)                                        (as AdaLoRA)
+        before_optimizer_step   fold this step's statistics into the EMA curvature (β), keep the EMA of ∂L/∂λ,
+                                snapshot (P, λ, Q)                                   [curvature proxy]
+        after_optimizer_step    δθ = AdamW's proposed step; κ = ½ Σ_ℓ tr(Γ_ℓ δW_ℓ S_ℓ δW_ℓᵀ); if κ > ρ(t) scale
+                                the whole step by √(ρ/κ)                            [trust region, --ctr-trust-region]
+                                at allocation steps keep the global top-b(t) triplets by marginal utility per
+                                parameter, with hysteresis; masked λ ← 0            [rank scheduler, --ctr-schedule]
+
+    Curvature state per module in the default (kfac-diag) mode: s (d_in), γ (d_out), S̃ and Γ̃ (r₀×r₀), EMA of
+    ∂L/∂λ (r₀): O(r₀² + d_in + d_out) — no d×d matrix at any scale. kfac-full adds S (d_in²) and Γ (d_out²) (small
+    models only); hessian replaces the metric by a Hutchinson estimate of the Hessian diagonal of (P, λ, Q).
+    """
+
+    def __init__(self, model: nn.Module, cfg: AdapterConfig):
+        super().__init__(model, cfg)
+        import curvature as C   # the second-order toolbox (curvature.py)
+        self.C = C
+        self.layers = {n: m for n, m in adapter_layers(model).items() if isinstance(m, SVDLinear)}
+        if not self.layers:
+            raise ValueError("CTR-LoRA hooks need SVD-form adapters: call apply_method(model, 'ctr', cfg) first")
+        self.schedule = ctr_schedule(cfg, len(self.layers)) if cfg.ctr_schedule else None
+        if self.schedule is not None:
+            self.allocator = MaskAllocator(self.layers, self.schedule, select=self._select)
+        self.budget = sum(m.active_rank for m in self.layers.values())
+        self.collector = None                        # the hessian metric needs no K-FAC statistics
+        if cfg.ctr_metric != "hessian":
+            stats = ["diag", "projected"] + (["full"] if cfg.ctr_metric == "kfac-full" else [])
+            # u = Pᵀ ĝ and h = Q x: the projection of the SVD form without diag(λ) (so H_i exists when λ_i = 0)
+            self.collector = C.KFACCollector(self.layers, stats, projection=lambda m: (m.lora_Q, m.lora_P))
+            self.collector.__enter__()               # hooks stay for the run; close() removes them
+        self.curvature: dict[str, dict[str, torch.Tensor]] = {}   # EMA statistics per module
+        self.grad_lambda: dict[str, torch.Tensor] = {}            # EMA of ∂L/∂λ per module
+        self.hessian_diag: dict[str, list[torch.Tensor]] = {}     # --ctr-metric hessian: diag H of (P, λ, Q)
+        self._batch = None                                        # last micro-batch (Hutchinson needs a loss)
+        self._snapshot: dict[str, tuple[torch.Tensor, ...]] | None = None
+        self.kappa = 0.0                          # predicted KL of the last proposed step (before scaling)
+        self.steps_seen = self.steps_clipped = 0  # since the last log line
+        self._unlogged_ranks: dict[str, int] | None = None
+        self.t = 0                                # completed optimizer steps
+
+    # --- the radius: a linear warm-up from ρ/10 to ρ over --ctr-rho-warmup steps (ours) -------------------------
+    def rho(self, t: int) -> float:
+        warm = _steps_or_fraction(self.cfg, "ctr_rho_warmup", 0.1)
+        return self.cfg.ctr_rho * (1.0 if warm == 0 else min(1.0, 0.1 + 0.9 * t / warm))
+
+    def close(self):
+        if self.collector is not None:
+            self.collector.__exit__(None, None, None)
+
+    # --- hooks called by train.py ---------------------------------------------------------------------------------
+    def before_micro_batch(self, input_ids: torch.Tensor, labels: torch.Tensor, n_label_tokens: int) -> None:
+        # the loop's loss is Σ CE / n_label_tokens of the whole step: per-token ĝ = n_label_tokens · ∂L/∂y
+        if self.collector is not None:
+            self.collector.set_batch(labels != -100, reduction="mean", n_loss_tokens=n_label_tokens)
+        self._batch = (input_ids, labels)
+
+    def regularizer(self) -> torch.Tensor | None:
+        if self.cfg.orth_reg == 0:
+            return None
+        return self.cfg.orth_reg * orthogonality_penalty([(m.lora_P, m.lora_Q) for m in self.layers.values()])
+
+    def _params(self, layer: SVDLinear) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter]:
+        return layer.lora_P, layer.lora_lambda, layer.lora_Q
+
+    @torch.no_grad()
+    def _fold_statistics(self) -> None:
+        """EMA(β) of this step's K-FAC statistics (the first ones are taken as they are)."""
+        beta = self.cfg.ctr_beta
+        for name, f in self.collector.factors().items():
+            new = {k: v for k, v in f.tensors().items()}
+            old = self.curvature.get(name)
+            self.curvature[name] = new if old is None else {k: beta * old[k] + (1 - beta) * v for k, v in new.items()}
+        self.collector.reset()
+
+    def _refresh_hessian(self) -> None:
+        """Hutchinson estimate of diag H for every (P, λ, Q) on the last micro-batch (double backward, math path)."""
+        ids, labels = self._batch
+        params = [p for layer in self.layers.values() for p in self._params(layer)]
+        with torch.enable_grad():
+            diag = self.C.hutchinson_diagonal(lambda: self.model(ids, labels=labels), params,
+                                              n_samples=self.cfg.ctr_probes, model=self.model)
+        beta = self.cfg.ctr_beta
+        for i, name in enumerate(self.layers):
+            new = [d.clamp(min=0) for d in diag[3 * i:3 * i + 3]]     # a metric must be PSD: negative parts dropped
+            old = self.hessian_diag.get(name)
+            self.hessian_diag[name] = new if old is None else [beta * o + (1 - beta) * n for o, n in zip(old, new)]
+
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        refresh = step % self.cfg.ctr_refresh == 0 or not (self.curvature or self.hessian_diag)
+        if self.collector is not None:
+            self._fold_statistics() if refresh else self.collector.reset()
+        elif refresh and self._batch is not None:
+            self._refresh_hessian()
+        with torch.no_grad():
+            beta = self.cfg.ctr_beta
+            for name, layer in self.layers.items():
+                g = layer.lora_lambda.grad
+                if g is None:
+                    continue
+                old = self.grad_lambda.get(name)
+                self.grad_lambda[name] = g.detach().float().clone() if old is None else beta * old + (1 - beta) * g
+            self._snapshot = {n: tuple(p.detach().clone() for p in self._params(l)) for n, l in self.layers.items()}
+
+    @torch.no_grad()
+    def step_metric(self, name: str, old: tuple, delta: tuple) -> torch.Tensor:
+        """tr(Γ δW S δWᵀ) of one module's step (or Σ_p h_p δp² with the Hessian metric), without forming δW.
+
+        δW is the *exact* change c (B′A′ − BA) of the SVD form, written as c (δB·A′ + B·δA) with B = P diag(λ),
+        B′ = P′ diag(λ′), δB = B′ − B, A′ = Q′, δA = Q′ − Q: the same three r×r trace terms as the first-order form
+        of SPEC §5 (curvature.low_rank_metric_norm_sq), with A′ in place of A. Ours, deliberately not first order:
+        at init λ = 0, so to first order only P diag(δλ) Q moves, while AdamW moves every entry of P and Q by ~lr —
+        the terms δP diag(δλ) Q, ... that first order drops are then the whole step (tests/test_ctr.py's stability
+        test fails with the first-order κ).
+        """
+        layer = self.layers[name]
+        if self.cfg.ctr_metric == "hessian":
+            return sum((h * d.float() ** 2).sum() for h, d in zip(self.hessian_diag[name], delta))
+        P, lam, Q = old
+        dP, dlam, dQ = delta
+        B = P * lam                                                  # (d_out, r₀)   P diag(λ)
+        dB = (P + dP) * (lam + dlam) - B                            # (d_out, r₀)   B′ − B
+        f = self.curvature[name]
+        S, Gamma = (f["S"], f["Gamma"]) if self.cfg.ctr_metric == "kfac-full" else (f["s"], f["gamma"])
+        return self.C.low_rank_metric_norm_sq(B, Q + dQ, dB, dQ, S, Gamma, layer.scale)
+
+    def predicted_kl_of(self, deltas: dict, shrink: float = 1.0) -> float:
+        """κ = ½ Σ_ℓ tr(Γ_ℓ δW_ℓ S_ℓ δW_ℓᵀ) of the step shrink · δθ."""
+        return 0.5 * float(sum(self.step_metric(n, self._snapshot[n], tuple(shrink * x for x in d))
+                               for n, d in deltas.items()))
+
+    @torch.no_grad()
+    def trust_region(self, t: int) -> None:
+        """Shrink AdamW's proposed step δθ to a·δθ, a ∈ (0, 1], so that its predicted KL κ(a) ≤ ρ(t) (SPEC §5 — ours).
+
+        κ(a) is quadratic in a to leading order, so a = √(ρ/κ) is the first guess; the exact δW has higher-order
+        terms, so the guess is refined (a ← a·√(ρ/κ(a))) until κ(a) ≤ ρ — a few r×r evaluations per module.
+        """
+        for layer in self.layers.values():
+            layer.apply_mask()                                       # masked λ are reset anyway: not part of δ
+        deltas = {n: tuple(p - o for p, o in zip(self._params(l), self._snapshot[n])) for n, l in self.layers.items()}
+        self.kappa = self.predicted_kl_of(deltas)
+        rho = self.rho(t)
+        self.steps_seen += 1
+        if self.kappa <= rho:
+            return
+        self.steps_clipped += 1
+        shrink, kappa = 1.0, self.kappa
+        for _ in range(30):
+            shrink *= math.sqrt(rho / kappa) * (1 - 1e-6)
+            kappa = self.predicted_kl_of(deltas, shrink)
+            if kappa <= rho:
+                break
+        for name, layer in self.layers.items():
+            for p, o, d in zip(self._params(layer), self._snapshot[name], deltas[name]):
+                p.copy_(o + shrink * d)
+
+    @torch.no_grad()
+    def utility_scores(self) -> dict[str, torch.Tensor]:
+        """Marginal utility per parameter of every triplet: u_i / (d_in + d_out + 1)."""
+        out = {}
+        for name, layer in self.layers.items():
+            g = self.grad_lambda.get(name, torch.zeros_like(layer.lora_lambda))
+            if self.cfg.ctr_metric == "hessian":
+                H = self.hessian_diag[name][1]                         # curvature along λ_i, measured
+            else:
+                f = self.curvature[name]
+                H = gauss_newton_curvature(f["S_r"], f["Gamma_r"], layer.scale)
+            u = marginal_utility(layer.lora_lambda.float(), g, H, layer.lora_mask.bool())
+            out[name] = u / (layer.in_features + layer.out_features + 1)
+        return out
+
+    def _select(self, scores: dict[str, torch.Tensor], budget: int) -> dict[str, torch.Tensor]:
+        active = {n: m.lora_mask.bool() for n, m in self.layers.items()}
+        return select_with_hysteresis(scores, budget, active, self.cfg.ctr_hysteresis)
+
+    def after_optimizer_step(self, step: int) -> list[nn.Parameter]:
+        t = self.t = step + 1
+        if self.cfg.ctr_trust_region and self._snapshot is not None:
+            self.trust_region(t)
+        if self.schedule is not None:
+            self.budget = self.schedule(t)[0]
+            if self.allocator.step(t, self.utility_scores):
+                ranks = {name: m.active_rank for name, m in self.layers.items()}
+                self._unlogged_ranks = ranks
+                print(f"ctr step {t}/{self.schedule.total_steps}: kept {sum(ranks.values())} of "
+                      f"{self.schedule.initial} triplets (budget {self.budget}); {_rank_summary(ranks)}",
+                      file=sys.stderr)
+        else:
+            for layer in self.layers.values():
+                layer.apply_mask()
+        self._snapshot = None
+        return []
+
+    def log_items(self) -> dict:
+        items = {"kappa": self.kappa, "rho": self.rho(self.t), "budget": self.budget,
+                 "total_rank": sum(m.active_rank for m in self.layers.values()),
+                 "clip_rate": self.steps_clipped / max(1, self.steps_seen)}
+        self.steps_clipped = self.steps_seen = 0
+        if self._unlogged_ranks is not None:
+            items["ranks"], self._unlogged_ranks = self._unlogged_ranks, None
+        return items
+
+    def state_dict(self) -> dict:
+        return {"curvature": self.curvature, "grad_lambda": self.grad_lambda, "hessian_diag": self.hessian_diag,
+                "budget": self.budget, "total_steps": self.cfg.total_steps}
+
+    def restore_structure(self, state: dict) -> list[tuple[list[nn.Parameter], int]]:
+        if self.schedule is not None:
+            _check_same_total_steps("CTR-LoRA's budget schedule", state, self.cfg)
+        self.curvature = state.get("curvature", {})
+        self.grad_lambda = state.get("grad_lambda", {})
+        self.hessian_diag = state.get("hessian_diag", {})
+        self.budget = state.get("budget", self.budget)
+        return []
+
+
+def curvature_state_bytes(d_in: int, d_out: int, r: int, metric: str = "kfac-diag", bytes_per: int = 4) -> int:
+    """Bytes of CTR-LoRA's curvature state for one module (EMA statistics + EMA of ∂L/∂λ), from shapes."""
+    if metric == "hessian":
+        n = d_out * r + r + r * d_in + r                   # diag H of (P, λ, Q), EMA ∂L/∂λ
+    else:
+        n = d_in + d_out + 2 * r * r + r                   # s, γ, S̃, Γ̃, EMA ∂L/∂λ
+        if metric == "kfac-full":
+            n += d_in * d_in + d_out * d_out               # S, Γ
+    return n * bytes_per
+
+
 # method name -> hooks class; a method without an entry uses the no-op MethodHooks
-METHOD_HOOKS: dict[str, type[MethodHooks]] = {"lora": MethodHooks, "adalora": AdaLoRAHooks, "triadapt": TriAdaptHooks}
+METHOD_HOOKS: dict[str, type[MethodHooks]] = {"lora": MethodHooks, "adalora": AdaLoRAHooks, "triadapt": TriAdaptHooks,
+                                              "ctr": CTRLoRAHooks}
 
 
 def training_hooks(model: nn.Module, cfg: AdapterConfig) -> MethodHooks:

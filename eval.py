@@ -176,6 +176,33 @@ def plot_loss_curves(runs: dict[str, str | Path], out_png: str | Path) -> Path:
     return out_png
 
 
+def plot_trust_region(metrics_path: str | Path, out_png: str | Path) -> Path:
+    """CTR-LoRA's trust region over a run: predicted KL κ of each logged step, the radius ρ, and the clip rate."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in read_metrics(metrics_path) if "kappa" in r]
+    if not rows:
+        raise ValueError(f"{metrics_path}: no 'kappa' entries (only --method ctr logs them)")
+    steps = [r["step"] for r in rows]
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(6.5, 5), sharex=True, height_ratios=[2, 1])
+    ax.semilogy(steps, [max(r["kappa"], 1e-12) for r in rows], label="κ (predicted KL of the proposed step)")
+    ax.semilogy(steps, [r["rho"] for r in rows], "--", label="ρ (trust radius)")
+    ax.set_ylabel("nats per token (K-FAC)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax2.plot(steps, [r["clip_rate"] for r in rows], color="tab:red")
+    ax2.set_ylabel("clip rate")
+    ax2.set_xlabel("optimizer step")
+    ax2.set_ylim(-0.05, 1.05)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
 MODULE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -257,6 +284,8 @@ def main(argv=None):
     ap.add_argument("--plot-metrics", nargs="*", default=[],
                     help="metrics.jsonl files (or run folders) to draw as loss curves into --plot-out")
     ap.add_argument("--plot-out", default="loss_curves.png", help="PNG file for --plot-metrics")
+    ap.add_argument("--trust-region-plot", default=None,
+                    help="draw κ, ρ and the clip rate of a CTR-LoRA run (--adapter folder) into this PNG file")
     ap.add_argument("--reference", default=None,
                     help="a run folder (adapter or full model) whose predictions are the target: reports the mean "
                          "KL(reference ‖ model) per target token (prediction alignment)")
@@ -265,6 +294,10 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args(argv)
 
+    if args.trust_region_plot:
+        if not args.adapter:
+            ap.error("--trust-region-plot needs --adapter (a CTR-LoRA run folder)")
+        print(f"wrote {plot_trust_region(Path(args.adapter) / 'metrics.jsonl', args.trust_region_plot)}")
     if args.rank_heatmap:
         if not args.adapter:
             ap.error("--rank-heatmap needs --adapter")
@@ -277,7 +310,7 @@ def main(argv=None):
             runs[f.parent.name] = f
         print(f"wrote {plot_loss_curves(runs, args.plot_out)}")
     if not args.data:
-        if not args.plot_metrics and not args.rank_heatmap:
+        if not (args.plot_metrics or args.rank_heatmap or args.trust_region_plot):
             ap.error("nothing to do: give --data files (and --adapter), --plot-metrics or --rank-heatmap")
         return
     device = torch.device(args.device)

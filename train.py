@@ -197,8 +197,8 @@ def set_rng_state(state: dict):
 
 def save_weights(net, cfg: TrainConfig, folder: Path):
     """The trained weights: the adapter for adapter methods, the whole model for --method full."""
-    if cfg.method == "full":
-        M.save_pretrained(net.state_dict(), net.config, folder)
+    if cfg.method == "full":                          # a complete checkpoint folder, tokenizer included
+        M.save_pretrained(net.state_dict(), net.config, folder, tokenizer_dir=M.resolve_checkpoint(cfg.model))
     else:
         A.save_adapter(net, cfg.adapter_config(), str(folder))
 
@@ -447,6 +447,8 @@ def train(cfg: TrainConfig) -> dict:
     E.plot_loss_curves({cfg.method: out / "metrics.jsonl"}, out / "loss.png")
     if cfg.method != "full":
         E.plot_rank_heatmap(A.adapter_ranks(net), out / "ranks.png", f"{cfg.method} ranks")   # ranks in use
+    if cfg.method == "ctr":
+        E.plot_trust_region(out / "metrics.jsonl", out / "trust_region.png")
     wall = time.perf_counter() - t_start
     print(f"done: {step} steps in {wall:.0f}s; wrote {out}/ (weights, peft/, metrics.jsonl, loss.png, ranks.png)",
           file=sys.stderr)

@@ -1,0 +1,711 @@
+"""
+Second-order proxies for curvature-aware LoRA: K-FAC factors, Fisher statistics, Hessian-vector products,
+Hutchinson estimators, power iteration, metric norms of low-rank steps and the curvature-whitened gradient SVD.
+
+Notation is SPEC.md §2. A target linear `y = W0 x`, W0 ∈ R^{d_out×d_in}; the N label-carrying tokens of a batch give
+rows x_t ∈ R^{d_in} and per-token output gradients ĝ_t = ∂ℓ_t/∂y_t ∈ R^{d_out} (batch loss L = mean_t ℓ_t).
+
+    S = (1/N) Σ_t x_t x_tᵀ   (d_in×d_in)      Γ = (1/N) Σ_t ĝ_t ĝ_tᵀ   (d_out×d_out)      F ≈ S ⊗ Γ
+    s = diag(S), γ = diag(Γ)                   (the lightweight proxies that scale to 7B–13B)
+    A S Aᵀ = mean_t h_t h_tᵀ, h_t = A x_t      Bᵀ Γ B = mean_t u_t u_tᵀ, u_t = Bᵀ ĝ_t   (r×r, from the adapter)
+    ‖δW‖²_F = vec(δW)ᵀ (S ⊗ Γ) vec(δW) = tr(Γ δW S δWᵀ),   predicted KL = ½ ‖δW‖²_F
+
+Standard ideas (written from the papers, no code copied): K-FAC (Martens & Grosse 2015, "Optimizing Neural Networks
+with Kronecker-factored Approximate Curvature") — hooks collect S and Γ, running averages, damped inverses by eigh, as
+in kfac-pytorch; Hessian-vector products by double backward (Pearlmutter 1994); Hutchinson's estimator (Hutchinson
+1989) of the trace and (Bekas et al. 2007) of the diagonal; power iteration for the top eigenvalue, as PyHessian
+(Yao et al. 2020) does; randomized SVD (Halko, Martinsson & Tropp 2011) and single-pass sketches (Tropp, Yurtsever,
+Udell & Cevher 2017). This project's choices are marked "(ours)" in the docstrings.
+
+Contents, top to bottom:
+  1. Conventions in one place: which rows are tokens (masking), the per-token gradient scale, fp32 statistics
+  2. K-FAC statistics: KFACFactors, KFACCollector (hooks), collect_fisher (empirical or sampled-label Fisher)
+  3. Factor algebra: ema_update, damping_value, damp, damped_power (inverse, inverse square root by eigh in fp32)
+  4. Metric norms: metric_norm_sq (dense reference), low_rank_metric_norm_sq (r×r traces), predicted_kl
+  5. Hessian products: math_attention, hessian_operator, hvp, hutchinson_trace, hutchinson_diagonal,
+     power_iteration, hessian_top_eigenvalue
+  6. Whitened gradient SVD for CG-LoRA (SPEC §6): whitened_svd_init (dense), randomized_svd (callables),
+     sketch_svd + WhitenedGradientSketch (single pass, O((d_in + d_out)·r) memory)
+
+Factors are passed around as tensors that are either full (2-D, (d, d)) or diagonal (1-D, (d,)); every function here
+accepts both, so "diagonal first, full for teaching" is one code path.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, fields, replace
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Tensors = Sequence[torch.Tensor]
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Conventions in one place
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def per_token_grad_scale(reduction: str, n_loss_tokens: int) -> float:
+    """The factor that turns the output gradient seen by backward into the per-token gradient ĝ_t = ∂ℓ_t/∂y_t.
+
+    THE scaling convention of this file (SPEC §2), used nowhere else: with a mean loss L = (1/N) Σ_t ℓ_t the backward
+    delivers ∂L/∂y_t = ĝ_t / N, so ĝ_t = N · ∂L/∂y_t and Γ = (1/N) Σ ĝ ĝᵀ is the covariance of per-token gradients,
+    independent of N. With gradient accumulation (loss of a micro-batch = its summed ℓ divided by the number of label
+    tokens of the whole optimizer step) pass that step-wide count as n_loss_tokens. With a summed loss the scale is 1.
+    """
+    if reduction == "mean":
+        if n_loss_tokens < 1:
+            raise ValueError(f"a mean loss over {n_loss_tokens} tokens has no gradient; the batch has no labels")
+        return float(n_loss_tokens)
+    if reduction == "sum":
+        return 1.0
+    raise ValueError(f"unknown loss reduction {reduction!r}; use 'mean' or 'sum'")
+
+
+def token_rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The rows of `t` (..., d) that are tokens of the loss, as an fp32 matrix (n, d).
+
+    mask: bool with the leading shape of `t` (e.g. (B, T) for t of shape (B, T, d)): rows where it is False — padding,
+    prompt tokens — are dropped. A 2-D `t` with exactly mask.sum() rows is taken as already selected: model.py's
+    Llama applies lm_head only to `h[labels != -100]`, so lm_head sees (N, C). mask None: every row is a token.
+    """
+    d = t.shape[-1]
+    if mask is None:
+        return t.detach().reshape(-1, d).float()
+    if t.shape[:-1] == mask.shape:
+        return t.detach()[mask].float()
+    if t.dim() == 2 and t.shape[0] == int(mask.sum()):
+        return t.detach().float()
+    raise ValueError(f"token mask of shape {tuple(mask.shape)} does not fit a layer tensor of shape {tuple(t.shape)}; "
+                     f"pass the (B, T) mask of the batch that was just run")
+
+
+@contextmanager
+def _fp32_statistics(device: torch.device):
+    """Statistics are accumulated in fp32 even inside an autocast region (bf16 sums of x xᵀ lose the small entries)."""
+    with torch.autocast(device_type=device.type, enabled=False):
+        yield
+
+
+def _lora_projection(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (r, d_in), B (d_out, r)) of an adapted layer, without the scale c (SPEC §5 keeps c² apart: H = c²·Γ̃·S̃)."""
+    A, B, _ = module.lora_factors()
+    return A, B
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. K-FAC statistics
+# ----------------------------------------------------------------------------------------------------------------
+
+STATS = ("full", "diag", "projected", "grad")
+
+
+@dataclass
+class KFACFactors:
+    """K-FAC statistics of one layer, each a mean over n_tokens label-carrying tokens (fields not collected: None).
+
+    S (d_in, d_in), Gamma (d_out, d_out)   full factors                 [stat "full"]
+    s (d_in,), gamma (d_out,)              their diagonals               [stat "diag"]
+    S_r (r, r), Gamma_r (r, r)             A S Aᵀ and Bᵀ Γ B             [stat "projected"]
+    G (d_out, d_in)                        (1/N) Σ ĝ_t x_tᵀ, the mean-loss gradient over kept tokens  [stat "grad"]
+    """
+    n_tokens: int = 0
+    S: torch.Tensor | None = None
+    Gamma: torch.Tensor | None = None
+    s: torch.Tensor | None = None
+    gamma: torch.Tensor | None = None
+    S_r: torch.Tensor | None = None
+    Gamma_r: torch.Tensor | None = None
+    G: torch.Tensor | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "n_tokens" and getattr(self, f.name) is not None}
+
+
+class KFACCollector:
+    """Collect K-FAC statistics (Martens & Grosse 2015, §3–4) of chosen linear layers with hooks.
+
+        with KFACCollector({"layers.0.q_proj": layer, ...}, stats=("diag", "projected")) as kfac:
+            kfac.set_batch(mask=labels != -100)          # (B, T) bool; loss = mean over mask.sum() tokens
+            loss = model(idx, labels=labels); loss.backward()
+        factors = kfac.factors()                          # {name: KFACFactors}, means over all collected tokens
+
+    How each micro-batch is counted exactly once (ours). The forward hook does not record anything: it computes the
+    input-side sums of its call (x xᵀ, x², h hᵀ with h = A x) and registers a tensor hook on that call's output y.
+    Everything — input sums, output sums, token count — is committed together when the backward delivers ∂L/∂y to
+    that hook. Activation checkpointing (torch.utils.checkpoint, non-reentrant, as model.py uses) re-runs the forward
+    inside backward, so forward hooks fire twice; but the recomputed outputs are only used to refill saved tensors,
+    no gradient ever reaches them, so their tensor hooks never fire (verified by the tests, which also check that
+    the forward hooks did fire twice). A forward without a backward (evaluation) adds nothing. Forward hooks that
+    run with grad disabled, or whose output needs no gradient, are ignored. Do not backward the same graph twice
+    (retain_graph=True) while collecting: each backward commits once.
+
+    Why tensor hooks on outputs rather than register_full_backward_hook: they need no input that requires grad,
+    fire once per use of the layer, and are indifferent to checkpointing.
+
+    Masking: `set_batch(mask)` gives the (B, T) mask of label-carrying positions; rows outside it never enter S, Γ or
+    the count (see token_rows). Note that in a transformer ĝ at a prompt position is not zero (later tokens attend to
+    it); the mask removes it anyway, following SPEC §2 (ĝ_t is defined for tokens with a loss ℓ_t).
+
+    Scaling: gradients are multiplied by per_token_grad_scale(reduction, n_loss_tokens) so that Γ is built from
+    per-token gradients ∂ℓ_t/∂y_t. Accumulation is in fp32, outside autocast. Only the weight part (no bias row).
+
+    stats: any of "full", "diag", "projected" (r×r factors from the layer's adapter factors; `projection(module) ->
+    (A, B)` overrides the default `module.lora_factors()`), "grad" (G; keeps this call's x rows until backward).
+    sketches: optional {name: WhitenedGradientSketch}, fed with the same (x, ĝ) rows (see section 6).
+    Sums (`sums[name][key]`, fp32 tensors) and token counts (`counts[name]`, ints) are kept apart from the means,
+    so under DDP all-reducing both before factors() gives exactly the statistics of the global batch.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], stats: Iterable[str] = ("diag",),
+                 projection: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 sketches: dict[str, "WhitenedGradientSketch"] | None = None):
+        self.stats = tuple(stats)
+        unknown = [s for s in self.stats if s not in STATS]
+        if unknown or not (self.stats or sketches):
+            raise ValueError(f"unknown or empty stats {list(self.stats)}; choose from {', '.join(STATS)}")
+        self.modules = dict(modules)
+        self.projection = projection or _lora_projection
+        if "projected" in self.stats and projection is None:
+            for name, module in self.modules.items():
+                if not hasattr(module, "lora_factors"):
+                    raise ValueError(f"{name} ({type(module).__name__}) has no lora_factors(); 'projected' statistics "
+                                     f"need adapted layers, or pass projection=callable(module) -> (A, B)")
+        self.sketches = dict(sketches or {})
+        self.sums: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.modules}
+        self.counts: dict[str, int] = {name: 0 for name in self.modules}
+        self._handles: list = []
+        self._mask: torch.Tensor | None = None
+        self._scale: float | None = None
+        self._batch_set = False
+
+    # --- what the training loop calls -----------------------------------------------------------------------------
+    def set_batch(self, mask: torch.Tensor | None, reduction: str = "mean", n_loss_tokens: int | None = None):
+        """Describe the batch about to run: its (B, T) bool mask of label tokens and how its loss was reduced.
+
+        n_loss_tokens: the N the loss is divided by (default: mask.sum(); without a mask, the rows each layer sees).
+        Applies to every following forward until called again.
+        """
+        if mask is not None and mask.dtype != torch.bool:
+            raise ValueError(f"the token mask must be bool (True = token has a label), got {mask.dtype}")
+        self._mask = mask
+        if reduction == "mean" and n_loss_tokens is None:
+            self._scale = None if mask is None else per_token_grad_scale("mean", int(mask.sum()))
+        else:
+            self._scale = per_token_grad_scale(reduction, n_loss_tokens or 0)
+        self._batch_set = True
+
+    def factors(self) -> dict[str, KFACFactors]:
+        """{name: KFACFactors} with every sum divided by that layer's token count."""
+        out = {}
+        for name, sums in self.sums.items():
+            n = self.counts[name]
+            if n == 0:
+                raise RuntimeError(f"no tokens were collected for {name}: run forward and backward inside the "
+                                   f"collector (with grad enabled and something upstream requiring grad)")
+            out[name] = KFACFactors(n_tokens=n, **{k: v / n for k, v in sums.items()})
+        return out
+
+    def reset(self):
+        self.sums = {name: {} for name in self.modules}
+        self.counts = {name: 0 for name in self.modules}
+
+    def __enter__(self):
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # --- the hooks ------------------------------------------------------------------------------------------------
+    def _forward_hook(self, name: str):
+        def hook(module, inputs, output):
+            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+                return                                      # no backward will come for this call
+            if not self._batch_set:
+                raise RuntimeError("KFACCollector: call set_batch(mask, ...) before the forward pass")
+            mask = self._mask                               # captured: the batch may change before this backward
+            with _fp32_statistics(output.device):
+                x = token_rows(inputs[0], mask)             # (n, d_in) fp32
+                scale = self._scale if self._scale is not None else per_token_grad_scale("mean", x.shape[0])
+                pending = {}
+                if "full" in self.stats:
+                    pending["S"] = x.T @ x                  # (d_in, d_in)  Σ x xᵀ
+                if "diag" in self.stats:
+                    pending["s"] = (x * x).sum(0)           # (d_in,)       Σ x²
+                B = None
+                if "projected" in self.stats:
+                    A, B = self.projection(module)
+                    h = x @ A.detach().float().T            # (n, r)        h = A x
+                    pending["S_r"] = h.T @ h                # (r, r)        Σ h hᵀ
+                    B = B.detach().float()
+            keep_x = x if ("grad" in self.stats or name in self.sketches) else None
+            n = x.shape[0]
+
+            def grad_hook(grad):                            # runs once, when backward reaches this call's output
+                with _fp32_statistics(grad.device):
+                    g = token_rows(grad, mask) * scale      # (n, d_out)  per-token ĝ_t = ∂ℓ_t/∂y_t
+                    if "full" in self.stats:
+                        pending["Gamma"] = g.T @ g          # (d_out, d_out)
+                    if "diag" in self.stats:
+                        pending["gamma"] = (g * g).sum(0)   # (d_out,)
+                    if B is not None:
+                        u = g @ B                           # (n, r)      u = Bᵀ ĝ
+                        pending["Gamma_r"] = u.T @ u
+                    if "grad" in self.stats:
+                        pending["G"] = g.T @ keep_x         # (d_out, d_in)  Σ ĝ xᵀ
+                    if name in self.sketches:
+                        self.sketches[name].update(keep_x, g)
+                    sums = self.sums[name]
+                    for key, value in pending.items():
+                        sums[key] = sums[key] + value if key in sums else value
+                    self.counts[name] += n
+
+            output.register_hook(grad_hook)
+        return hook
+
+
+@contextmanager
+def _requires_grad(tensors: Tensors):
+    """Temporarily set requires_grad on (frozen) tensors; restores the flags afterwards."""
+    before = [t.requires_grad for t in tensors]
+    try:
+        for t in tensors:
+            t.requires_grad_(True)
+        yield
+    finally:
+        for t, flag in zip(tensors, before):
+            t.requires_grad_(flag)
+
+
+def _logits_at_labels(model: nn.Module, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N, vocab) logits of the label-carrying positions only (the LM head is a large share of compute)."""
+    if hasattr(model, "hidden_states") and hasattr(model, "lm_head"):     # model.py's Llama
+        return model.lm_head(model.hidden_states(inputs)[mask])
+    return model(inputs)[mask]
+
+
+def collect_fisher(model: nn.Module, modules: dict[str, nn.Module],
+                   batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                   kind: str = "empirical", stats: Iterable[str] = ("diag",), generator: torch.Generator | None = None,
+                   projection=None, sketches=None) -> dict[str, KFACFactors]:
+    """K-FAC factors of `modules` over `batches` of (inputs, labels), labels = -100 where there is no loss.
+
+    kind "empirical": ĝ_t = ∂ℓ(y_data)/∂y_t — the gradient of the training loss (the "empirical Fisher").
+    kind "sampled":   ĝ_t = ∂ℓ(ỹ_t)/∂y_t with ỹ_t ~ softmax(logits_t) drawn from the model — the true Fisher
+                      E_{ỹ~p}[g gᵀ] in expectation (Martens & Grosse 2015 §5); one extra backward per batch when a
+                      training step also needs the data-label gradient.
+    model(inputs) must return logits (..., vocab) (model.py's Llama: only labelled positions go through lm_head).
+    The backward is `torch.autograd.grad` w.r.t. the hooked layers' weights (their requires_grad is switched on for
+    the call and restored), so it works on a fully frozen model and never touches any `.grad`.
+    """
+    if kind not in ("empirical", "sampled"):
+        raise ValueError(f"unknown Fisher kind {kind!r}; use 'empirical' or 'sampled'")
+    weights = [m.weight for m in modules.values()]
+    collector = KFACCollector(modules, stats, projection, sketches)
+    with collector, _requires_grad(weights):
+        for inputs, labels in batches:
+            mask = labels != -100                                          # (B, T) label-carrying positions
+            collector.set_batch(mask, reduction="mean")
+            logits = _logits_at_labels(model, inputs, mask).float()       # (N, vocab)
+            if kind == "empirical":
+                targets = labels[mask]
+            else:
+                with torch.no_grad():
+                    targets = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)  # (N,)
+            loss = F.cross_entropy(logits, targets)                        # mean over the N tokens
+            torch.autograd.grad(loss, weights, allow_unused=True)          # fires the collector's tensor hooks
+    return collector.factors()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Factor algebra: running averages, damping, inverse powers
+# ----------------------------------------------------------------------------------------------------------------
+
+def ema_update(running, new, beta: float):
+    """running ← β·running + (1−β)·new, for a tensor, a KFACFactors or a dict of either; `running` None → `new`.
+
+    Starting from the first value (no bias correction) as kfac-pytorch does. n_tokens of KFACFactors is summed.
+    """
+    if running is None:
+        return new
+    if isinstance(new, dict):
+        return {k: ema_update(running.get(k), v, beta) for k, v in new.items()}
+    if isinstance(new, KFACFactors):
+        mixed = {k: ema_update(getattr(running, k), v, beta) for k, v in new.tensors().items()}
+        return replace(new, n_tokens=running.n_tokens + new.n_tokens, **mixed)
+    return beta * running + (1.0 - beta) * new
+
+
+def damping_value(factor: torch.Tensor, rel_damping: float) -> float:
+    """λ = rel_damping · mean(diag factor) — damping relative to the factor's scale (SPEC §2)."""
+    diag = factor if factor.dim() == 1 else factor.diagonal()
+    mean_diag = float(diag.float().mean())
+    if not mean_diag > 0:
+        raise ValueError("a curvature factor with zero (or NaN) mean diagonal cannot be damped or inverted: were any "
+                         "tokens collected for this layer?")
+    return rel_damping * mean_diag
+
+
+def damp(factor: torch.Tensor, rel_damping: float = 1e-3) -> torch.Tensor:
+    """S + λ·I with λ = rel_damping·mean(diag S); for a diagonal factor s + λ."""
+    lam = damping_value(factor, rel_damping)
+    if factor.dim() == 1:
+        return factor + lam
+    return factor + lam * torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+
+
+def damped_power(factor: torch.Tensor, power: float, rel_damping: float = 1e-3) -> torch.Tensor:
+    """(S + λI)^power by eigendecomposition in fp32: Q diag((max(e, 0) + λ)^power) Qᵀ; elementwise for 1-D factors.
+
+    power −1: damped inverse; −½: damped inverse square root (whitening); ½: square root. Eigenvalues are clipped at
+    0 before damping, so roundoff negatives of a PSD factor cannot blow up. rel_damping = 0 uses the factor as given
+    (for factors that are already damped); it must then be positive definite for negative powers.
+    """
+    lam = damping_value(factor, rel_damping) if rel_damping > 0 else 0.0
+    if factor.dim() == 1:
+        return (factor.float().clamp_min(0) + lam) ** power
+    e, Q = torch.linalg.eigh(factor.float())                       # e (d,), Q (d, d)
+    return (Q * (e.clamp_min(0) + lam) ** power) @ Q.T
+
+
+def damped_inverse(factor, rel_damping: float = 1e-3):
+    return damped_power(factor, -1.0, rel_damping)
+
+
+def damped_inverse_sqrt(factor, rel_damping: float = 1e-3):
+    return damped_power(factor, -0.5, rel_damping)
+
+
+def _left(factor: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """factor @ X for a full factor (d, d), or diag(factor) @ X (rows scaled) for a diagonal one (d,)."""
+    return factor[:, None] * X if factor.dim() == 1 else factor @ X
+
+
+def _right(X: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """X @ factor, or X @ diag(factor) (columns scaled)."""
+    return X * factor[None, :] if factor.dim() == 1 else X @ factor
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Metric norms: ‖δW‖²_F = tr(Γ δW S δWᵀ), predicted KL = ½ of it
+# ----------------------------------------------------------------------------------------------------------------
+
+def metric_norm_sq(dW: torch.Tensor, S: torch.Tensor, Gamma: torch.Tensor) -> torch.Tensor:
+    """tr(Γ δW S δWᵀ) = vec(δW)ᵀ (S ⊗ Γ) vec(δW) with a dense δW (d_out, d_in): the reference form, small layers."""
+    dW = dW.float()
+    return (_left(Gamma.float(), dW) * _right(dW, S.float())).sum()
+
+
+def low_rank_metric_norm_sq(B: torch.Tensor, A: torch.Tensor, dB: torch.Tensor | None, dA: torch.Tensor | None,
+                            S: torch.Tensor, Gamma: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """tr(Γ δW S δWᵀ) for δW = c·(δB A + B δA) without forming δW (SPEC §5, CTR-LoRA trust region; ours).
+
+    B, δB: (d_out, r); A, δA: (r, d_in); c = scale; δB or δA None means zero. Derivation: with X = Γ^{½} δB A S^{½}
+    and Y = Γ^{½} B δA S^{½}, ‖X + Y‖² = ‖X‖² + 2⟨X, Y⟩ + ‖Y‖², and by the cyclic trace
+
+        ‖X‖²   = tr((δBᵀ Γ δB)(A S Aᵀ))
+        ⟨X, Y⟩ = tr(S^{½} Aᵀ δBᵀ Γ B δA S^{½}) = tr((δBᵀ Γ B)(δA S Aᵀ))
+        ‖Y‖²   = tr((Bᵀ Γ B)(δA S δAᵀ))
+
+    — all r×r. With diagonal factors (Γ = diag γ, S = diag s) this is SPEC §5's form with B̃ = diag(√γ) B (rows
+    scaled) and Ã = A diag(√s) (columns scaled): tr((δB̃ᵀδB̃)(ÃÃᵀ)) + 2 tr((δB̃ᵀB̃)(δÃÃᵀ)) + tr((B̃ᵀB̃)(δÃδÃᵀ)).
+    Cost: O((d_out + d_in)·r²) with diagonal factors; full factors add Γ·B, A·S (d²·r, small models only).
+    """
+    Gamma, S = Gamma.float(), S.float()
+    B, A = B.float(), A.float()
+    total = torch.zeros((), device=B.device)
+    if dB is not None:
+        dB = dB.float()
+        AS = _right(A, S)                                           # (r, d_in)   A S
+        total = total + ((dB.T @ _left(Gamma, dB)) * (AS @ A.T).T).sum()          # tr((δBᵀΓδB)(ASAᵀ))
+    if dA is not None:
+        dA = dA.float()
+        GB = _left(Gamma, B)                                        # (d_out, r)  Γ B
+        dAS = _right(dA, S)                                         # (r, d_in)   δA S
+        total = total + ((B.T @ GB) * (dAS @ dA.T).T).sum()                      # tr((BᵀΓB)(δASδAᵀ))
+        if dB is not None:
+            total = total + 2 * ((dB.T @ GB) * (dAS @ A.T).T).sum()             # 2 tr((δBᵀΓB)(δASAᵀ))
+    return scale ** 2 * total
+
+
+def predicted_kl(B, A, dB, dA, S, Gamma, scale: float = 1.0) -> torch.Tensor:
+    """½ tr(Γ δW S δWᵀ): the second-order prediction of KL(p_before ‖ p_after) for the step δW (Fisher metric)."""
+    return 0.5 * low_rank_metric_norm_sq(B, A, dB, dA, S, Gamma, scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Hessian-vector products, Hutchinson, power iteration (over lists of tensors)
+# ----------------------------------------------------------------------------------------------------------------
+
+@contextmanager
+def math_attention(model: nn.Module):
+    """Run a model.py Llama on its explicit-softmax attention path inside the block, then restore the previous one.
+
+    Why: F.scaled_dot_product_attention has no double backward. Measured with torch 2.13 on CPU (fp32, causal):
+    the first backward with create_graph=True succeeds, but the gradients' graph contains a NotImplemented node and
+    the second backward raises "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented" — an error, not a silently wrong number. The math path differentiates twice correctly.
+    """
+    previous = model.attention_impl
+    model.set_attention("math")
+    try:
+        yield model
+    finally:
+        model.set_attention(previous)
+
+
+def _zeros_for_unused(grads, params):
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+def _explain_double_backward(err: RuntimeError):
+    message = str(err)
+    if "scaled_dot_product" in message or ("attention" in message and "not implemented" in message):
+        raise RuntimeError("Hessian-vector product through fused SDPA attention, which has no double backward: pass "
+                           "model=... to hvp/hutchinson/power iteration (switches to the math path), or run inside "
+                           "curvature.math_attention(model)") from err
+    raise err
+
+
+@contextmanager
+def hessian_operator(loss_fn: Callable[[], torch.Tensor], params: Tensors, model: nn.Module | None = None):
+    """Yield Hv: list of tensors shaped like params -> H v, with H = ∂²L/∂params² at the current point.
+
+    One forward and one backward (create_graph=True) are done on entry; every Hv is then one double backward
+    (Pearlmutter's trick: H v = ∂/∂θ ⟨∂L/∂θ, v⟩), reusing the graph. params that do not require grad (frozen norm
+    weights, W0) are switched on for the duration and restored. If `model` is given and runs fused SDPA attention,
+    the forward is run on the math path automatically (see math_attention); without `model`, SDPA in the graph
+    raises a RuntimeError that says so.
+    """
+    params = list(params)
+    with ExitStack() as stack:
+        if model is not None and hasattr(model, "set_attention"):
+            stack.enter_context(math_attention(model))      # a no-op switch if it already runs on "math"
+        stack.enter_context(_requires_grad(params))
+        loss = loss_fn()
+        grads = _zeros_for_unused(torch.autograd.grad(loss, params, create_graph=True, allow_unused=True), params)
+
+        def Hv(vs: Tensors) -> list[torch.Tensor]:
+            dot = sum((g * v.to(g.dtype)).sum() for g, v in zip(grads, vs))
+            if not dot.requires_grad:                       # loss is linear in params: H = 0
+                return [torch.zeros_like(p) for p in params]
+            try:
+                out = torch.autograd.grad(dot, params, retain_graph=True, allow_unused=True)
+            except RuntimeError as err:
+                _explain_double_backward(err)
+            return [h.detach() for h in _zeros_for_unused(out, params)]
+        yield Hv
+
+
+def hvp(loss_fn: Callable[[], torch.Tensor], params: Tensors, vs: Tensors, model: nn.Module | None = None):
+    """H v for the Hessian H of loss_fn() w.r.t. params (a list of tensors), by double backward (hessian_operator)."""
+    with hessian_operator(loss_fn, params, model) as Hv:
+        return Hv(vs)
+
+
+def rademacher_like(params: Tensors, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Independent ±1 entries with probability ½ each, shaped like params."""
+    return [(torch.randint(0, 2, p.shape, generator=generator, device=p.device) * 2 - 1).to(p.dtype) for p in params]
+
+
+def hutchinson_trace(loss_fn, params: Tensors, n_samples: int = 100, model: nn.Module | None = None,
+                     generator: torch.Generator | None = None) -> tuple[float, float]:
+    """tr(H) ≈ mean_k z_kᵀ H z_k with Rademacher z (Hutchinson 1989). Returns (estimate, its standard error).
+
+    Unbiased because E[z zᵀ] = I; the variance of one sample is 2 Σ_{i≠j} H_ij² (the diagonal is exact).
+    """
+    samples = []
+    with hessian_operator(loss_fn, params, model) as Hv:
+        for _ in range(n_samples):
+            z = rademacher_like(params, generator)
+            samples.append(sum(float((zi * hzi).sum()) for zi, hzi in zip(z, Hv(z))))
+    t = torch.tensor(samples, dtype=torch.float64)
+    stderr = float(t.std() / math.sqrt(n_samples)) if n_samples > 1 else float("inf")
+    return float(t.mean()), stderr
+
+
+def hutchinson_diagonal(loss_fn, params: Tensors, n_samples: int = 100, model: nn.Module | None = None,
+                        generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """diag(H) ≈ mean_k z_k ⊙ H z_k with Rademacher z (Bekas, Kokiopoulou & Saad 2007), shaped like params.
+
+    Entry i of one sample is H_ii + Σ_{j≠i} H_ij z_i z_j: unbiased, variance Σ_{j≠i} H_ij². SPEC §5's "Hessian
+    metric" option for CTR-LoRA uses this on the adapter parameters.
+    """
+    diag = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    with hessian_operator(loss_fn, params, model) as Hv:
+        for _ in range(n_samples):
+            z = rademacher_like(params, generator)
+            for d, zi, hzi in zip(diag, z, Hv(z)):
+                d += (zi * hzi).float()
+    return [d / n_samples for d in diag]
+
+
+def power_iteration(matvec: Callable[[list], list], v0: Tensors, n_iter: int = 100, tol: float = 1e-6):
+    """The eigenvalue of largest magnitude of a symmetric operator, and its unit eigenvector (as in PyHessian).
+
+    v ← Hv / ‖Hv‖; λ = vᵀHv (Rayleigh quotient, signed); stops when |λ_k − λ_{k−1}| ≤ tol·|λ_{k−1}| or after n_iter.
+    Returns (λ, v, iterations used). Converges at rate |λ₂/λ₁| per step; a near-tie needs more iterations.
+    """
+    def normalized(v):
+        norm = math.sqrt(sum(float((x.double() ** 2).sum()) for x in v))
+        return [x / (norm or 1.0) for x in v]                      # H v = 0: λ = 0 on the next step
+
+    v = normalized(list(v0))
+    eig = None
+    for it in range(1, n_iter + 1):
+        Hv = matvec(v)
+        new_eig = sum(float((x.double() * y.double()).sum()) for x, y in zip(v, Hv))
+        v = normalized(Hv)
+        if eig is not None and abs(new_eig - eig) <= tol * abs(eig):
+            return new_eig, v, it
+        eig = new_eig
+    return eig, v, n_iter
+
+
+def hessian_top_eigenvalue(loss_fn, params: Tensors, model: nn.Module | None = None, n_iter: int = 100,
+                           tol: float = 1e-6, generator: torch.Generator | None = None):
+    """Largest-magnitude eigenvalue of the Hessian w.r.t. params by power iteration on HVPs (PyHessian's method)."""
+    with hessian_operator(loss_fn, params, model) as Hv:
+        v0 = [torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device) for p in params]
+        return power_iteration(Hv, v0, n_iter, tol)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Curvature-whitened gradient SVD (CG-LoRA initialization, SPEC §6)
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class WhitenedSVD:
+    """M = Γ^{-½} G S^{-½} (d_out, d_in) — None in the sketched variants —, its top-r SVD U (d_out, r), sigma (r,),
+    V (d_in, r), and the CG-LoRA factors B0 (d_out, r), A0 (r, d_in) with c·B0 A0 = −η Γ^{-½} [M]_r S^{-½}."""
+    M: torch.Tensor | None
+    U: torch.Tensor
+    sigma: torch.Tensor
+    V: torch.Tensor
+    B0: torch.Tensor
+    A0: torch.Tensor
+    eta: float
+
+
+def lora_init_from_whitened_svd(U, sigma, V, S_inv_sqrt, Gamma_inv_sqrt, kappa0: float, lora_scale: float = 1.0):
+    """CG-LoRA factors from the top-r SVD of the whitened gradient (SPEC §6; the paper's stated idea, our formulas).
+
+        B0 = −√η Γ^{-½} U_r Σ_r^{½},   A0 = √η Σ_r^{½} V_rᵀ S^{-½},   so  B0 A0 = −η Γ^{-½} [M]_r S^{-½}
+        η from the target predicted KL:  ½ η² ‖[M]_r‖²_F = κ0  →  η = √(2κ0 / Σ σ_i²)
+
+    (‖[M]_r‖²_F = tr(Γ (B0A0/η) S (B0A0/η)ᵀ), so the initial step has predicted KL exactly κ0 in the damped metric.)
+    Both factors are divided by √c so that the adapter's ΔW = c·B0·A0 is the step. S_inv_sqrt / Gamma_inv_sqrt are
+    full (d, d) or diagonal (d,). Returns (B0, A0, η).
+    """
+    energy = float((sigma.double() ** 2).sum())
+    if not energy > 0:
+        raise ValueError("the whitened gradient is zero: no signal to initialize from (check the calibration batches)")
+    eta = math.sqrt(2.0 * kappa0 / energy)
+    root = (sigma.clamp_min(0) * eta / lora_scale).sqrt()           # (r,)  √(η/c)·Σ^{½}
+    B0 = -_left(Gamma_inv_sqrt, U * root[None, :])                   # (d_out, r)
+    A0 = _right(root[:, None] * V.T, S_inv_sqrt)                     # (r, d_in)
+    return B0, A0, eta
+
+
+def whitened_svd_init(G: torch.Tensor, S: torch.Tensor, Gamma: torch.Tensor, r: int, kappa0: float,
+                      rel_damping: float = 1e-3, lora_scale: float = 1.0) -> WhitenedSVD:
+    """Dense CG-LoRA initialization: M = Γ^{-½} G S^{-½} with damped factors (full or diagonal), top-r SVD, B0, A0.
+
+    With S = I, Γ = I and rel_damping = 0 this is the plain gradient SVD (LoRA-GA / LoRA-One family): B0 A0 =
+    −η [G]_r — the built-in ablation. rel_damping = 0 takes S and Γ as already damped.
+    """
+    S_is, G_is = damped_inverse_sqrt(S, rel_damping), damped_inverse_sqrt(Gamma, rel_damping)
+    M = _right(_left(G_is, G.float()), S_is)                          # (d_out, d_in)
+    U, sigma, Vh = torch.linalg.svd(M, full_matrices=False)
+    U, sigma, V = U[:, :r], sigma[:r], Vh[:r].T
+    B0, A0, eta = lora_init_from_whitened_svd(U, sigma, V, S_is, G_is, kappa0, lora_scale)
+    return WhitenedSVD(M, U, sigma, V, B0, A0, eta)
+
+
+def randomized_svd(matmat: Callable[[torch.Tensor], torch.Tensor], rmatmat: Callable[[torch.Tensor], torch.Tensor],
+                   shape: tuple[int, int], r: int, oversample: int = 10, n_power_iter: int = 2,
+                   generator: torch.Generator | None = None, device=None):
+    """Top-r SVD of an m×n matrix M known only through products (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1).
+
+    matmat(Ω (n, k)) -> M Ω (m, k);  rmatmat(Ψ (m, k)) -> Mᵀ Ψ (n, k). Each call can be a pass over calibration
+    batches that accumulates the product, so memory stays O((m + n)·k), k = r + oversample. Passes: 2 + 2·n_power_iter.
+    Power iterations sharpen the spectrum (error ∝ (σ_{k+1}/σ_r)^{2q+1}). Returns U (m, r), sigma (r,), V (n, r).
+    """
+    m, n = shape
+    k = min(r + oversample, m, n)
+    Omega = torch.randn(n, k, generator=generator, device=device)
+    Q = torch.linalg.qr(matmat(Omega).float())[0]                   # (m, k)  orthonormal basis of range(M Ω)
+    for _ in range(n_power_iter):
+        Z = torch.linalg.qr(rmatmat(Q).float())[0]                  # (n, k)
+        Q = torch.linalg.qr(matmat(Z).float())[0]                   # (m, k)
+    Bt = rmatmat(Q).float()                                         # (n, k)  = (Qᵀ M)ᵀ
+    Ub, sigma, Vh = torch.linalg.svd(Bt.T, full_matrices=False)     # Qᵀ M = Ub Σ Vh
+    return (Q @ Ub)[:, :r], sigma[:r], Vh[:r].T
+
+
+def sketch_svd(Y: torch.Tensor, W: torch.Tensor, Psi: torch.Tensor, r: int):
+    """Top-r SVD from single-pass sketches Y = M Ω (m, k) and W = Ψ M (l, n), l > k (Tropp et al. 2017, §4).
+
+    Q = orth(Y) spans the range; X = (Ψ Q)^† W ≈ Qᵀ M solves the small least-squares problem; M ≈ Q X, so the SVD
+    of X (k, n) gives M's. Both sketches are linear in M, so they can be summed over calibration batches.
+    """
+    Q = torch.linalg.qr(Y.float())[0]                               # (m, k)
+    X = torch.linalg.lstsq(Psi.float() @ Q, W.float()).solution     # (k, n)
+    Ux, sigma, Vh = torch.linalg.svd(X, full_matrices=False)
+    return (Q @ Ux)[:, :r], sigma[:r], Vh[:r].T
+
+
+class WhitenedGradientSketch:
+    """Single-pass sketch of the whitened gradient M = Γ^{-½} G S^{-½} of one layer, fed token by token (ours).
+
+    G = (1/N) Σ_t ĝ_t x_tᵀ, so with whitened rows x̃_t = S^{-½} x_t and g̃_t = Γ^{-½} ĝ_t:
+        Y = M Ω = (1/N) Σ_t g̃_t (x̃_tᵀ Ω)   (d_out, k)        W = Ψ M = (1/N) Σ_t (Ψ g̃_t) x̃_tᵀ   (l, d_in)
+    Extra memory O((d_in + d_out)·k) with diagonal factors — no d_out×d_in matrix — so it is SPEC §6's memory-bounded
+    mode: collect diagonal factors first (one calibration pass), then pass this object to KFACCollector(sketches=...)
+    or call update() yourself, then init(). k = r + oversample, l = 2k + 1 (Tropp et al. 2017's rule of thumb).
+    """
+
+    def __init__(self, S: torch.Tensor, Gamma: torch.Tensor, r: int, oversample: int = 10, rel_damping: float = 1e-3,
+                 generator: torch.Generator | None = None):
+        self.S_inv_sqrt = damped_inverse_sqrt(S, rel_damping)         # (d_in,) or (d_in, d_in)
+        self.Gamma_inv_sqrt = damped_inverse_sqrt(Gamma, rel_damping)
+        d_in, d_out = S.shape[0], Gamma.shape[0]
+        self.r = r
+        k = min(r + oversample, d_in, d_out)
+        l = min(2 * k + 1, d_out)
+        device = S.device
+        self.Omega = torch.randn(d_in, k, generator=generator).to(device)    # (d_in, k)
+        self.Psi = torch.randn(l, d_out, generator=generator).to(device)     # (l, d_out)
+        self.Y = torch.zeros(d_out, k, device=device)
+        self.W = torch.zeros(l, d_in, device=device)
+        self.n_tokens = 0
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, g: torch.Tensor):
+        """Add tokens: x (n, d_in) inputs, g (n, d_out) per-token output gradients ĝ (fp32)."""
+        xw = _right(x.float(), self.S_inv_sqrt)                       # (n, d_in)   rows x̃ᵀ (factors symmetric)
+        gw = _right(g.float(), self.Gamma_inv_sqrt)                   # (n, d_out)  rows g̃ᵀ
+        self.Y += gw.T @ (xw @ self.Omega)
+        self.W += (gw @ self.Psi.T).T @ xw
+        self.n_tokens += x.shape[0]
+
+    def svd(self):
+        """(U (d_out, r), sigma (r,), V (d_in, r)) of the sketched M."""
+        if self.n_tokens == 0:
+            raise RuntimeError("the sketch is empty: feed calibration tokens with update() or a KFACCollector first")
+        return sketch_svd(self.Y / self.n_tokens, self.W / self.n_tokens, self.Psi, self.r)
+
+    def init(self, kappa0: float, lora_scale: float = 1.0) -> WhitenedSVD:
+        U, sigma, V = self.svd()
+        B0, A0, eta = lora_init_from_whitened_svd(U, sigma, V, self.S_inv_sqrt, self.Gamma_inv_sqrt, kappa0,
+                                                  lora_scale)
+        return WhitenedSVD(None, U, sigma, V, B0, A0, eta)
