@@ -482,6 +482,24 @@ class AdapterConfig:
                                                          "--ctr-metric hessian"})
     ctr_hysteresis: float = field(default=0.1, metadata={"help": "CTR-LoRA: a masked triplet replaces an active one "
                                                                  "only if its utility is higher by this factor + 1"})
+    # --- CG-LoRA (SPEC §6) -------------------------------------------------------------------------------------------
+    cg_variant: str = field(default="no-shift", metadata={"help": "CG-LoRA: no-shift (start one whitened step ahead; "
+                                                                  "the paper's best) or shift (subtract the initial "
+                                                                  "step: the function is unchanged at init)"})
+    cg_curvature: str = field(default="kfac-diag", metadata={"help": "CG-LoRA: whitening: kfac-full (small models), "
+                                                                     "kfac-diag, or identity (plain gradient SVD, the "
+                                                                     "LoRA-GA/LoRA-One ablation)"})
+    cg_kappa0: float = field(default=0.01, metadata={"help": "CG-LoRA: predicted KL κ₀ (nats per token, K-FAC) of "
+                                                             "the initial step; sets its size η"})
+    cg_batches: int = field(default=8, metadata={"help": "CG-LoRA: calibration micro-batches for G, S, Γ"})
+    cg_damping: float = field(default=1e-3, metadata={"help": "CG-LoRA: damping of S and Γ, relative to their mean "
+                                                              "diagonal"})
+    cg_mode: str = field(default="auto", metadata={"help": "CG-LoRA: dense (per-layer G, SVD), sketch (one-pass "
+                                                           "randomized sketch, O((d_in + d_out)·r) memory per layer) "
+                                                           "or auto (sketch when dense G exceeds --cg-memory-cap-mb)"})
+    cg_memory_cap_mb: float = field(default=1024.0, metadata={"help": "CG-LoRA: memory for dense gradients before "
+                                                                      "auto mode switches to sketches"})
+    cg_oversample: int = field(default=10, metadata={"help": "CG-LoRA: extra sketch columns beyond the rank"})
 
     def __post_init__(self):
         if isinstance(self.targets, str):  # "q_proj,v_proj" from a command line (JSON must give a list)
@@ -509,6 +527,8 @@ class AdapterConfig:
             _validate_triadapt(self)
         if self.method == "ctr":
             _validate_ctr(self)
+        if self.method == "cg":
+            _validate_cg(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -679,6 +699,8 @@ METHODS: dict[str, Callable[[nn.Linear, AdapterConfig, int | None], AdaptedLinea
     "adalora": _build_adalora,
     "triadapt": _build_triadapt,
     "ctr": _build_adalora,          # CTR-LoRA uses AdaLoRA's SVD-form layer (ranks change by masking)
+    "cg": lambda base, cfg, r: (CGShiftLinear if cfg.cg_variant == "shift" else LoRALinear)(
+        base, r=cfg.r if r is None else r, alpha=cfg.alpha, dropout=cfg.dropout),   # CG-LoRA: LoRA, special init
 }
 
 
@@ -886,6 +908,11 @@ class MethodHooks:
 
     def close(self) -> None:
         pass  # release what the method attached to the model (e.g. CTR-LoRA's statistics hooks)
+
+    calibration_batches = 0  # > 0: train.py calls calibrate() with that many micro-batches before the first step
+
+    def calibrate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+        return {}  # data-dependent initialization (CG-LoRA); returns figures to log
 
 
 # -----------------------------------------------------------------------------
@@ -1568,9 +1595,249 @@ def curvature_state_bytes(d_in: int, d_out: int, r: int, metric: str = "kfac-dia
     return n * bytes_per
 
 
+# -----------------------------------------------------------------------------
+# 5g. CG-LoRA: curvature-whitened gradient initialization for prediction alignment
+#     (Zheng & Proutière, arXiv 2603.29824; SPEC §6 — stated: prediction alignment, Newton-like curvature-whitened
+#     gradient, used as an initialization, "no shift" variant best; the formulas are this project's formulation)
+
+CG_VARIANTS = ("no-shift", "shift")
+CG_CURVATURES = ("kfac-full", "kfac-diag", "identity")
+CG_MODES = ("auto", "dense", "sketch")
+
+
+def _validate_cg(cfg: AdapterConfig) -> None:
+    if cfg.cg_variant not in CG_VARIANTS:
+        raise ValueError(f"--cg-variant must be one of {', '.join(CG_VARIANTS)}, got {cfg.cg_variant!r}")
+    if cfg.cg_curvature not in CG_CURVATURES:
+        raise ValueError(f"--cg-curvature must be one of {', '.join(CG_CURVATURES)}, got {cfg.cg_curvature!r}")
+    if cfg.cg_mode not in CG_MODES:
+        raise ValueError(f"--cg-mode must be one of {', '.join(CG_MODES)}, got {cfg.cg_mode!r}")
+    if cfg.cg_mode == "sketch" and cfg.cg_curvature == "kfac-full":
+        raise ValueError("--cg-mode sketch keeps O((d_in + d_out)·r) memory per layer, which full factors exceed: "
+                         "use --cg-curvature kfac-diag or identity with it")
+    if cfg.cg_kappa0 <= 0 or cfg.cg_batches < 1 or cfg.cg_oversample < 0:
+        raise ValueError("--cg-kappa0 must be > 0, --cg-batches >= 1 and --cg-oversample >= 0")
+
+
+class DiagWhitenedSketch:
+    """One-pass, memory-bounded sketch of M = D_γ^{-½} G D_s^{-½} for one layer (ours; SPEC §6 memory-bounded mode).
+
+    The whitening needs s = diag S and γ = diag Γ, which are only known after the calibration pass. But with
+    diagonal factors the whitening commutes with the sketch: sketch G itself, Y = G Ω (d_out, k) and W = Ψ G
+    (l, d_in), accumulating s and γ in the same pass; afterwards
+
+        M (D_s^{½} Ω) = D_γ^{-½} Y        and        (Ψ D_γ^{½}) M = W D_s^{-½},
+
+    i.e. exact single-pass sketches of M with the test matrices Ω' = D_s^{½}Ω and Ψ' = Ψ D_γ^{½}, and
+    curvature.sketch_svd recovers M's top-r SVD from them (Tropp et al. 2017). Extra memory: Y, W, s, γ, Ω, Ψ —
+    O((d_in + d_out)·k), no d_out×d_in matrix. With identity curvature s = γ = 1 and this is a plain gradient sketch.
+    G gets every position (it is ∂L/∂W); s and γ only the label-carrying ones (K-FAC's tokens).
+    """
+
+    def __init__(self, d_in: int, d_out: int, r: int, oversample: int, identity: bool, generator, device):
+        k = min(r + oversample, d_in, d_out)
+        l = min(2 * k + 1, d_out)
+        self.r, self.identity = r, identity
+        self.Omega = torch.randn(d_in, k, generator=generator).to(device)          # (d_in, k)
+        self.Psi = torch.randn(l, d_out, generator=generator).to(device)           # (l, d_out)
+        self.Y = torch.zeros(d_out, k, device=device)
+        self.W = torch.zeros(l, d_in, device=device)
+        self.s = torch.zeros(d_in, device=device)
+        self.gamma = torch.zeros(d_out, device=device)
+        self.n_tokens = 0
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, g: torch.Tensor, keep: torch.Tensor) -> None:
+        """x (n, d_in) inputs, g (n, d_out) per-token output gradients ĝ of every position; keep (n,) bool marks the
+        label-carrying ones (the N of the mean loss and the tokens of s, γ)."""
+        x, g = x.float(), g.float()
+        self.Y += g.T @ (x @ self.Omega)             # Σ ĝ (xᵀ Ω)  →  N · G Ω
+        self.W += (g @ self.Psi.T).T @ x             # Σ (Ψ ĝ) xᵀ  →  N · Ψ G
+        self.s += (x[keep] ** 2).sum(0)
+        self.gamma += (g[keep] ** 2).sum(0)
+        self.n_tokens += int(keep.sum())
+
+    def factors(self, rel_damping: float):
+        """(U, σ, V, S^{-½}, Γ^{-½}) of the whitened gradient, S and Γ diagonal and damped (or identity)."""
+        import curvature as C
+        n = self.n_tokens
+        if self.identity:
+            s_is, g_is = torch.ones_like(self.s), torch.ones_like(self.gamma)
+        else:
+            s_is = C.damped_inverse_sqrt(self.s / n, rel_damping)                   # (d_in,)
+            g_is = C.damped_inverse_sqrt(self.gamma / n, rel_damping)               # (d_out,)
+        Y_M = g_is[:, None] * (self.Y / n)                                          # M Ω'
+        W_M = (self.W / n) * s_is[None, :]                                          # Ψ' M
+        U, sigma, V = C.sketch_svd(Y_M, W_M, self.Psi / g_is[None, :], self.r)     # Ψ' = Ψ D_γ^{½}
+        return U, sigma, V, s_is, g_is
+
+    def bytes(self) -> int:
+        return sum(t.numel() * 4 for t in (self.Omega, self.Psi, self.Y, self.W, self.s, self.gamma))
+
+
+def _sketch_hooks(layers: dict, sketches: dict, state: dict) -> list:
+    """Forward hooks that feed each layer's sketch once the output gradient arrives (so checkpoint recomputation,
+    whose outputs get no gradient, is never counted). state["mask"] (B, T) and state["N"] describe the batch."""
+    def make(name):
+        def forward_hook(module, inputs, output):
+            if not (torch.is_grad_enabled() and output.requires_grad):
+                return
+            x, keep, N = inputs[0].detach().flatten(0, -2), state["mask"].flatten(), state["N"]
+
+            def grad_hook(grad):                                   # mean loss: per-token ĝ = N · ∂L/∂y
+                sketches[name].update(x, grad.detach().flatten(0, -2) * N, keep)
+            output.register_hook(grad_hook)
+        return forward_hook
+    return [layer.register_forward_hook(make(name)) for name, layer in layers.items()]
+
+
+def cg_calibration_factors(model: nn.Module, layers: dict, batches, cfg: AdapterConfig, mode: str, generator):
+    """{name: (U, σ, V, S^{-½}, Γ^{-½})} of the whitened gradient of every adapted layer, and the extra bytes held.
+
+    One pass over the calibration batches. G = ∂L/∂W of the mean loss over all their label tokens — the true
+    gradient: prompt positions contribute through attention, so it is *not* the K-FAC "grad" statistic restricted to
+    label tokens —, S and Γ (full or diagonal) over label tokens as K-FAC defines them.
+    dense:  G from autograd, S, Γ from curvature.KFACCollector; dense top-r SVD of M = Γ^{-½} G S^{-½} per layer.
+            Extra memory: one fp32 copy of the adapted weights (+ full factors).
+    sketch: DiagWhitenedSketch per layer, O((d_in + d_out)·r) extra memory each.
+    """
+    import curvature as C
+    weights = [m.weight for m in layers.values()]
+    flags = [w.requires_grad for w in weights]
+    stats = {"kfac-full": ["full"], "kfac-diag": ["diag"], "identity": []}[cfg.cg_curvature]
+    collector = C.KFACCollector(layers, stats) if mode == "dense" and stats else None
+    device = weights[0].device
+    if mode == "dense":
+        G = {n: torch.zeros(m.out_features, m.in_features, device=device) for n, m in layers.items()}
+        handles = []
+    else:
+        sketches = {n: DiagWhitenedSketch(m.in_features, m.out_features, cfg.r, cfg.cg_oversample,
+                                          cfg.cg_curvature == "identity", generator, device)
+                    for n, m in layers.items()}
+        state = {}
+        handles = _sketch_hooks(layers, sketches, state)
+    n_total = 0
+    try:
+        if collector is not None:
+            collector.__enter__()
+        for w in weights:
+            w.requires_grad_(True)                                   # so gradients reach the layers
+        for inputs, labels in batches:
+            mask = labels != -100
+            N = int(mask.sum())
+            if collector is not None:
+                collector.set_batch(mask, reduction="mean")
+            if mode != "dense":
+                state.update(mask=mask, N=N)
+            logits = model.lm_head(model.hidden_states(inputs)[mask]).float()          # (N, vocab)
+            grads = torch.autograd.grad(F.cross_entropy(logits, labels[mask]), weights)
+            if mode == "dense":
+                for (n, _), g in zip(layers.items(), grads):
+                    G[n] += g.float() * N                                              # Σ over tokens
+            n_total += N
+    finally:
+        for w, f in zip(weights, flags):
+            w.requires_grad_(f)
+        for h in handles:
+            h.remove()
+        if collector is not None:
+            collector.__exit__(None, None, None)
+    out, extra = {}, 0
+    if mode == "dense":
+        factors = collector.factors() if collector is not None else {}
+        for name, layer in layers.items():
+            Gn = G[name] / n_total                                                     # (d_out, d_in)  ∂L/∂W
+            if cfg.cg_curvature == "identity":
+                S, Gamma, damping = torch.ones(layer.in_features), torch.ones(layer.out_features), 0.0
+            elif cfg.cg_curvature == "kfac-diag":
+                S, Gamma, damping = factors[name].s, factors[name].gamma, cfg.cg_damping
+            else:
+                S, Gamma, damping = factors[name].S, factors[name].Gamma, cfg.cg_damping
+            extra += Gn.numel() * 4 + (S.numel() + Gamma.numel()) * 4
+            w = C.whitened_svd_init(Gn, S, Gamma, cfg.r, kappa0=1.0, rel_damping=damping)
+            out[name] = (w.U, w.sigma, w.V, C.damped_inverse_sqrt(S, damping), C.damped_inverse_sqrt(Gamma, damping))
+        return out, extra
+    for name, sk in sketches.items():
+        out[name] = sk.factors(cfg.cg_damping)
+        extra += sk.bytes()
+    return out, extra
+
+
+class CGShiftLinear(LoRALinear):
+    """CG-LoRA's "shift" variant without touching W0: the initial step c·B₀A₀ is kept in buffers and subtracted,
+
+        y = W0 x + c·B(A x) − c·B₀(A₀ x)      (= (W0 − c B₀A₀) x + c B A x, the shifted model, unchanged at init)
+
+    so the base checkpoint stays the base (resume and merges need nothing else), and the adapter exports to peft as
+    an exact rank-2r LoRA: A' = [A; A₀], B' = [B, −B₀].
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__(base, r, alpha, dropout)
+        device = base.weight.device
+        self.register_buffer("lora_A0", torch.zeros(r, self.in_features, device=device))
+        self.register_buffer("lora_B0", torch.zeros(self.out_features, r, device=device))
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().adapter_forward(x) - self.scale * F.linear(F.linear(x, self.lora_A0), self.lora_B0)
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return (torch.cat([self.lora_A, self.lora_A0]), torch.cat([self.lora_B, -self.lora_B0], dim=1), self.scale)
+
+
+class CGLoRAHooks(MethodHooks):
+    """CG-LoRA: a LoRA whose (A, B) start as the curvature-whitened Newton-like step (SPEC §6), then plain LoRA.
+
+        calibrate(batches)   G, S, Γ over --cg-batches batches; M = Γ^{-½} G S^{-½}; top-r SVD; one global η with
+                             ½ η² Σ_ℓ ‖[M_ℓ]_r‖²_F = κ₀ (the predicted KL of the whole initial step, K-FAC being
+                             block-diagonal over layers); B₀ = −√(η/c) Γ^{-½} U_r Σ_r^{½}, A₀ = √(η/c) Σ_r^{½} V_rᵀ S^{-½}
+                             no-shift: keep W₀ (the model starts one whitened step ahead — the paper's best variant)
+                             shift:    W₀ − c B₀ A₀ as the base (the function is unchanged at init, as LoRA-GA
+                                       does), implemented by CGShiftLinear without modifying W₀
+    Everything after calibration is LoRA (the other hooks do nothing).
+    """
+
+    def __init__(self, model: nn.Module, cfg: AdapterConfig):
+        super().__init__(model, cfg)
+        self.calibration_batches = cfg.cg_batches
+
+    def calibrate(self, batches) -> dict:
+        import time
+        cfg = self.cfg
+        layers = adapter_layers(self.model)
+        n_weights = sum(m.in_features * m.out_features for m in layers.values())
+        dense_bytes = 4 * n_weights                                 # G alone, fp32, for every adapted layer
+        mode = cfg.cg_mode
+        if mode == "auto":
+            fits = dense_bytes <= cfg.cg_memory_cap_mb * 2 ** 20
+            mode = "dense" if fits or cfg.cg_curvature == "kfac-full" else "sketch"
+        t0 = time.perf_counter()
+        generator = torch.Generator().manual_seed(0)
+        svds, extra = cg_calibration_factors(self.model, layers, batches, cfg, mode, generator)
+        energy = {n: float((s.double() ** 2).sum()) for n, (_, s, _, _, _) in svds.items()}
+        total = sum(energy.values())
+        import curvature as C
+        eta = None
+        with torch.no_grad():
+            for name, layer in layers.items():
+                U, sigma, V, s_is, g_is = svds[name]
+                kappa_layer = cfg.cg_kappa0 * energy[name] / total           # same η for every layer
+                B0, A0, eta = C.lora_init_from_whitened_svd(U, sigma, V, s_is, g_is, kappa_layer, layer.scale)
+                layer.lora_A.copy_(A0)
+                layer.lora_B.copy_(B0)
+                if cfg.cg_variant == "shift":                                 # subtract the same step: f unchanged
+                    layer.lora_A0.copy_(A0)
+                    layer.lora_B0.copy_(B0)
+        self.info = {"cg_mode": mode, "cg_eta": eta, "cg_init_s": time.perf_counter() - t0,
+                     "cg_extra_mb": extra / 2 ** 20, "cg_dense_grad_mb": dense_bytes / 2 ** 20}
+        print(f"cg-lora init ({mode}, {cfg.cg_curvature}, {cfg.cg_variant}): η = {eta:.3g} for κ₀ = {cfg.cg_kappa0}, "
+              f"{self.info['cg_init_s']:.1f}s, extra memory {self.info['cg_extra_mb']:.1f} MiB", file=sys.stderr)
+        return self.info
+
+
 # method name -> hooks class; a method without an entry uses the no-op MethodHooks
 METHOD_HOOKS: dict[str, type[MethodHooks]] = {"lora": MethodHooks, "adalora": AdaLoRAHooks, "triadapt": TriAdaptHooks,
-                                              "ctr": CTRLoRAHooks}
+                                              "ctr": CTRLoRAHooks, "cg": CGLoRAHooks}
 
 
 def training_hooks(model: nn.Module, cfg: AdapterConfig) -> MethodHooks:

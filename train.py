@@ -322,6 +322,12 @@ def train(cfg: TrainConfig) -> dict:
     method = A.training_hooks(net, cfg.adapter_config()) if cfg.method != "full" else A.MethodHooks()
 
     start_step, nonfinite_total = 0, 0
+    if method.calibration_batches and not cfg.resume:       # CG-LoRA: data-dependent init before the first step
+        calib = D.Batcher(train_examples, cfg.batch_size, tok.pad_id, seed=cfg.seed + 1)   # not the training cursor
+        batches = [next(calib) for _ in range(method.calibration_batches)]
+        calibration_info = method.calibrate([(b["input_ids"].to(device), b["labels"].to(device)) for b in batches])
+    else:
+        calibration_info = {}
     if cfg.resume:
         ckpt = latest_checkpoint(out)
         if ckpt is None:
@@ -364,6 +370,8 @@ def train(cfg: TrainConfig) -> dict:
         metrics.write(json.dumps({"step": step, "val_loss": v["loss"], "val_ppl": v["ppl"]}) + "\n")
         metrics.flush()
 
+    if calibration_info:
+        metrics.write(json.dumps({"step": 0, **calibration_info}) + "\n")
     if val_examples and start_step == 0:
         validate_now(0)                                   # the starting point of the validation curve
     net.train()

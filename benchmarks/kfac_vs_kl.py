@@ -21,15 +21,12 @@ import curvature as C  # noqa: E402
 import data as D  # noqa: E402
 import model as M  # noqa: E402
 import train as T  # noqa: E402
-from tests.conftest import hf_tiny_model  # noqa: E402
+from tests.conftest import write_hf_tiny_with_tokenizer  # noqa: E402
 
 
 def main():
     out = Path(tempfile.mkdtemp())
-    hf_tiny_model("gqa_tied", vocab_size=49152, seed=3).save_pretrained(out / "m")
-    tok_dir = M.ensure_default_model()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (out / "m" / name).write_bytes((tok_dir / name).read_bytes())
+    write_hf_tiny_with_tokenizer(out / "m", 3, M.ensure_default_model())     # the model of tests/test_ctr.py
     T.train(T.TrainConfig(model=str(out / "m"), val_data="", out=str(out / "base"), method="full", lr=3e-3, steps=60,
                           batch_size=8, warmup_steps=5, log_every=60, eval_every=0, save_every=0))
     net, tok = M.load_model_and_tokenizer(out / "base", torch.float32, "cpu")

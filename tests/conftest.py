@@ -57,3 +57,24 @@ def smollm2_dir():
 def smollm2(smollm2_dir):
     model = M.load_pretrained(smollm2_dir, dtype=torch.float32, device="cpu")
     return model, M.load_tokenizer(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, smollm2_dir):
+    """A tiny random model.py Llama (2 layers, d=64, PyTorch default init) that uses SmolLM2's real tokenizer:
+    milliseconds per training step, real data."""
+    cfg = M.LlamaConfig(**dict(M.PRESETS["tiny"], vocab_size=49152, tie_word_embeddings=True, bos_token_id=1,
+                               eos_token_id=2))
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny")
+    M.save_pretrained(M.Llama(cfg).state_dict(), cfg, out, tokenizer_dir=smollm2_dir)
+    return out
+
+
+def write_hf_tiny_with_tokenizer(out, seed: int, tokenizer_dir):
+    """transformers' tiny GQA Llama with HF initialization (std 0.02: loss starts near ln(vocab)), SmolLM2 vocab and
+    tokenizer, saved as a checkpoint folder. Returns the folder."""
+    hf_tiny_model("gqa_tied", vocab_size=49152, seed=seed).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out / name).write_bytes((tokenizer_dir / name).read_bytes())
+    return out

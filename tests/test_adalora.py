@@ -322,16 +322,6 @@ def test_train_cli_rejects_an_impossible_schedule_in_one_line(tmp_path):
 # through train.py
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smollm2_dir):
-    """A tiny random Llama (2 layers, d=64) that uses SmolLM2's real tokenizer (as in tests/test_train.py)."""
-    cfg = M.LlamaConfig(**dict(M.PRESETS["tiny"], vocab_size=49152, tie_word_embeddings=True, bos_token_id=1,
-                               eos_token_id=2))
-    torch.manual_seed(0)
-    net = M.Llama(cfg)
-    out = tmp_path_factory.mktemp("tiny")
-    M.save_pretrained(net.state_dict(), cfg, out, tokenizer_dir=smollm2_dir)
-    return out
 
 
 def tiny_cfg(tiny_dir, out, **kw):

@@ -12,20 +12,14 @@ import curvature as C
 import data as D
 import model as M
 import train as T
-from tests.conftest import hf_tiny_model
+from tests.conftest import write_hf_tiny_with_tokenizer
 
 TRAIN_DATA = str(M.REPO_DIR / "data" / "wordnet_train.jsonl")
 
 
 @pytest.fixture(scope="module")
 def small_dir(tmp_path_factory, smollm2_dir):
-    """A tiny Llama with transformers' initialization (std 0.02: loss starts near ln(vocab)) and SmolLM2's tokenizer."""
-    hf = hf_tiny_model("gqa_tied", vocab_size=49152, seed=3)
-    out = tmp_path_factory.mktemp("small")
-    hf.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (out / name).write_bytes((smollm2_dir / name).read_bytes())
-    return out
+    return write_hf_tiny_with_tokenizer(tmp_path_factory.mktemp("small"), 3, smollm2_dir)
 
 
 def ctr_cfg(**kw):

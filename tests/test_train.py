@@ -20,16 +20,6 @@ REPO = M.REPO_DIR
 TRAIN_DATA = str(REPO / "data" / "wordnet_train.jsonl")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smollm2_dir):
-    """A tiny random Llama (2 layers, d=64) that uses SmolLM2's real tokenizer: milliseconds per step."""
-    cfg = M.LlamaConfig(**dict(M.PRESETS["tiny"], vocab_size=49152, tie_word_embeddings=True, bos_token_id=1,
-                               eos_token_id=2))
-    torch.manual_seed(0)
-    net = M.Llama(cfg)
-    out = tmp_path_factory.mktemp("tiny")
-    M.save_pretrained(net.state_dict(), cfg, out, tokenizer_dir=smollm2_dir)
-    return out
 
 
 def tiny_cfg(tiny_dir, out, **kw):
