@@ -78,3 +78,31 @@ def write_hf_tiny_with_tokenizer(out, seed: int, tokenizer_dir):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (out / name).write_bytes((tokenizer_dir / name).read_bytes())
     return out
+
+
+# --- a tiny transformers Llama for the adapter tests (tests/test_adapters.py, test_adalora.py, test_triadapt.py) ------
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A tiny random transformers LlamaForCausalLM. initializer_range 0.1 (not 0.02) so logits are O(1) and
+    differences are visible."""
+    import transformers
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).to(dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def idx():
+    return torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(123))
+
+
+@torch.no_grad()
+def logits(model, idx):
+    return model(idx).logits.float()

@@ -28,28 +28,7 @@ ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 TRAIN_DATA = str(M.REPO_DIR / "data" / "wordnet_train.jsonl")
 
 
-def tiny_llama(seed: int = 0):
-    """A tiny random Llama. initializer_range 0.1 (not 0.02) so logits are O(1) and differences are visible."""
-    config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(scope="module")
-def base():
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def idx():
-    return torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(123))
-
-
-@torch.no_grad()
-def logits(model, idx):
-    return model(idx).logits.float()
+from tests.conftest import logits, tiny_llama  # noqa: E402  (fixtures base, idx come from conftest)
 
 
 def with_adalora(base, **kw):
