@@ -34,7 +34,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import typing
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
@@ -45,6 +44,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+import model as M  # atomic_write: one implementation for every file the project writes
 
 ADAPTER_WEIGHTS_NAME = "adapter.safetensors"  # this project's format
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -1856,33 +1857,17 @@ def training_hooks(model: nn.Module, cfg: AdapterConfig) -> MethodHooks:
 # 6. Save / load / export
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Write via `write(tmp_path)` to a temporary file in the same folder, fsync, then os.replace onto `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _write_json(path: str, obj: dict) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
-    _atomic_write(path, write)
+    M.atomic_write(path, write)
 
 
 def _write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    M.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save_adapter(model: nn.Module, cfg: AdapterConfig, out_dir: str) -> None:

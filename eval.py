@@ -146,6 +146,22 @@ def evaluate_file(model, tok, path, max_len: int, batch_size: int, chat: bool, m
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save_figure(fig, out_png) -> Path:
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=110)
+    _pyplot().close(fig)
+    return out_png
+
+
 def read_metrics(path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -153,9 +169,7 @@ def read_metrics(path) -> list[dict]:
 
 def plot_loss_curves(runs: dict[str, str | Path], out_png: str | Path) -> Path:
     """One panel of training loss (and validation loss where logged) per step, one line per run."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for label, path in runs.items():
         rows = read_metrics(path)
@@ -169,18 +183,12 @@ def plot_loss_curves(runs: dict[str, str | Path], out_png: str | Path) -> Path:
     ax.set_ylabel("loss (nats per target token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _save_figure(fig, out_png)
 
 
 def plot_trust_region(metrics_path: str | Path, out_png: str | Path) -> Path:
     """CTR-LoRA's trust region over a run: predicted KL κ of each logged step, the radius ρ, and the clip rate."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     rows = [r for r in read_metrics(metrics_path) if "kappa" in r]
     if not rows:
         raise ValueError(f"{metrics_path}: no 'kappa' entries (only --method ctr logs them)")
@@ -196,11 +204,7 @@ def plot_trust_region(metrics_path: str | Path, out_png: str | Path) -> Path:
     ax2.set_xlabel("optimizer step")
     ax2.set_ylim(-0.05, 1.05)
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _save_figure(fig, out_png)
 
 
 MODULE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -222,9 +226,7 @@ def rank_grid(ranks: dict[str, int]):
 
 def plot_rank_heatmap(ranks: dict[str, int], out_png: str | Path, title: str = "rank per module") -> Path:
     """Heatmap of adapter ranks, layers (rows) x module types (columns), as in TriAdaptLoRA's rank figures."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     grid, layers, kinds = rank_grid(ranks)
     fig, ax = plt.subplots(figsize=(1.1 * len(kinds) + 2, 0.28 * len(layers) + 1.6))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
@@ -233,11 +235,7 @@ def plot_rank_heatmap(ranks: dict[str, int], out_png: str | Path, title: str = "
     ax.set_ylabel("layer")
     ax.set_title(f"{title} (total {sum(ranks.values())})", fontsize=9)
     fig.colorbar(im, ax=ax, label="rank")
-    fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _save_figure(fig, out_png)
 
 
 def saved_ranks(adapter_dir) -> dict[str, int]:

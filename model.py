@@ -490,16 +490,22 @@ def save_pretrained(state_dict: dict, cfg: LlamaConfig, out_dir, tokenizer_dir=N
                 atomic_write(out / name, lambda p, s=src: Path(p).write_bytes(s.read_bytes()))
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename over `path`: a crash never leaves a half-written file behind."""
+def atomic_write(path, write) -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, fsync it, then rename it over `path`: a crash never
+    leaves a half-written file behind, and a failed write leaves no temporary file."""
+    import tempfile
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------------------
