@@ -871,8 +871,8 @@ class MethodHooks:
     """What a method does around the optimizer step. This base class is plain LoRA: every hook does nothing.
 
     train.py calls, in this order, every step:
-        per micro-batch: hooks.before_micro_batch(ids, labels, n_label); loss.backward()   (curvature statistics)
-        reg = hooks.regularizer(); reg.backward() if reg is not None                   (orthogonality penalties)
+        per micro-batch: hooks.before_micro_batch(ids, labels, n_label); loss.backward()   (curvature statistics;
+                         the last micro-batch's loss includes hooks.regularizer() if not None: orthogonality)
         clip; hooks.before_optimizer_step(optimizer, step)                             (CTR-LoRA trust region)
         optimizer.step(); new = hooks.after_optimizer_step(step); optimizer.zero_grad()  (masking, growth, allocation;
                                                                                         .grad is still readable)
@@ -911,6 +911,13 @@ class MethodHooks:
         pass  # release what the method attached to the model (e.g. CTR-LoRA's statistics hooks)
 
     calibration_batches = 0  # > 0: train.py calls calibrate() with that many micro-batches before the first step
+
+    # Several processes (train.py under torchrun): train.py sets all_reduce_sum to a function that sums a list of
+    # tensors over the ranks in place, and world_size. Gradients arrive already all-reduced (DDP); a method whose
+    # decisions use per-rank statistics (CTR-LoRA's K-FAC sums, its Hutchinson estimates) reduces them with it, so
+    # that every rank decides identically. Calibration (CG-LoRA) runs on the same batches on every rank.
+    all_reduce_sum: Callable[[list[torch.Tensor]], None] | None = None
+    world_size = 1
 
     def calibrate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
         return {}  # data-dependent initialization (CG-LoRA); returns figures to log
@@ -1437,6 +1444,8 @@ class CTRLoRAHooks(MethodHooks):
     def _fold_statistics(self) -> None:
         """EMA(β) of this step's K-FAC statistics (the first ones are taken as they are)."""
         beta = self.cfg.ctr_beta
+        if self.all_reduce_sum is not None:                  # DDP: the statistics of the global batch
+            self.collector.all_reduce(self.all_reduce_sum)
         for name, f in self.collector.factors().items():
             new = {k: v for k, v in f.tensors().items()}
             old = self.curvature.get(name)
@@ -1450,6 +1459,9 @@ class CTRLoRAHooks(MethodHooks):
         with torch.enable_grad():
             diag = self.C.hutchinson_diagonal(lambda: self.model(ids, labels=labels), params,
                                               n_samples=self.cfg.ctr_probes, model=self.model)
+        if self.all_reduce_sum is not None:                  # DDP: the mean of every rank's estimate
+            self.all_reduce_sum(diag)
+            diag = [d / self.world_size for d in diag]
         beta = self.cfg.ctr_beta
         for i, name in enumerate(self.layers):
             new = [d.clamp(min=0) for d in diag[3 * i:3 * i + 3]]     # a metric must be PSD: negative parts dropped
