@@ -360,7 +360,7 @@ def accumulate_gradients(net, micro: list[dict], n_label: int, device, autocast=
     gradient of Σ_all ranks CE / n_label — exactly the single-process gradient of the global batch. Gradients are
     all-reduced once, in the backward of the last micro-batch (no_sync before it).
     """
-    loss_total = 0.0
+    loss_total = torch.zeros((), device=device)
     for i, b in enumerate(micro):
         last = i == len(micro) - 1
         ids, labels = b["input_ids"].to(device), b["labels"].to(device)
@@ -372,8 +372,8 @@ def accumulate_gradients(net, micro: list[dict], n_label: int, device, autocast=
             objective = loss * world                              # (× 1 is exact in one process)
             reg = method.regularizer() if last and method is not None else None
             (objective if reg is None else objective + reg).backward()
-        loss_total += loss.item()
-    return loss_total
+        loss_total += loss.detach().float()
+    return loss_total.item()          # the step's one host-device sync: a NaN/inf loss must skip the step
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -508,7 +508,7 @@ def train(cfg: TrainConfig) -> dict:
             consecutive_nonfinite = 0
 
             # ---- 4. clip, trust region, optimizer step, allocator
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip).item() if cfg.clip > 0 else float("nan")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip) if cfg.clip > 0 else None  # (a tensor: no sync)
             method.before_optimizer_step(optimizer, step)   # CTR-LoRA: trust region on the proposed step
             optimizer.step()
             new_params = method.after_optimizer_step(step)  # AdaLoRA masking / TriAdaptLoRA growth / CTR allocator
@@ -529,6 +529,7 @@ def train(cfg: TrainConfig) -> dict:
                 dt = time.perf_counter() - t_window
                 elapsed = time.perf_counter() - t_start
                 eta = elapsed / (step - start_step) * (cfg.steps - step)
+                grad_norm = float("nan") if grad_norm is None else grad_norm.item()
                 row = {"step": step, "loss": window_loss / window_steps, "lr": optimizer.param_groups[0]["lr"],
                        "grad_norm": grad_norm, "tokens_per_s": window_tokens / dt, "elapsed_s": round(elapsed, 1),
                        **method.log_items()}
