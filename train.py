@@ -86,6 +86,9 @@ class TrainConfig:
     chat: bool = field(default=False, metadata={"help": "wrap prompts in the model's chat format"})
     seed: int = field(default=0, metadata={"help": "seed for adapter init, dropout and data order"})
     device: str = field(default="", metadata={"help": "cpu or cuda (default: cuda if available)"})
+    weights_dtype: str = field(default="auto", metadata={"help": "storage dtype of the frozen weights: auto (bf16 "
+                               "on a bf16 GPU, fp32 on CPU), float32, or bfloat16 (half the memory; on CPU each "
+                               "block is computed in fp32 — how a 7B model trains in 24 GB of RAM)"})
     grad_checkpoint: bool = field(default=False, metadata={"help": "recompute each block in backward (saves "
                                                                    "activation memory; on by default on CUDA)"})
     log_every: int = field(default=5, metadata={"help": "progress line and metrics every N steps"})
@@ -97,6 +100,9 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata={"help": "start afresh in an --out that holds an earlier "
                                                              "run's checkpoints (they are replaced)"})
     max_nonfinite: int = field(default=20, metadata={"help": "abort after this many consecutive NaN/inf losses"})
+    dry_run: bool = field(default=False, metadata={"help": "print the memory estimate of this run (weights, "
+                          "adapters, optimizer, method state, activations with/without checkpointing, logits; every "
+                          "method) without loading weights, and exit"})
 
     method_options: dict = field(default_factory=dict, metadata={"help": "method hyper-parameters: the "
                                  "AdapterConfig fields below, one flag each"})
@@ -118,8 +124,8 @@ def method_option_fields():
 
 
 # settings that may differ between a run and its resumption; everything else must match the checkpoint
-RESUMABLE_CHANGES = {"out", "steps", "resume", "overwrite", "log_every", "eval_every", "save_every", "keep_checkpoints", "device",
-                     "eval_examples", "max_nonfinite"}
+RESUMABLE_CHANGES = {"out", "steps", "resume", "overwrite", "log_every", "eval_every", "save_every", "keep_checkpoints",
+                     "device", "eval_examples", "max_nonfinite", "dry_run"}
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -165,6 +171,9 @@ def validate(cfg: TrainConfig):
         raise ValueError("--lr must be positive")
     if cfg.method != "full":
         cfg.adapter_config()                              # validates the method's hyper-parameters now
+    elif cfg.weights_dtype not in ("auto", "float32"):
+        raise ValueError("--method full trains fp32 master weights; drop --weights-dtype (or use float32)")
+    M.weights_dtype_policy(cfg.weights_dtype, "cpu")      # an unknown --weights-dtype fails here
     if not cfg.data or not Path(cfg.data).is_file():
         raise FileNotFoundError(f"--data {cfg.data!r}: no such file")
 
@@ -332,8 +341,10 @@ class StopFlag:
 def build_model(cfg: TrainConfig, device):
     """Load the base model, then (seeded) build the adapters and freeze everything else."""
     full = cfg.method == "full"
-    dtype = torch.float32 if full else M.default_dtype(device)   # full fine-tuning keeps fp32 master weights
-    net, tok = M.load_model_and_tokenizer(cfg.model, dtype, device)
+    dtype, compute = M.weights_dtype_policy(cfg.weights_dtype, device)   # (storage, compute: fp32 for bf16 on CPU)
+    if full:
+        dtype = torch.float32                                    # full fine-tuning keeps fp32 master weights
+    net, tok = M.load_model_and_tokenizer(cfg.model, dtype, device, compute_dtype=compute)
     torch.manual_seed(cfg.seed)                                   # adapter init depends on the seed, nothing else
     if full:
         for p in net.parameters():
@@ -589,7 +600,12 @@ def finish_distributed(world: int) -> None:
 
 
 def main(argv=None):
-    return train(parse_args(argv))
+    cfg = parse_args(argv)
+    if cfg.dry_run:
+        import memory                                    # the estimator (memory.py); reads config.json only
+        print(memory.dry_run_report(cfg))
+        return None
+    return train(cfg)
 
 
 if __name__ == "__main__":
