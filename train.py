@@ -11,9 +11,10 @@ The loop, top to bottom (each method-specific call is visible where it happens):
         micro-batches <- data cursor                       (grad_accum of them; label tokens counted first)
         loss = sum_t CE_t / N_label_tokens  + method.regularizer()     (AdaLoRA / TriAdaptLoRA orthogonality)
         backward (under DDP: the adapters' gradients are all-reduced); clip grad norm
-        method.before_optimizer_step(...)                  (CTR-LoRA: trust region on the proposed step)
+        method.before_optimizer_step(...)                  (CTR-LoRA: fold curvature statistics, snapshot the adapters)
         optimizer.step() with per-group LR (warm-up from the group's start step, cosine decay)
-        method.after_optimizer_step(step)                  (AdaLoRA masking, TriAdaptLoRA growth, CTR-LoRA allocator)
+        method.after_optimizer_step(step)                  (CTR-LoRA trust region + allocator, AdaLoRA masking,
+                                                            TriAdaptLoRA growth)
         log / evaluate / checkpoint
 
 Checkpoints hold the adapter (safetensors), optimizer, LR groups, RNG and data-cursor state, so `--resume` continues
@@ -520,9 +521,9 @@ def train(cfg: TrainConfig) -> dict:
 
             # ---- 4. clip, trust region, optimizer step, allocator
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip) if cfg.clip > 0 else None  # (a tensor: no sync)
-            method.before_optimizer_step(optimizer, step)   # CTR-LoRA: trust region on the proposed step
+            method.before_optimizer_step(optimizer, step)   # CTR-LoRA: curvature statistics, snapshot
             optimizer.step()
-            new_params = method.after_optimizer_step(step)  # AdaLoRA masking / TriAdaptLoRA growth / CTR allocator
+            new_params = method.after_optimizer_step(step)  # CTR trust region + allocator / AdaLoRA masking / growth
             optimizer.zero_grad(set_to_none=True)           # (after the hook: importance scores read .grad)
             if new_params:                                  # grown tensors join as a group with fresh warm-up
                 optimizer.add_param_group({"params": new_params, "start_step": step + 1})
