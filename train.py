@@ -177,7 +177,7 @@ def validate(cfg: TrainConfig):
     elif cfg.weights_dtype not in ("auto", "float32"):
         raise ValueError("--method full trains fp32 master weights; drop --weights-dtype (or use float32)")
     M.weights_dtype_policy(cfg.weights_dtype, "cpu")      # an unknown --weights-dtype fails here
-    if not cfg.data or not Path(cfg.data).is_file():
+    if not cfg.dry_run and (not cfg.data or not Path(cfg.data).is_file()):
         raise FileNotFoundError(f"--data {cfg.data!r}: no such file")
 
 
@@ -429,10 +429,14 @@ def train(cfg: TrainConfig) -> dict:
         method.all_reduce_sum, method.world_size = all_reduce_sum, world
 
     start_step, nonfinite_total = 0, 0
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
     if method.calibration_batches and not cfg.resume:       # CG-LoRA: data-dependent init before the first step
         calib = D.Batcher(train_examples, cfg.batch_size, tok.pad_id, seed=cfg.seed + 1)   # not the training cursor
         batches = [next(calib) for _ in range(method.calibration_batches)]
-        calibration_info = method.calibrate([(b["input_ids"].to(device), b["labels"].to(device)) for b in batches])
+        net.train()                              # as a training step: checkpointing and autocast bound its memory
+        with autocast:
+            calibration_info = method.calibrate([(b["input_ids"].to(device), b["labels"].to(device))
+                                                 for b in batches])
     else:
         calibration_info = {}
     if cfg.resume:
@@ -469,7 +473,6 @@ def train(cfg: TrainConfig) -> dict:
     metrics = open(out / "metrics.jsonl", "a") if main_rank else open(os.devnull, "w")
     ddp = wrap_ddp(net, device, world)                     # the model itself in one process
 
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
     stop = StopFlag()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     def validate_now(step):
