@@ -1,5 +1,5 @@
 """
-Adapters for Llama linears: LoRA, AdaLoRA, TriAdaptLoRA (and, in later sections, CTR-LoRA, CG-LoRA).
+Adapters for Llama linears: LoRA, AdaLoRA, TriAdaptLoRA, CTR-LoRA, CG-LoRA.
 
 Every adapted layer replaces one frozen `nn.Linear` (y = W0 x, W0: d_out x d_in) and adds a low-rank update ΔW:
 
@@ -21,7 +21,9 @@ Contents, top to bottom:
   5. small free functions: trainable flags, adapter state dict, parameter counts, ranks, merge all, merged state dict;
      MethodHooks: what a method does around the optimizer step (nothing, for LoRA)
      shared rank machinery: orthogonality penalty, BudgetSchedule, keep_top_budget, MaskAllocator, SensitivityScores
-     AdaLoRAHooks (sensitivity scores -> masks), TriAdaptHooks (normalized Frobenius norms -> growth)
+     AdaLoRAHooks (sensitivity scores -> masks), TriAdaptHooks (normalized Frobenius norms -> growth),
+     CTRLoRAHooks (K-FAC curvature -> marginal-utility masks, trust region on every step),
+     CGLoRAHooks (calibration: curvature-whitened gradient SVD -> LoRA init; dense or one-pass sketch)
   6. save_adapter / load_adapter / load_adapter_weights (this project's format), export_peft (HF peft's format)
 
 dtype policy: adapter tensors are fp32 even when W0 is bf16; the adapter path casts x to the adapter dtype and casts
@@ -427,7 +429,7 @@ class AdapterConfig:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
 
-    # --- shared by the methods with a training schedule (AdaLoRA, TriAdaptLoRA; CTR-LoRA later) -----------------------
+    # --- shared by the methods with a training schedule (AdaLoRA, TriAdaptLoRA, CTR-LoRA) ----------------------------
     total_steps: int = field(default=0, metadata={"help": "total optimizer steps T of the run, for the rank schedules "
                                                           "(train.py sets it from --steps; 0 = not known yet)"})
     orth_reg: float = field(default=0.1, metadata={"help": "AdaLoRA/TriAdaptLoRA: weight γ of the orthogonality "
@@ -737,7 +739,7 @@ def inject_adapters(model: nn.Module, targets: list[str],
 
 def apply_method(model: nn.Module, method: str, cfg: AdapterConfig | None = None,
                  ranks: dict[str, int] | None = None) -> dict[str, AdaptedLinear]:
-    """The entry point: adapt `model` in place with `method` ("lora", "adalora", "triadapt") and return {name: layer}.
+    """The entry point: adapt `model` in place with `method` (one of METHODS) and return {name: layer}.
 
     `ranks` optionally gives a per-module rank as saved by save_adapter (loading: LoRA's per-module r, AdaLoRA's
     r₀, TriAdaptLoRA's grown rank); otherwise every module gets the method's initial rank (`cfg.r` for LoRA).
@@ -871,10 +873,11 @@ class MethodHooks:
     """What a method does around the optimizer step. This base class is plain LoRA: every hook does nothing.
 
     train.py calls, in this order, every step:
-        per micro-batch: hooks.before_micro_batch(ids, labels, n_label); loss.backward()   (curvature statistics)
-        reg = hooks.regularizer(); reg.backward() if reg is not None                   (orthogonality penalties)
-        clip; hooks.before_optimizer_step(optimizer, step)                             (CTR-LoRA trust region)
-        optimizer.step(); new = hooks.after_optimizer_step(step); optimizer.zero_grad()  (masking, growth, allocation;
+        per micro-batch: hooks.before_micro_batch(ids, labels, n_label); loss.backward()   (curvature statistics;
+                         the last micro-batch's loss includes hooks.regularizer() if not None: orthogonality)
+        clip; hooks.before_optimizer_step(optimizer, step)            (CTR-LoRA: fold curvature, snapshot params)
+        optimizer.step(); new = hooks.after_optimizer_step(step); optimizer.zero_grad()  (trust region, masking,
+                                                                                        growth, allocation;
                                                                                         .grad is still readable)
     and hooks.log_items() when logging, hooks.close() at the end. state_dict() / restore_structure() carry method
     state (e.g. grown block counts) through checkpoints; state_dict() must hold only plain types and tensors (read
@@ -911,6 +914,13 @@ class MethodHooks:
         pass  # release what the method attached to the model (e.g. CTR-LoRA's statistics hooks)
 
     calibration_batches = 0  # > 0: train.py calls calibrate() with that many micro-batches before the first step
+
+    # Several processes (train.py under torchrun): train.py sets all_reduce_sum to a function that sums a list of
+    # tensors over the ranks in place, and world_size. Gradients arrive already all-reduced (DDP); a method whose
+    # decisions use per-rank statistics (CTR-LoRA's K-FAC sums, its Hutchinson estimates) reduces them with it, so
+    # that every rank decides identically. Calibration (CG-LoRA) runs on the same batches on every rank.
+    all_reduce_sum: Callable[[list[torch.Tensor]], None] | None = None
+    world_size = 1
 
     def calibrate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
         return {}  # data-dependent initialization (CG-LoRA); returns figures to log
@@ -1015,8 +1025,8 @@ def keep_top_budget(scores: dict[str, torch.Tensor], budget: int) -> dict[str, t
 class MaskAllocator:
     """Keeps the SVD-form layers at the scheduled budget (SPEC §3, §5): at an allocation step of the schedule, and
     once more at t = T − t_f with b_T, masks ← select(scores(), b(t)); after T − t_f the masks are frozen. After
-    every optimizer step the masked λ are set to 0. The score is plugged in: AdaLoRA's sensitivity × uncertainty
-    now, CTR-LoRA's marginal utility (with a hysteresis `select`) later.
+    every optimizer step the masked λ are set to 0. The score is plugged in: AdaLoRA's sensitivity × uncertainty,
+    or CTR-LoRA's marginal utility (with a hysteresis `select`).
     """
 
     def __init__(self, layers: dict[str, SVDLinear], schedule: BudgetSchedule,
@@ -1373,7 +1383,7 @@ class CTRLoRAHooks(MethodHooks):
         before_optimizer_step   fold this step's statistics into the EMA curvature (β), keep the EMA of ∂L/∂λ,
                                 snapshot (P, λ, Q)                                   [curvature proxy]
         after_optimizer_step    δθ = AdamW's proposed step; κ = ½ Σ_ℓ tr(Γ_ℓ δW_ℓ S_ℓ δW_ℓᵀ); if κ > ρ(t) scale
-                                the whole step by √(ρ/κ)                            [trust region, --ctr-trust-region]
+                                the whole step by a ≈ √(ρ/κ), refined until κ(a) ≤ ρ  [trust region]
                                 at allocation steps keep the global top-b(t) triplets by marginal utility per
                                 parameter, with hysteresis; masked λ ← 0            [rank scheduler, --ctr-schedule]
 
@@ -1437,6 +1447,8 @@ class CTRLoRAHooks(MethodHooks):
     def _fold_statistics(self) -> None:
         """EMA(β) of this step's K-FAC statistics (the first ones are taken as they are)."""
         beta = self.cfg.ctr_beta
+        if self.all_reduce_sum is not None:                  # DDP: the statistics of the global batch
+            self.collector.all_reduce(self.all_reduce_sum)
         for name, f in self.collector.factors().items():
             new = {k: v for k, v in f.tensors().items()}
             old = self.curvature.get(name)
@@ -1450,6 +1462,9 @@ class CTRLoRAHooks(MethodHooks):
         with torch.enable_grad():
             diag = self.C.hutchinson_diagonal(lambda: self.model(ids, labels=labels), params,
                                               n_samples=self.cfg.ctr_probes, model=self.model)
+        if self.all_reduce_sum is not None:                  # DDP: the mean of every rank's estimate
+            self.all_reduce_sum(diag)
+            diag = [d / self.world_size for d in diag]
         beta = self.cfg.ctr_beta
         for i, name in enumerate(self.layers):
             new = [d.clamp(min=0) for d in diag[3 * i:3 * i + 3]]     # a metric must be PSD: negative parts dropped
@@ -1734,8 +1749,9 @@ def cg_calibration_factors(model: nn.Module, layers: dict, batches, cfg: Adapter
                 collector.set_batch(mask, reduction="mean")
             if mode != "dense":
                 state.update(mask=mask, N=N)
-            logits = model.lm_head(model.hidden_states(inputs)[mask]).float()          # (N, vocab)
-            grads = torch.autograd.grad(F.cross_entropy(logits, labels[mask]), weights)
+            # (no name for the (N, vocab) logits: the backward does not need them, so they are freed at once)
+            loss = F.cross_entropy(model.lm_head(model.hidden_states(inputs)[mask]).float(), labels[mask])
+            grads = torch.autograd.grad(loss, weights)
             if mode == "dense":
                 for (n, _), g in zip(layers.items(), grads):
                     G[n] += g.float() * N                                              # Σ over tokens

@@ -211,6 +211,16 @@ class KFACCollector:
             out[name] = KFACFactors(n_tokens=n, **{k: v / n for k, v in sums.items()})
         return out
 
+    def all_reduce(self, reduce_sum: Callable[[list[torch.Tensor]], None]) -> None:
+        """Sum the statistics over DDP ranks in place (reduce_sum sums a list of tensors over the ranks), so that
+        factors() gives the statistics of the global batch. Every rank must have collected the same statistics."""
+        names = list(self.sums)
+        tensors = [self.sums[n][k] for n in names for k in sorted(self.sums[n])]
+        device = tensors[0].device if tensors else torch.device("cpu")
+        counts = torch.tensor([float(self.counts[n]) for n in names], dtype=torch.float64, device=device)
+        reduce_sum(tensors + [counts])
+        self.counts = {n: int(c) for n, c in zip(names, counts.tolist())}
+
     def reset(self):
         self.sums = {name: {} for name in self.modules}
         self.counts = {name: 0 for name in self.modules}

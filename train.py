@@ -3,26 +3,34 @@ Fine-tune a Llama-architecture model with an adapter method (or fully), in one r
 
     python train.py --method lora --model smollm2-135m --data data/wordnet_train.jsonl --steps 100
     python train.py --method lora --model llama-7b --device cuda --grad-checkpoint ...
+    torchrun --nproc_per_node 2 train.py --method triadapt ...       (DDP: nccl on GPUs, gloo on CPU)
 
 The loop, top to bottom (each method-specific call is visible where it happens):
 
     for step in steps:
         micro-batches <- data cursor                       (grad_accum of them; label tokens counted first)
         loss = sum_t CE_t / N_label_tokens  + method.regularizer()     (AdaLoRA / TriAdaptLoRA orthogonality)
-        backward; clip grad norm
-        method.before_optimizer_step(...)                  (CTR-LoRA: trust region on the proposed step)
+        backward (under DDP: the adapters' gradients are all-reduced); clip grad norm
+        method.before_optimizer_step(...)                  (CTR-LoRA: fold curvature statistics, snapshot the adapters)
         optimizer.step() with per-group LR (warm-up from the group's start step, cosine decay)
-        method.after_optimizer_step(step)                  (AdaLoRA masking, TriAdaptLoRA growth, CTR-LoRA allocator)
+        method.after_optimizer_step(step)                  (CTR-LoRA trust region + allocator, AdaLoRA masking,
+                                                            TriAdaptLoRA growth)
         log / evaluate / checkpoint
 
 Checkpoints hold the adapter (safetensors), optimizer, LR groups, RNG and data-cursor state, so `--resume` continues
 exactly; they are written to a temporary folder and renamed, so an interruption never leaves a broken one.
 SIGINT/SIGTERM finish the current step, save a checkpoint and exit.
+
+Under torchrun every rank runs this same loop on its own slice of each global batch (Batcher rank/world_size);
+DistributedDataParallel all-reduces the gradients of the trainable parameters only, statistics that drive rank
+decisions (CTR-LoRA's curvature) are all-reduced by the method hooks, so every rank takes identical decisions; only
+rank 0 writes checkpoints, metrics and plots. --batch-size is per rank: the global batch is batch_size x ranks.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -36,6 +44,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 import adapters as A
 import data as D
@@ -77,6 +87,11 @@ class TrainConfig:
     chat: bool = field(default=False, metadata={"help": "wrap prompts in the model's chat format"})
     seed: int = field(default=0, metadata={"help": "seed for adapter init, dropout and data order"})
     device: str = field(default="", metadata={"help": "cpu or cuda (default: cuda if available)"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default, one per core; "
+                         "on a machine shared with other jobs, 1 per process can be several times faster)"})
+    weights_dtype: str = field(default="auto", metadata={"help": "storage dtype of the frozen weights: auto (bf16 "
+                               "on a bf16 GPU, fp32 on CPU), float32, or bfloat16 (half the memory; on CPU each "
+                               "block is computed in fp32 — how a 7B model trains in 24 GB of RAM)"})
     grad_checkpoint: bool = field(default=False, metadata={"help": "recompute each block in backward (saves "
                                                                    "activation memory; on by default on CUDA)"})
     log_every: int = field(default=5, metadata={"help": "progress line and metrics every N steps"})
@@ -88,6 +103,9 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata={"help": "start afresh in an --out that holds an earlier "
                                                              "run's checkpoints (they are replaced)"})
     max_nonfinite: int = field(default=20, metadata={"help": "abort after this many consecutive NaN/inf losses"})
+    dry_run: bool = field(default=False, metadata={"help": "print the memory estimate of this run (weights, "
+                          "adapters, optimizer, method state, activations with/without checkpointing, logits; every "
+                          "method) without loading weights, and exit"})
 
     method_options: dict = field(default_factory=dict, metadata={"help": "method hyper-parameters: the "
                                  "AdapterConfig fields below, one flag each"})
@@ -109,8 +127,8 @@ def method_option_fields():
 
 
 # settings that may differ between a run and its resumption; everything else must match the checkpoint
-RESUMABLE_CHANGES = {"out", "steps", "resume", "overwrite", "log_every", "eval_every", "save_every", "keep_checkpoints", "device",
-                     "eval_examples", "max_nonfinite"}
+RESUMABLE_CHANGES = {"out", "steps", "resume", "overwrite", "log_every", "eval_every", "save_every", "keep_checkpoints",
+                     "device", "eval_examples", "max_nonfinite", "dry_run", "threads"}
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -156,7 +174,10 @@ def validate(cfg: TrainConfig):
         raise ValueError("--lr must be positive")
     if cfg.method != "full":
         cfg.adapter_config()                              # validates the method's hyper-parameters now
-    if not cfg.data or not Path(cfg.data).is_file():
+    elif cfg.weights_dtype not in ("auto", "float32"):
+        raise ValueError("--method full trains fp32 master weights; drop --weights-dtype (or use float32)")
+    M.weights_dtype_policy(cfg.weights_dtype, "cpu")      # an unknown --weights-dtype fails here
+    if not cfg.dry_run and (not cfg.data or not Path(cfg.data).is_file()):
         raise FileNotFoundError(f"--data {cfg.data!r}: no such file")
 
 
@@ -240,6 +261,70 @@ def check_resume_config(saved: dict, cfg: TrainConfig):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# several processes: torchrun + DistributedDataParallel (nccl on CUDA, gloo on CPU)
+# ----------------------------------------------------------------------------------------------------------------
+
+def init_distributed(cfg: TrainConfig) -> tuple[torch.device, int, int]:
+    """(device, rank, world_size). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them this is one process."""
+    device = torch.device(cfg.device or M.default_device())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return device, 0, 1
+    if device.type == "cuda":                          # one GPU per process
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
+    """Sum tensors over all ranks, in place, with one collective (they are packed into one float64 buffer)."""
+    if not tensors or not dist.is_initialized():
+        return
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+    dist.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def wrap_ddp(net, device, world: int):
+    """DDP around the model, or the model itself in one process.
+
+    Only parameters that require grad (the adapters) are in DDP's gradient buckets: the frozen base weights are
+    never all-reduced. Rank 0's trainable values are broadcast here (init_sync=False skips DDP's broadcast of every
+    parameter and buffer, i.e. of the whole frozen model); buffers are not re-broadcast at each forward, since every
+    rank sets them by the same decisions (masks) from the same all-reduced statistics. Gradient checkpointing is
+    non-reentrant (model.py), so each parameter's gradient is ready exactly once per backward under DDP.
+    """
+    if world == 1:
+        return net
+    for p in net.parameters():
+        if p.requires_grad:
+            dist.broadcast(p.data, src=0)
+    return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False, init_sync=False)
+
+
+def rank_rng_states(world: int) -> dict:
+    """Every rank's RNG state, for a checkpoint (dropout draws differ per rank); call on all ranks together."""
+    if world == 1:
+        return {}
+    states = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return {"rng_ranks": states}
+
+
+def unwrap_ddp(ddp) -> None:
+    """Drop a DDP wrapper so that its gradient hooks go with it (before wrapping again around grown parameters)."""
+    if isinstance(ddp, DistributedDataParallel):
+        del ddp
+        gc.collect()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the run
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -259,8 +344,10 @@ class StopFlag:
 def build_model(cfg: TrainConfig, device):
     """Load the base model, then (seeded) build the adapters and freeze everything else."""
     full = cfg.method == "full"
-    dtype = torch.float32 if full else M.default_dtype(device)   # full fine-tuning keeps fp32 master weights
-    net, tok = M.load_model_and_tokenizer(cfg.model, dtype, device)
+    dtype, compute = M.weights_dtype_policy(cfg.weights_dtype, device)   # (storage, compute: fp32 for bf16 on CPU)
+    if full:
+        dtype = torch.float32                                    # full fine-tuning keeps fp32 master weights
+    net, tok = M.load_model_and_tokenizer(cfg.model, dtype, device, compute_dtype=compute)
     torch.manual_seed(cfg.seed)                                   # adapter init depends on the seed, nothing else
     if full:
         for p in net.parameters():
@@ -271,28 +358,43 @@ def build_model(cfg: TrainConfig, device):
     return net, tok
 
 
-def accumulate_gradients(net, micro: list[dict], n_label: int, device, autocast=None, method=None) -> float:
+def accumulate_gradients(net, micro: list[dict], n_label: int, device, autocast=None, method=None,
+                         world: int = 1) -> float:
     """Backward over micro-batches so that the gradient equals that of one batch holding all of them.
 
     loss = (Σ over every label token t of the step of CE_t) / n_label, where n_label counts the label tokens of
     *all* micro-batches. Averaging per micro-batch instead would weight a token by 1/len(its micro-batch).
-    Returns the step's loss (a float, for logging). `method.before_micro_batch` tells curvature collectors
-    (CTR-LoRA) which tokens carry a loss and the step's token count.
+    The method's regularizer joins the last micro-batch's loss (same gradient as a separate backward; under DDP it
+    keeps the step at one backward per micro-batch). Returns this process's share of the loss (a float, for logging).
+    `method.before_micro_batch` tells curvature collectors (CTR-LoRA) which tokens carry a loss and the scale of
+    the per-token gradients.
+
+    Under DDP (`net` is the DistributedDataParallel wrapper, `world` ranks) n_label counts the label tokens of every
+    rank, and each rank's loss is multiplied by `world`: DDP averages gradients over ranks, so the result is the
+    gradient of Σ_all ranks CE / n_label — exactly the single-process gradient of the global batch. Gradients are
+    all-reduced once, in the backward of the last micro-batch (no_sync before it).
     """
-    loss_total = 0.0
-    for b in micro:
+    loss_total = torch.zeros((), device=device)
+    for i, b in enumerate(micro):
+        last = i == len(micro) - 1
         ids, labels = b["input_ids"].to(device), b["labels"].to(device)
-        if method is not None:
-            method.before_micro_batch(ids, labels, n_label)
-        with autocast or nullcontext():
-            loss = net(ids, labels=labels, reduction="sum") / n_label
-        loss.backward()
-        loss_total += loss.item()
-    return loss_total
+        if method is not None:            # ∂(loss)/∂y_t = (world / n_label) ∂CE_t/∂y_t
+            method.before_micro_batch(ids, labels, n_label / world)
+        with nullcontext() if last or world == 1 else net.no_sync():
+            with autocast or nullcontext():
+                loss = net(ids, labels=labels, reduction="sum") / n_label
+            objective = loss * world                              # (× 1 is exact in one process)
+            reg = method.regularizer() if last and method is not None else None
+            (objective if reg is None else objective + reg).backward()
+        loss_total += loss.detach().float()
+    return loss_total.item()          # the step's one host-device sync: a NaN/inf loss must skip the step
 
 
 def train(cfg: TrainConfig) -> dict:
-    device = torch.device(cfg.device or M.default_device())
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device, rank, world = init_distributed(cfg)
+    main_rank = rank == 0                                  # the only writer of files and progress lines
     out = Path(cfg.out)
     if not cfg.resume and latest_checkpoint(out) is not None and not cfg.overwrite:   # never lose a run by accident
         raise ValueError(f"{out} holds checkpoints of an earlier run; add --resume to continue it, "
@@ -308,24 +410,33 @@ def train(cfg: TrainConfig) -> dict:
     net.grad_checkpoint = cfg.grad_checkpoint or device.type == "cuda"
     params = [p for p in net.parameters() if p.requires_grad]
     counts = A.count_parameters(net) if cfg.method != "full" else {"trainable": sum(p.numel() for p in params)}
-    print(f"{cfg.method}: {counts['trainable']:,} trainable parameters", file=sys.stderr)
+    if main_rank:
+        print(f"{cfg.method}: {counts['trainable']:,} trainable parameters"
+              + (f"; {world} processes, global batch {cfg.batch_size * world} x {cfg.grad_accum} micro-batches"
+                 if world > 1 else ""), file=sys.stderr)
 
     train_examples = D.encode_dataset(train_records, tok, cfg.seq_len, cfg.chat, name=cfg.data)
     val_examples = (D.encode_dataset(val_records, tok, cfg.seq_len, cfg.chat, name=cfg.val_data)
                     if val_records else None)
-    batcher = D.Batcher(train_examples, cfg.batch_size, tok.pad_id, seed=cfg.seed)
+    batcher = D.Batcher(train_examples, cfg.batch_size, tok.pad_id, seed=cfg.seed, rank=rank, world_size=world)
 
     # AdamW on the trainable parameters only; each group remembers the step it joined (for its warm-up)
     # (fused: one kernel for all tensors — TriAdaptLoRA has thousands of small ones; same arithmetic as the loop)
     optimizer = torch.optim.AdamW([{"params": params, "start_step": 0}], lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.999), eps=1e-8, fused=device.type in ("cpu", "cuda"))
     method = A.training_hooks(net, cfg.adapter_config()) if cfg.method != "full" else A.MethodHooks()
+    if world > 1:                                   # statistics behind rank decisions are summed over the ranks
+        method.all_reduce_sum, method.world_size = all_reduce_sum, world
 
     start_step, nonfinite_total = 0, 0
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
     if method.calibration_batches and not cfg.resume:       # CG-LoRA: data-dependent init before the first step
         calib = D.Batcher(train_examples, cfg.batch_size, tok.pad_id, seed=cfg.seed + 1)   # not the training cursor
         batches = [next(calib) for _ in range(method.calibration_batches)]
-        calibration_info = method.calibrate([(b["input_ids"].to(device), b["labels"].to(device)) for b in batches])
+        net.train()                              # as a training step: checkpointing and autocast bound its memory
+        with autocast:
+            calibration_info = method.calibrate([(b["input_ids"].to(device), b["labels"].to(device))
+                                                 for b in batches])
     else:
         calibration_info = {}
     if cfg.resume:
@@ -350,19 +461,23 @@ def train(cfg: TrainConfig) -> dict:
         for g, s in zip(optimizer.param_groups, state["group_starts"]):
             g["start_step"] = s
         batcher.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng_ranks"][rank] if world > 1 else state["rng"])
         start_step, nonfinite_total = state["step"], state.get("nonfinite_total", 0)
-        print(f"resumed from {ckpt} at step {start_step}", file=sys.stderr)
-    else:
+        if main_rank:
+            print(f"resumed from {ckpt} at step {start_step}", file=sys.stderr)
+    elif main_rank:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    metrics = open(out / "metrics.jsonl", "a")
+    if main_rank:
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    metrics = open(out / "metrics.jsonl", "a") if main_rank else open(os.devnull, "w")
+    ddp = wrap_ddp(net, device, world)                     # the model itself in one process
 
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
     stop = StopFlag()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     def validate_now(step):
+        if not main_rank:
+            return
         net.eval()
         v = E.evaluate_loss(net, val_examples, cfg.batch_size * 2, tok.pad_id)
         net.train()
@@ -383,13 +498,21 @@ def train(cfg: TrainConfig) -> dict:
             # ---- 1. fetch the micro-batches of this step and count their label tokens (the loss normalizer)
             micro = [next(batcher) for _ in range(cfg.grad_accum)]
             n_label = sum(D.count_label_tokens(b) for b in micro)
+            if world > 1:                                  # the normalizer counts the label tokens of every rank
+                count = torch.tensor([float(n_label)], device=device)
+                all_reduce_sum([count])
+                n_label = int(count.item())
             set_lrs(optimizer, step, cfg)
 
-            # ---- 2. forward/backward: summed token losses / label tokens of the whole step == one big batch
-            loss_total = accumulate_gradients(net, micro, n_label, device, autocast, method)
-            reg = method.regularizer()                 # AdaLoRA/TriAdaptLoRA orthogonality penalty (0 for LoRA)
-            if reg is not None:
-                reg.backward()
+            # ---- 2. forward/backward: summed token losses / label tokens of the whole step == one big batch,
+            #         plus the method's penalty (AdaLoRA/TriAdaptLoRA orthogonality; none for LoRA)
+            loss_total = accumulate_gradients(ddp, micro, n_label, device, autocast, method, world)
+            if world > 1:                                  # the global loss; any rank's signal stops every rank
+                shared = torch.tensor([loss_total, float(stop.signal is not None)], device=device)
+                all_reduce_sum([shared])
+                loss_total = shared[0].item()
+                if shared[1].item() > 0 and stop.signal is None:
+                    stop.signal = signal.SIGTERM
 
             # ---- 3. skip steps whose loss is NaN/inf (reported, counted; too many in a row aborts)
             if not math.isfinite(loss_total):
@@ -404,24 +527,28 @@ def train(cfg: TrainConfig) -> dict:
             consecutive_nonfinite = 0
 
             # ---- 4. clip, trust region, optimizer step, allocator
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip).item() if cfg.clip > 0 else float("nan")
-            method.before_optimizer_step(optimizer, step)   # CTR-LoRA: trust region on the proposed step
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip) if cfg.clip > 0 else None  # (a tensor: no sync)
+            method.before_optimizer_step(optimizer, step)   # CTR-LoRA: curvature statistics, snapshot
             optimizer.step()
-            new_params = method.after_optimizer_step(step)  # AdaLoRA masking / TriAdaptLoRA growth / CTR allocator
+            new_params = method.after_optimizer_step(step)  # CTR trust region + allocator / AdaLoRA masking / growth
             optimizer.zero_grad(set_to_none=True)           # (after the hook: importance scores read .grad)
             if new_params:                                  # grown tensors join as a group with fresh warm-up
                 optimizer.add_param_group({"params": new_params, "start_step": step + 1})
                 params += new_params
+                if world > 1:                               # DDP buckets are fixed at wrap time: wrap again
+                    unwrap_ddp(ddp)
+                    ddp = wrap_ddp(net, device, world)
             step += 1
 
             # ---- 5. log, evaluate, checkpoint
             window_loss += loss_total
             window_steps += 1
             window_tokens += sum(b["input_ids"].numel() for b in micro)
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if main_rank and (step % cfg.log_every == 0 or step == cfg.steps):
                 dt = time.perf_counter() - t_window
                 elapsed = time.perf_counter() - t_start
                 eta = elapsed / (step - start_step) * (cfg.steps - step)
+                grad_norm = float("nan") if grad_norm is None else grad_norm.item()
                 row = {"step": step, "loss": window_loss / window_steps, "lr": optimizer.param_groups[0]["lr"],
                        "grad_norm": grad_norm, "tokens_per_s": window_tokens / dt, "elapsed_s": round(elapsed, 1),
                        **method.log_items()}
@@ -433,11 +560,15 @@ def train(cfg: TrainConfig) -> dict:
             if val_examples and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
                 validate_now(step)
             if stop.signal is not None or (cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps):
-                path = save_checkpoint(out, step, net, optimizer, batcher, cfg,
-                                       {"nonfinite_total": nonfinite_total, "method": method.state_dict()})
-                print(f"saved checkpoint {path}", file=sys.stderr)
+                rngs = rank_rng_states(world)
+                if main_rank:
+                    path = save_checkpoint(out, step, net, optimizer, batcher, cfg,
+                                           {"nonfinite_total": nonfinite_total, "method": method.state_dict(), **rngs})
+                    print(f"saved checkpoint {path}", file=sys.stderr)
             if stop.signal is not None:
-                print(f"stopped at step {step}; continue with the same command plus --resume", file=sys.stderr)
+                if main_rank:
+                    print(f"stopped at step {step}; continue with the same command plus --resume", file=sys.stderr)
+                finish_distributed(world)
                 sys.exit(128 + stop.signal)
     finally:
         for s, h in old_handlers.items():
@@ -445,26 +576,44 @@ def train(cfg: TrainConfig) -> dict:
         metrics.close()
         method.close()                                     # e.g. remove CTR-LoRA's statistics hooks
 
-    # ---- the run's products: weights, peft export, plot
+    # ---- the run's products: weights, peft export, plot (rank 0)
     net.eval()
+    wall = time.perf_counter() - t_start
+    result = {"steps": step, "wall_s": wall, "nonfinite_steps": nonfinite_total, "model": net}
+    rngs = rank_rng_states(world)
+    if not main_rank:
+        finish_distributed(world)
+        return result
     save_weights(net, cfg, out)
     if cfg.method != "full":
         A.export_peft(net, cfg.adapter_config(), str(out / "peft"), base_model_name_or_path=cfg.model)
     save_checkpoint(out, step, net, optimizer, batcher, cfg,
-                    {"nonfinite_total": nonfinite_total, "method": method.state_dict()})
+                    {"nonfinite_total": nonfinite_total, "method": method.state_dict(), **rngs})
     E.plot_loss_curves({cfg.method: out / "metrics.jsonl"}, out / "loss.png")
     if cfg.method != "full":
         E.plot_rank_heatmap(A.adapter_ranks(net), out / "ranks.png", f"{cfg.method} ranks")   # ranks in use
     if cfg.method == "ctr":
         E.plot_trust_region(out / "metrics.jsonl", out / "trust_region.png")
-    wall = time.perf_counter() - t_start
     print(f"done: {step} steps in {wall:.0f}s; wrote {out}/ (weights, peft/, metrics.jsonl, loss.png, ranks.png)",
           file=sys.stderr)
-    return {"steps": step, "wall_s": wall, "nonfinite_steps": nonfinite_total}
+    finish_distributed(world)
+    return result
+
+
+def finish_distributed(world: int) -> None:
+    """Wait for rank 0's files, then leave the process group (nothing to do in one process)."""
+    if world > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def main(argv=None):
-    return train(parse_args(argv))
+    cfg = parse_args(argv)
+    if cfg.dry_run:
+        import memory                                    # the estimator (memory.py); reads config.json only
+        print(memory.dry_run_report(cfg))
+        return None
+    return train(cfg)
 
 
 if __name__ == "__main__":

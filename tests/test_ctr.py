@@ -47,10 +47,7 @@ def run_steps(net, hooks, batch_list, lr=1e-2, check=None):
     opt = torch.optim.AdamW(params, lr=lr)
     for step, b in enumerate(batch_list):
         n_label = D.count_label_tokens(b)
-        T.accumulate_gradients(net, [b], n_label, "cpu", method=hooks)
-        reg = hooks.regularizer()
-        if reg is not None:
-            reg.backward()
+        T.accumulate_gradients(net, [b], n_label, "cpu", method=hooks)     # + the regularizer, as train.py
         hooks.before_optimizer_step(opt, step)
         before = {n: tuple(p.detach().clone() for p in hooks._params(l)) for n, l in hooks.layers.items()}
         opt.step()
