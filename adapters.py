@@ -1749,9 +1749,8 @@ def cg_calibration_factors(model: nn.Module, layers: dict, batches, cfg: Adapter
                 collector.set_batch(mask, reduction="mean")
             if mode != "dense":
                 state.update(mask=mask, N=N)
-            # (no name for the (N, vocab) logits: the backward does not need them, so they are freed at once)
-            loss = F.cross_entropy(model.lm_head(model.hidden_states(inputs)[mask]).float(), labels[mask])
-            grads = torch.autograd.grad(loss, weights)
+            logits = model.lm_head(model.hidden_states(inputs)[mask]).float()          # (N, vocab)
+            grads = torch.autograd.grad(F.cross_entropy(logits, labels[mask]), weights)
             if mode == "dense":
                 for (n, _), g in zip(layers.items(), grads):
                     G[n] += g.float() * N                                              # Σ over tokens

@@ -433,10 +433,7 @@ def train(cfg: TrainConfig) -> dict:
     if method.calibration_batches and not cfg.resume:       # CG-LoRA: data-dependent init before the first step
         calib = D.Batcher(train_examples, cfg.batch_size, tok.pad_id, seed=cfg.seed + 1)   # not the training cursor
         batches = [next(calib) for _ in range(method.calibration_batches)]
-        net.train()                              # as a training step: checkpointing and autocast bound its memory
-        with autocast:
-            calibration_info = method.calibrate([(b["input_ids"].to(device), b["labels"].to(device))
-                                                 for b in batches])
+        calibration_info = method.calibrate([(b["input_ids"].to(device), b["labels"].to(device)) for b in batches])
     else:
         calibration_info = {}
     if cfg.resume:
