@@ -650,7 +650,7 @@ def run_dtypes(cfg) -> tuple[str, torch.dtype, torch.dtype, bool]:
         compute = torch.bfloat16                             # train.py: autocast(bf16) on CUDA
     elif compute is None:
         compute = storage
-    grad_checkpoint = bool(cfg.grad_checkpoint) or device.type == "cuda"
+    grad_checkpoint = bool(cfg.grad_checkpoint) or device.type == "cuda" or (device.type == "cpu" and compute != storage)
     return device.type, storage, compute, grad_checkpoint
 
 

@@ -407,7 +407,9 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.seq_len > net.config.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} is longer than the model allows "
                          f"({net.config.max_position_embeddings}); lower --seq-len")
-    net.grad_checkpoint = cfg.grad_checkpoint or device.type == "cuda"
+    # checkpointing: on by default on CUDA; always with bf16 storage + fp32 compute on CPU, where otherwise autograd
+    # would keep every block's fp32 weight copy (the memory of a whole fp32 model)
+    net.grad_checkpoint = cfg.grad_checkpoint or device.type == "cuda" or net.compute_dtype is not None
     params = [p for p in net.parameters() if p.requires_grad]
     counts = A.count_parameters(net) if cfg.method != "full" else {"trainable": sum(p.numel() for p in params)}
     if main_rank:
