@@ -244,7 +244,7 @@ def test_dry_run_report_of_a_preset_lists_every_component_without_weights(no_wei
     assert "weights (bfloat16)" in memory.dry_run_report(cfg)
     shape, _ = memory.model_shape("llama-7b")
     device, storage, compute, ckpt = memory.run_dtypes(cfg)
-    assert (device, storage, ckpt) == ("cpu", torch.bfloat16, False)
+    assert (device, storage, compute, ckpt) == ("cpu", torch.bfloat16, torch.float32, True)   # train.py forces ckpt
     assert memory.estimate(shape, "ctr", cfg.adapter_config(), 1, 2048, storage, compute, ckpt)["weights"] == 2 * n
 
 
