@@ -1,0 +1,719 @@
+"""
+Our LoRA training step against transformers + peft (tokens/s, peak memory), method overheads over LoRA, and the
+achieved FLOP/s of our step against this machine's measured fp32 matmul peak (issue 8).
+
+    python benchmarks/bench_vs_peft.py                              # SmolLM2-135M and tiny, 3 rounds (~10 min)
+    python benchmarks/bench_vs_peft.py --workloads tiny --rounds 5  # the tiny random model only (~2 min)
+    python benchmarks/bench_vs_peft.py --profile ours-lora          # where one step's time goes (torch.profiler)
+
+Workload: prompt/completion batches, batch 4 x 128 random tokens, loss on the last quarter of each row (labels
+-100 on the first 3/4). Two models, each loaded by both implementations from the same safetensors folder:
+`smollm2` (checkpoints/smollm2-135m) and `tiny` (the `tiny` preset, random weights written to a temp folder).
+fp32, CPU, the same torch.set_num_threads in every process, the same fused AdamW (torch.optim.AdamW(fused=True),
+which both can use), gradient clipping at 1.0 in both, all 7 linear types adapted, r = 8, α = 16, dropout 0.
+
+Setups (each runs in its own subprocess, so that peak RSS is its own; setups alternate round by round
+A B C ... A B C ...; medians over rounds are reported):
+
+    ours-lora      model.py + adapters.py LoRA; one step = what train.py does per optimizer step
+                   (train.accumulate_gradients, regularizer, clip, before/after_optimizer_step hooks, zero_grad)
+    peft-lora      transformers LlamaForCausalLM (sdpa attention) + peft LoraConfig; labels passed the HF way
+                   (shifted inside the model, logits on every position); loss.backward, clip, AdamW, zero_grad
+    ours-adalora   r0 = 12 -> 8, masking every step (t_init = t_final = 0, delta_t = 1), orth_reg 0.1
+    peft-adalora   peft AdaLoraConfig(init_r 12, target_r 8, tinit 0, tfinal 0, deltaT 1, orth_reg_weight 0.1),
+                   update_and_allocate after every optimizer step (the worst case for both AdaLoRAs)
+    ours-triadapt  grown to its end-of-run structure (a block of 4 + four blocks of 1 = r_ref 8 everywhere; the
+                   grown tensors in four extra optimizer groups, as train.py adds them); no growth while measured
+    ours-ctr       CTR-LoRA, kfac-diag metric, r0 = 12 -> 8, every train.py hook (statistics, trust region,
+                   allocator with delta_t 10)
+    ours-cg        CG-LoRA's initialization (train.py defaults: 8 calibration batches of the same shape), timed
+                   against LoRA's time to first step (load + adapters + first step) and against one LoRA step
+    matmul         fp32 2048x2048 @ 2048x2048, the machine's measured matmul peak, in the same rotation
+
+Peak memory = VmHWM of the worker (peak RSS, reset after imports) minus its RSS after imports (torch, transformers,
+peft and the project modules are imported by every worker): weights + adapters + optimizer + the step's peak.
+FLOPs of our step (model FLOPs, counted from shapes, see step_flops): frozen linears forward + input gradient,
+LM head forward + input gradient on labelled positions only, causal attention (QKᵀ and PV, forward + backward),
+adapters (forward + weight and input gradients). Elementwise work (norms, SiLU, softmax, RoPE, AdamW) not counted.
+Not a test: prints figures, and whether the goals of issue 8 are met. The machine may be shared: the load average
+is printed before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SETUPS = ("ours-lora", "peft-lora", "ours-adalora", "peft-adalora", "ours-triadapt", "ours-ctr", "ours-cg", "matmul")
+EXPERIMENTS = ("ours-lora-addmm", "ours-lora-fused", "ours-adalora-batched")   # --experiments: hot-path changes tried by monkeypatch, not in the project yet
+RANK, ALPHA = 8, 16.0
+TOTAL_STEPS = 10_000                 # schedule length for the rank-allocating methods (no run reaches its end)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory of this process (Linux /proc; ru_maxrss as a fallback)
+
+def _status_kb(key: str) -> int | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_mib() -> float:
+    kb = _status_kb("VmRSS")
+    if kb is None:
+        import resource
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs). False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib() -> float:
+    kb = _status_kb("VmHWM")
+    if kb is None:
+        import resource
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The workload: one prompt/completion batch, labels in both conventions
+
+def make_batch(vocab: int, batch: int, seq: int, seed: int = 0):
+    """Random tokens (B, T); loss on the last quarter of each row.
+
+    hf_labels[b, t] = ids[b, t] for t >= P (P = 3T/4), -100 before: transformers shifts them inside the model
+    (position t predicts hf_labels[t + 1]). Ours: labels[b, t] is the token position t predicts, so
+    labels[:, t] = hf_labels[:, t + 1] and the last position has none. Both are the same T - P targets per row.
+    """
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)                     # (B, T)
+    prompt = seq * 3 // 4
+    hf_labels = ids.clone()
+    hf_labels[:, :prompt] = -100
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = hf_labels[:, 1:]
+    return ids, labels, hf_labels
+
+
+def write_tiny_checkpoint(out_dir: Path) -> Path:
+    """The `tiny` preset with random weights (seed 0), as an HF-format folder both implementations load."""
+    import torch
+    import model as M
+    torch.manual_seed(0)
+    cfg = M.preset_config("tiny")
+    net = M.Llama(cfg)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.normal_(1.0, 0.1)                                              # not all ones: a real test
+    M.save_pretrained(net.state_dict(), cfg, out_dir)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model FLOPs of our step, from shapes
+
+def step_flops(cfg, batch: int, seq: int, n_label: int, rank: int, adapted: tuple[str, ...]) -> dict[str, float]:
+    """FLOPs of one training step of our LoRA model (multiply-add = 2 FLOPs), by component.
+
+    linear_forward   2 · tokens · Σ d_in·d_out over the 7 frozen linears of every block
+    linear_input_grad  the same for ∂L/∂x = ∂L/∂y · W (frozen: no weight gradient), except layer 0's q/k/v, whose
+                     input (the frozen embedding) needs no gradient, so autograd skips it
+    head             4 · n_label · d · vocab: forward + input gradient, on labelled positions only (our model)
+    attention        QKᵀ and PV over the causal triangle, T(T+1)/2 (query, key) pairs per sequence and head:
+                     2 matmuls · 2 · head_dim forward, twice that backward (dQ, dK, dV, dP)
+    adapter          6 · tokens · r (d_in + d_out) per adapted linear: forward, weight and input gradients
+    """
+    C, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    H, Hkv, d, V = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size
+    shapes = {"q_proj": (C, H * d), "k_proj": (C, Hkv * d), "v_proj": (C, Hkv * d), "o_proj": (H * d, C),
+              "gate_proj": (C, I), "up_proj": (C, I), "down_proj": (I, C)}                # (d_in, d_out)
+    tokens = batch * seq
+    per_layer = sum(a * b for a, b in shapes.values())
+    layer0_qkv = sum(a * b for k, (a, b) in shapes.items() if k in ("q_proj", "k_proj", "v_proj"))
+    pairs = batch * seq * (seq + 1) // 2
+    adapter = sum(rank * (a + b) for k, (a, b) in shapes.items() if k in adapted) * L
+    out = {"linear_forward": 2.0 * tokens * per_layer * L,
+           "linear_input_grad": 2.0 * tokens * (per_layer * L - layer0_qkv),
+           "head": 4.0 * n_label * C * V,
+           "attention": 3 * 2 * 2.0 * d * H * pairs * L,
+           "adapter": 6.0 * tokens * adapter}
+    out["total"] = sum(out.values())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Worker side: build one setup, run it, report JSON on stdout
+
+def patch_lora_addmm():
+    """Experiment (not in adapters.py): LoRALinear.forward as one fused GEMM epilogue,
+    y = addmm(W0 x, A x, Bᵀ, alpha=c): the scale c and the residual add ride inside the second GEMM instead of two
+    elementwise passes over (tokens, d_out) in forward (and one in backward). Same function, same gradients."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    import adapters as A
+    original = A.LoRALinear.forward
+
+    def forward(self, x):
+        if self.merged or type(self) is not A.LoRALinear or not isinstance(self.dropout, nn.Identity) \
+                or x.dtype != self.lora_A.dtype:
+            return original(self, x)
+        y = F.linear(x, self.weight, self.bias)                                   # (..., d_out)
+        h = F.linear(x, self.lora_A)                                              # (..., r)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t(), alpha=self.scale)
+        return out.view(y.shape)
+    A.LoRALinear.forward = forward
+
+
+def patch_lora_fused():
+    """Experiment (not in adapters.py): LoRALinear as one autograd.Function with a hand-written backward that picks
+    the fast GEMM layouts for the rank-r products and fuses the adapter into the base GEMMs' outputs:
+
+        forward   h = x Aᵀ (N×r);  y = addmm(x W0ᵀ, h, Bᵀ, alpha=c)                        (no (N×d_out) temporaries)
+        backward  (∂h)ᵀ = c · B ᵀ gᵀ (r×N)  — not g B, whose layout runs ~2.5x slower in MKL here
+                  ∂B = c · (hᵀ g)ᵀ          — not gᵀ h (what linear's backward computes), ~3x slower
+                  ∂A = (∂h)ᵀ x;  ∂x = addmm(g W0, ∂h, A)   (skipped when x needs no gradient)
+    Same function and gradients up to fp32 rounding (the summation order of the products changes)."""
+    import torch
+    import torch.nn as nn
+    import adapters as A
+
+    class LoRAFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, bias, lora_A, lora_B, scale):
+            x2 = x.reshape(-1, x.shape[-1])                                       # (N, d_in)
+            h = torch.mm(x2, lora_A.t())                                          # (N, r)
+            y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
+            y.addmm_(h, lora_B.t(), alpha=scale)                                  # (N, d_out) += c h Bᵀ
+            ctx.save_for_backward(x2, weight, lora_A, lora_B, h)
+            ctx.scale, ctx.x_shape = scale, x.shape
+            return y.view(*x.shape[:-1], weight.shape[0])
+
+        @staticmethod
+        def backward(ctx, grad_y):
+            x2, weight, lora_A, lora_B, h = ctx.saved_tensors
+            g = grad_y.reshape(-1, grad_y.shape[-1])                              # (N, d_out)
+            grad_hT = torch.mm(lora_B.t(), g.t()).mul_(ctx.scale)                # (r, N)
+            grad_B = torch.mm(h.t(), g).mul_(ctx.scale).t().contiguous()          # (d_out, r)
+            grad_A = torch.mm(grad_hT, x2)                                        # (r, d_in)
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.mm(g, weight).addmm_(grad_hT.t(), lora_A).view(ctx.x_shape)
+            return grad_x, None, None, grad_A, grad_B, None
+
+    original = A.LoRALinear.forward
+
+    def forward(self, x):
+        if self.merged or type(self) is not A.LoRALinear or not isinstance(self.dropout, nn.Identity) \
+                or x.dtype != self.lora_A.dtype or self.weight.requires_grad \
+                or (self.bias is not None and self.bias.requires_grad):
+            return original(self, x)
+        return LoRAFunction.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale)
+    A.LoRALinear.forward = forward
+
+
+def patch_adalora_batched():
+    """Experiment (not in adapters.py): AdaLoRA's per-step work with batched ops instead of per-tensor Python loops.
+
+    SensitivityScores.update: Ī ← lerp(Ī, |θ·∇θ|, 1 − β₁), Ū ← lerp(Ū, |I − Ī|, 1 − β₂) as torch._foreach_* calls
+    over all 3·#modules tensors at once (in place; the same values up to rounding: lerp computes a + w(b − a)).
+    orthogonality_penalty: modules grouped by factor shapes (7 groups for a Llama), PᵀP and QQᵀ as one bmm per group
+    and batched matrix norms, instead of 4 small ops per factor. Same mean over the same terms."""
+    import torch
+    import adapters as A
+
+    @torch.no_grad()
+    def update(self):
+        keys, params = [], []
+        for key, p in self._named_params():
+            if p.grad is not None:
+                keys.append(key)
+                params.append(p)
+                if key not in self.avg:
+                    self.avg[key], self.unc[key] = torch.zeros_like(p), torch.zeros_like(p)
+        if not params:
+            return
+        avg, unc = [self.avg[k] for k in keys], [self.unc[k] for k in keys]
+        sensitivity = torch._foreach_mul(params, [p.grad for p in params])
+        torch._foreach_abs_(sensitivity)                                         # I = |θ ⊙ ∇θ|
+        torch._foreach_lerp_(avg, sensitivity, 1 - self.beta1)                   # Ī
+        deviation = torch._foreach_sub(sensitivity, avg)
+        torch._foreach_abs_(deviation)
+        torch._foreach_lerp_(unc, deviation, 1 - self.beta2)                     # Ū
+
+    def penalty(factors):
+        groups: dict[tuple, list] = {}
+        for P, Q in factors:
+            groups.setdefault((tuple(P.shape), tuple(Q.shape)), []).append((P, Q))
+        terms = []
+        for pairs in groups.values():
+            P = torch.stack([p for p, _ in pairs])                               # (n, d_out, r)
+            Q = torch.stack([q for _, q in pairs])                               # (n, r, d_in)
+            eye = torch.eye(P.shape[-1], device=P.device, dtype=P.dtype)
+            terms.append(torch.linalg.matrix_norm(P.transpose(1, 2) @ P - eye))  # (n,) ‖PᵀP − I‖_F
+            terms.append(torch.linalg.matrix_norm(Q @ Q.transpose(1, 2) - eye))  # (n,) ‖QQᵀ − I‖_F
+        return torch.cat(terms).mean()
+
+    A.SensitivityScores.update = update
+    A.orthogonality_penalty = penalty
+
+
+def build_ours(path: Path, method: str, threads: int):
+    import torch
+    import adapters as A
+    import model as M
+    import train as T
+    net = M.load_pretrained(path, torch.float32, "cpu")
+    torch.manual_seed(0)
+    options = dict(method=method, r=RANK, alpha=ALPHA, targets=A.LLAMA_LINEAR_NAMES, total_steps=TOTAL_STEPS)
+    if method in ("adalora", "triadapt"):
+        options.update(orth_reg=0.1)
+    if method == "adalora":
+        options.update(init_rank=12, target_rank=RANK, t_init=0, t_final=0, delta_t=1)
+    if method == "ctr":
+        options.update(init_rank=12, target_rank=RANK, t_init=0, t_final=0, delta_t=10, ctr_metric="kfac-diag")
+    if method == "triadapt":
+        options.update(tri_init_rank=4, tri_block=1, tri_warmup=TOTAL_STEPS - 1, tri_interval=1,
+                       tri_final=TOTAL_STEPS)                                    # no growth while measured
+    cfg = A.AdapterConfig(**options)
+    A.apply_method(net, method, cfg)
+    params = list(A.adapter_named_parameters(net).values())
+    optimizer = torch.optim.AdamW([{"params": params}], lr=1e-4, weight_decay=0.0, fused=True)
+    if method == "triadapt":                                                     # its end-of-run structure
+        layers = list(A.adapter_layers(net).values())
+        while layers[0].rank < RANK:
+            grown = [p for layer in layers for p in layer.grow()]
+            optimizer.add_param_group({"params": grown})
+            params += grown
+    hooks = A.training_hooks(net, cfg)
+    net.train()
+    state = {"t": 0}
+
+    def step(ids, labels):
+        n_label = int((labels != -100).sum())
+        loss = T.accumulate_gradients(net, [{"input_ids": ids, "labels": labels}], n_label, "cpu", method=hooks)
+        reg = hooks.regularizer()
+        if reg is not None:
+            reg.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        hooks.before_optimizer_step(optimizer, state["t"])
+        optimizer.step()
+        new = hooks.after_optimizer_step(state["t"])
+        optimizer.zero_grad(set_to_none=True)
+        if new:
+            optimizer.add_param_group({"params": new})
+            params.extend(new)
+        state["t"] += 1
+        return loss
+
+    return net, step, hooks, cfg
+
+
+def build_peft(path: Path, method: str, threads: int):
+    import peft
+    import torch
+    from transformers import LlamaForCausalLM
+    import adapters as A
+    base = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if method == "lora":
+            config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=A.LLAMA_LINEAR_NAMES,
+                                     task_type="CAUSAL_LM")
+        else:
+            config = peft.AdaLoraConfig(init_r=12, target_r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, tinit=0,
+                                        tfinal=0, deltaT=1, total_step=TOTAL_STEPS, orth_reg_weight=0.1,
+                                        target_modules=A.LLAMA_LINEAR_NAMES, task_type="CAUSAL_LM")
+        net = peft.get_peft_model(base, config)
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
+    state = {"t": 0}
+
+    def step(ids, hf_labels):
+        loss = net(input_ids=ids, labels=hf_labels).loss   # mean over label tokens (+ AdaLoRA's penalty, by peft)
+        loss.backward()
+        value = loss.item()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if method == "adalora":
+            net.base_model.update_and_allocate(state["t"] + 1)
+        optimizer.zero_grad(set_to_none=True)
+        state["t"] += 1
+        return value
+
+    return net, step
+
+
+def run_matmul(args) -> dict:
+    import torch
+    n = 2048
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    for _ in range(2):
+        a @ b
+    rates = []
+    for _ in range(args.matmul_reps):
+        start = time.perf_counter()
+        a @ b
+        rates.append(2 * n ** 3 / (time.perf_counter() - start))
+    return {"flops_per_s": rates}
+
+
+def worker(args) -> dict:
+    """One setup in this process: imports, baseline RSS, build, warm-up, measured steps, peak RSS."""
+    import torch
+    torch.set_num_threads(args.threads)
+    if args.setup == "matmul":
+        return run_matmul(args)
+    import peft  # noqa: F401  (every worker imports the same modules: the RSS baseline is comparable)
+    import transformers  # noqa: F401
+    import adapters  # noqa: F401
+    import model as M
+    import train  # noqa: F401
+    base_rss = rss_mib()
+    reset_peak_rss()
+    path = Path(args.model)
+    cfg = M.LlamaConfig.from_json(path / "config.json")
+    ids, labels, hf_labels = make_batch(cfg.vocab_size, args.batch, args.seq)
+    impl, method = args.setup.split("-", 1)
+    if method == "lora-addmm":
+        patch_lora_addmm()
+        method = "lora"
+    if method == "lora-fused":
+        patch_lora_fused()
+        method = "lora"
+    if method == "adalora-batched":
+        patch_adalora_batched()
+        method = "adalora"
+    quiet = contextlib.redirect_stderr(io.StringIO())        # allocation lines, peft warnings
+    t0 = time.perf_counter()
+    info = {}
+    with quiet:
+        if impl == "ours":
+            net, step, hooks, _ = build_ours(path, method, args.threads)
+            t_build = time.perf_counter() - t0
+            if method == "cg":                                # CG-LoRA: the data-dependent init, train.py's way
+                batches = [make_batch(cfg.vocab_size, args.batch, args.seq, seed=1 + i)[:2]
+                           for i in range(hooks.calibration_batches)]
+                t1 = time.perf_counter()
+                cal = hooks.calibrate(batches)
+                info.update(cg_init_s=time.perf_counter() - t1, cg_mode=cal.get("cg_mode"),
+                            cg_batches=len(batches))
+            batch_labels = labels
+        else:
+            net, step = build_peft(path, method, args.threads)
+            batch_labels = hf_labels
+            t_build = time.perf_counter() - t0
+    rss_built = rss_mib() - base_rss
+    times, cpu_times, losses = [], [], []
+    with quiet:
+        for i in range(args.warmup + args.steps):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            losses.append(float(step(ids, batch_labels)))
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+    out = {"build_s": t_build, "first_step_s": times[0], "warmup_s": times[:args.warmup],
+           "step_s": times[args.warmup:], "cpu_s": cpu_times[args.warmup:], "first_loss": losses[0],
+           "rss_built_mib": rss_built,
+           "peak_mib": peak_rss_mib() - base_rss, "tokens_per_step": ids.numel(),
+           "n_label": int((labels != -100).sum()), **info}
+    return out
+
+
+def profile(args) -> None:
+    """One step of a setup under torch.profiler (after warm-up): the operators where its time goes."""
+    import torch
+    torch.set_num_threads(args.threads)
+    import model as M
+    path = Path(args.model)
+    cfg = M.LlamaConfig.from_json(path / "config.json")
+    ids, labels, hf_labels = make_batch(cfg.vocab_size, args.batch, args.seq)
+    impl, method = args.profile.split("-", 1)
+    if method == "lora-addmm":
+        patch_lora_addmm()
+        method = "lora"
+    if method == "lora-fused":
+        patch_lora_fused()
+        method = "lora"
+    if method == "adalora-batched":
+        patch_adalora_batched()
+        method = "adalora"
+    with contextlib.redirect_stderr(io.StringIO()):
+        if impl == "ours":
+            _, step, _, _ = build_ours(path, method, args.threads)
+            batch_labels = labels
+        else:
+            _, step = build_peft(path, method, args.threads)
+            batch_labels = hf_labels
+        for _ in range(max(args.warmup, 1)):
+            step(ids, batch_labels)
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            step(ids, batch_labels)
+            wall = time.perf_counter() - start
+    print(f"{args.profile} on {path.name}: one step {wall:.3f} s (profiled; the profiler adds overhead)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Orchestrator: alternate the setups round by round, each in a fresh subprocess
+
+def cpu_ticks() -> tuple[int, int, int]:
+    """(busy, steal, total) CPU time of the whole machine so far, in clock ticks (/proc/stat; zeros if unavailable).
+    steal: time the hypervisor ran something else while one of our virtual CPUs wanted to run."""
+    try:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return 0, 0, 0
+    idle = values[3] + (values[4] if len(values) > 4 else 0)                  # idle + iowait
+    steal = values[7] if len(values) > 7 else 0
+    return sum(values) - idle - steal, steal, sum(values)
+
+
+def wait_until_idle(max_wait_s: float, idle_fraction: float = 0.9, window_s: float = 2.0) -> float:
+    """Sleep until the machine was >= idle_fraction idle over a window (other jobs between our workers), at most
+    max_wait_s. Returns the seconds waited."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < max_wait_s:
+        busy0, steal0, total0 = cpu_ticks()
+        time.sleep(window_s)
+        busy1, steal1, total1 = cpu_ticks()
+        if total1 == total0 or (busy1 + steal1 - busy0 - steal0) / (total1 - total0) <= 1 - idle_fraction:
+            break
+    return time.perf_counter() - start
+
+
+def run_worker(setup: str, model_path: Path, args, steps: int) -> dict:
+    import resource
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", setup, "--model", str(model_path),
+           "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads),
+           "--steps", str(steps), "--warmup", str(args.warmup), "--matmul-reps", str(args.matmul_reps)]
+    waited = wait_until_idle(args.idle_wait) if args.idle_wait > 0 else 0.0
+    usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy0, steal0, total0 = cpu_ticks()
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - start
+    busy1, steal1, total1 = cpu_ticks()
+    usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {setup} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    result = json.loads(line[len("RESULT "):])
+    own = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)     # the worker's CPU seconds
+    ticks_per_s = (total1 - total0) / wall if total1 > total0 else 1.0                    # = CPUs x clock rate
+    others = max(0.0, (busy1 - busy0) / ticks_per_s - own) if total1 > total0 else float("nan")
+    # other processes' CPU use while this worker ran, as a fraction of the machine (0 = we had it to ourselves)
+    machine = wall * (os.cpu_count() or 1)
+    result.update(wall_s=wall, waited_s=waited, others_share=others / machine,
+                  steal_share=(steal1 - steal0) / ticks_per_s / machine if total1 > total0 else float("nan"))
+    return result
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def git_state() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=ROOT)
+        changed = [ln[3:] for ln in dirty.stdout.splitlines()]
+        return head.stdout.strip() + (f" + uncommitted changes to {', '.join(changed)}" if changed else "")
+    except OSError:
+        return "unknown"
+
+
+def report(name: str, path: Path, results: dict[str, list[dict]], args) -> dict:
+    """Print the tables of one workload; return the figures the goals are judged on."""
+    import adapters as A
+    import model as M
+    cfg = M.LlamaConfig.from_json(path / "config.json")
+    tokens = args.batch * args.seq
+    step_s = {s: [median(r["step_s"]) for r in rs] for s, rs in results.items() if s != "matmul"}
+    med_step = {s: median(v) for s, v in step_s.items()}
+    print(f"\n=== {name} ({path}) — batch {args.batch} x {args.seq} tokens, loss on the last quarter "
+          f"({args.batch * (args.seq - args.seq * 3 // 4)} label tokens), {args.threads} threads, "
+          f"{len(next(iter(results.values())))} rounds")
+    print(f"{'setup':<17} {'median s/step':>13} {'per-round medians (s)':>26} {'tokens/s':>9} {'CPU s/step':>10} "
+          f"{'peak MiB':>9} {'after load MiB':>15} {'1st loss':>10} {'others':>7} {'steal':>6}")
+    for s, rs in results.items():
+        if s == "matmul":
+            continue
+        rounds = ", ".join(f"{x:.3f}" for x in step_s[s])
+        cpu = median([median(r["cpu_s"]) for r in rs])
+        print(f"{s:<17} {med_step[s]:>13.4f} {rounds:>26} {tokens / med_step[s]:>9.0f} {cpu:>10.3f} "
+              f"{median([r['peak_mib'] for r in rs]):>9.0f} {median([r['rss_built_mib'] for r in rs]):>15.0f} "
+              f"{rs[0]['first_loss']:>10.6f} {max(r['others_share'] for r in rs):>7.0%} "
+              f"{max(r['steal_share'] for r in rs):>6.0%}")
+    print("(others / steal: the largest share of the machine's CPU time that other processes used / the hypervisor "
+          "took while a worker of this setup ran; 'CPU s/step' is the worker's own CPU time, all threads)")
+    figures = {}
+    if "ours-lora" in med_step and "peft-lora" in med_step:
+        ours, theirs = results["ours-lora"][0]["first_loss"], results["peft-lora"][0]["first_loss"]
+        speed = med_step["peft-lora"] / med_step["ours-lora"]
+        mem_ours = median([r["peak_mib"] for r in results["ours-lora"]])
+        mem_peft = median([r["peak_mib"] for r in results["peft-lora"]])
+        figures.update(speedup=speed, mem_ratio=mem_ours / mem_peft, loss_diff=abs(ours - theirs))
+        print(f"\nsame loss: first-step loss ours {ours:.6f}, transformers + peft {theirs:.6f}, "
+              f"|difference| {abs(ours - theirs):.1e} (B = 0 at init: both are the base model's loss)")
+        print(f"LoRA tokens/s, ours / transformers + peft: {speed:.3f}x   (goal >= 1.2x: "
+              f"{'met' if speed >= 1.2 else 'NOT met'})")
+        print(f"LoRA peak memory, ours / transformers + peft: {mem_ours:.0f} / {mem_peft:.0f} MiB = "
+              f"{mem_ours / mem_peft:.3f}x   (goal <= 1: {'met' if mem_ours <= mem_peft else 'NOT met'})")
+    if "ours-lora" in med_step:
+        lora = med_step["ours-lora"]
+        print("\nstep time relative to LoRA of the same implementation (ratio of medians):")
+        goals = {"ours-triadapt": 1.10, "ours-ctr": 1.25}
+        for s in ("ours-adalora", "ours-triadapt", "ours-ctr", "ours-lora-addmm", "ours-lora-fused",
+                  "ours-adalora-batched"):
+            if s in med_step:
+                ratio = med_step[s] / lora
+                figures[s] = ratio
+                goal = (f"   (goal <= {goals[s]:.2f}: {'met' if ratio <= goals[s] else 'NOT met'})"
+                        if s in goals else "")
+                print(f"  {s:<16} / ours-lora = {ratio:.3f}{goal}")
+        if "peft-adalora" in med_step and "peft-lora" in med_step:
+            ratio = med_step["peft-adalora"] / med_step["peft-lora"]
+            figures["peft-adalora"] = ratio
+            print(f"  {'peft-adalora':<16} / peft-lora = {ratio:.3f}")
+            if "ours-adalora" in figures:
+                met = figures["ours-adalora"] <= ratio
+                print(f"  AdaLoRA overhead, ours {figures['ours-adalora']:.3f} vs peft {ratio:.3f} "
+                      f"(goal ours <= peft: {'met' if met else 'NOT met'})")
+        if "ours-cg" in results:
+            cg = results["ours-cg"]
+            init = median([r["cg_init_s"] for r in cg])
+            ttfs_cg = median([r["build_s"] + r["cg_init_s"] + r["first_step_s"] for r in cg])
+            ttfs_lora = median([r["build_s"] + r["first_step_s"] for r in results["ours-lora"]])
+            figures.update(cg_init_steps=init / lora, cg_ttfs=ttfs_cg / ttfs_lora)
+            print(f"\nCG-LoRA init ({cg[0]['cg_mode']} mode, {cg[0]['cg_batches']} calibration batches of the same "
+                  f"shape): {init:.2f} s = {init / lora:.1f} LoRA steps; time to first step (load + adapters "
+                  f"[+ calibration] + first step) CG {ttfs_cg:.2f} s vs LoRA {ttfs_lora:.2f} s = "
+                  f"{ttfs_cg / ttfs_lora:.2f}x")
+    if "matmul" in results and "ours-lora" in med_step:
+        per_round = [median(r["flops_per_s"]) for r in results["matmul"]]
+        peak = median(per_round)
+        best = max(max(r["flops_per_s"]) for r in results["matmul"])
+        flops = step_flops(cfg, args.batch, args.seq, args.batch * (args.seq - args.seq * 3 // 4), RANK,
+                           tuple(A.LLAMA_LINEAR_NAMES))
+        achieved = flops["total"] / med_step["ours-lora"]
+        figures.update(mfu=achieved / peak)
+        parts = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in flops.items() if k != "total")
+        print(f"\nFLOPs of one step (GFLOP, from shapes): {parts}; total {flops['total'] / 1e9:.2f} "
+              f"({flops['total'] / tokens / 1e6:.1f} MFLOP per token)")
+        print(f"fp32 matmul 2048^3: median {peak / 1e9:.1f} GFLOP/s (per-round medians "
+              f"{', '.join(f'{x / 1e9:.1f}' for x in per_round)}; best single {best / 1e9:.1f})")
+        print(f"our LoRA step: {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.1%} of the median matmul rate "
+              f"({achieved / best:.1%} of the best single matmul)   (goal >= 70%: "
+              f"{'met' if achieved >= 0.7 * peak else 'NOT met'})")
+        if "peft-lora" in med_step:
+            hf = dict(flops, head=4.0 * tokens * cfg.hidden_size * cfg.vocab_size)
+            hf_total = sum(v for k, v in hf.items() if k != "total")
+            print(f"(transformers + peft executes {hf_total / 1e9:.2f} GFLOP per step — the head on all {tokens} "
+                  f"positions —: {hf_total / med_step['peft-lora'] / 1e9:.1f} GFLOP/s executed)")
+    return figures
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
+    ap.add_argument("--workloads", nargs="+", default=["smollm2", "tiny"], choices=["smollm2", "tiny"])
+    ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS + EXPERIMENTS),
+                    help="setups to alternate (default: all but the experiments)")
+    ap.add_argument("--experiments", action="store_true", help=f"also run {', '.join(EXPERIMENTS)} "
+                                                                 f"(hot-path changes tried by monkeypatch)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds; each runs every setup once, in a fresh process")
+    ap.add_argument("--steps", type=int, default=3, help="measured steps per worker on smollm2")
+    ap.add_argument("--tiny-steps", type=int, default=30, help="measured steps per worker on tiny")
+    ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps per worker before measuring")
+    ap.add_argument("--batch", type=int, default=4, help="sequences per step")
+    ap.add_argument("--seq", type=int, default=128, help="tokens per sequence (the last quarter carries the loss)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in every worker")
+    ap.add_argument("--matmul-reps", type=int, default=10, help="timed 2048^3 matmuls per matmul worker")
+    ap.add_argument("--idle-wait", type=float, default=120.0,
+                    help="before each worker, wait up to this many seconds for the machine to be >= 90%% idle "
+                         "(0: never wait); other processes' CPU share during each worker is reported either way")
+    ap.add_argument("--smollm2", default="smollm2-135m", help="checkpoint folder or name under checkpoints/")
+    ap.add_argument("--profile", metavar="SETUP", choices=[s for s in SETUPS + EXPERIMENTS if s.count("-")],
+                    help="instead of the benchmark: profile one step of SETUP (on --workloads' first model)")
+    ap.add_argument("--profile-rows", type=int, default=25)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        args.setup = args.worker
+        print("RESULT " + json.dumps(worker(args)))
+        return
+    import model as M
+    with tempfile.TemporaryDirectory(prefix="bench_vs_peft_") as tmp:
+        paths = {"smollm2": lambda: M.resolve_checkpoint(args.smollm2),
+                 "tiny": lambda: write_tiny_checkpoint(Path(tmp) / "tiny")}
+        if args.profile:
+            args.model = str(paths[args.workloads[0]]())
+            profile(args)
+            return
+        setups = list(args.setups) + ([e for e in EXPERIMENTS if e not in args.setups] if args.experiments else [])
+        load_before = os.getloadavg()
+        started = time.perf_counter()
+        print(f"bench_vs_peft: {time.strftime('%Y-%m-%d %H:%M')}, code at {git_state()}; {os.cpu_count()} CPUs, "
+              f"load average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}; "
+              f"fused AdamW in every setup; setups in order {' '.join(setups)}")
+        all_figures, waited = {}, 0.0
+        for name in args.workloads:
+            path = Path(paths[name]())
+            steps = args.steps if name == "smollm2" else args.tiny_steps
+            results: dict[str, list[dict]] = {s: [] for s in setups}
+            for r in range(args.rounds):
+                line = []
+                for s in setups:                                   # A B C ... in every round
+                    res = run_worker(s, path, args, steps)
+                    results[s].append(res)
+                    waited += res["waited_s"]
+                    line.append((f"{s} {median(res['flops_per_s']) / 1e9:.0f} GFLOP/s" if s == "matmul" else
+                                 f"{s} {median(res['step_s']):.3f}s") +
+                                f" (others {res['others_share']:.0%}, steal {res['steal_share']:.0%})")
+                print(f"[{name} round {r + 1}/{args.rounds}, load {os.getloadavg()[0]:.2f}] " + ", ".join(line),
+                      flush=True)
+            all_figures[name] = report(name, path, results, args)
+        load_after = os.getloadavg()
+        print(f"\nload average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} (1-minute; {os.cpu_count()} "
+              f"CPUs, other jobs may share them); wall time {time.perf_counter() - started:.0f} s, of which {waited:.0f} s "
+              f"waiting for an idle machine")
+
+
+if __name__ == "__main__":
+    main()
