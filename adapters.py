@@ -12,7 +12,8 @@ checkpoint key such as `model.layers.0.self_attn.q_proj.weight` loads unchanged 
 tensors sit beside it (`...q_proj.lora_A`, `...q_proj.lora_B`).
 
 Contents, top to bottom:
-  1. AdaptedLinear:  the base class (frozen W0, dtype policy, explicit merge/unmerge with a NaN check)
+  1. LowRankLinearFunction: y = W0 x + b + c B (A x) as one autograd node with its gradients written out (the hot
+     path of every method); AdaptedLinear: the base class (frozen W0, dtype policy, explicit merge/unmerge)
   2. LoRALinear:     ΔW = (α/r) B A                                     (Hu et al. 2021, eq. 3)
      SVDLinear:      ΔW = (α/r₀) P diag(λ) Q, rank by a 0/1 mask       (AdaLoRA, Zhang et al. 2023; CTR-LoRA too)
      TriAdaptLinear: ΔW = (α/r_ref) B (L + U) A, grown block by block   (TriAdaptLoRA, SPEC §4: our formulation)
@@ -59,19 +60,99 @@ LLAMA_LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_p
 # 1. The base class of every adapted linear
 
 
+class LowRankLinearFunction(torch.autograd.Function):
+    """y = x W0ᵀ + b + c · (x_a Aᵀ) Bᵀ as one autograd node, with the backward written out.
+
+    This is the hot path of every adapted layer (ΔW = c B A; each method supplies its A, B via forward_factors).
+    Writing the gradients by hand is shorter than it sounds and shows LoRA's gradients explicitly. N tokens:
+
+        forward    h = x_a Aᵀ                          (N×r)
+                   y = addmm(x W0ᵀ + b, h, Bᵀ, α=c)    (N×d_out; the adapter rides in the base GEMM's output,
+                                                        no N×d_out temporaries for c·(…) or the sum)
+        backward   g = ∂L/∂y                           (N×d_out)
+                   (∂h)ᵀ = c · Bᵀ gᵀ                   (r×N)
+                   ∂B    = c · gᵀ h  = c (hᵀ g)ᵀ       (d_out×r)
+                   ∂A    = (∂h)ᵀ x_a                   (r×d_in)
+                   ∂x    = g W0 + ∂h A                 (one addmm; if x_a is a dropout of x, ∂x_a = ∂h A separately
+                                                        and dropout's own backward applies its mask)
+                   ∂W0   = gᵀ x,  ∂b = Σ_tokens g     (only when asked: CG-LoRA's dense calibration)
+
+    The r-sized products are computed in the layouts MKL runs fastest here ((∂h)ᵀ as Bᵀgᵀ, ∂B as (hᵀg)ᵀ — not g B and
+    gᵀ h, which nn.Linear's backward uses): chosen by measurement, see notes/benchmarks.md. Same function and
+    gradients as the unfused reference (`AdaptedLinear.reference_forward`) up to fp32 rounding; tests/test_adapters.py
+    checks both, with dropout, bias, base-weight gradients and bf16 autocast.
+
+    Inputs: x (..., d_in); x_a the adapter's input or None (= x, no dropout); weight, bias the frozen base; A (r, d_in),
+    B (d_out, r); scale c; dtype the compute dtype (autocast's, or x's) — every operand is cast to it, so fp32
+    adapters work with a bf16 base under autocast; autograd casts each gradient back to its parameter's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_a, weight, bias, A, B, scale, dtype):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(dtype)                                     # (N, d_in)
+        xa2 = x2 if x_a is None else x_a.reshape(-1, shape[-1]).to(dtype)           # (N, d_in)
+        W, A, B = weight.to(dtype), A.to(dtype), B.to(dtype)
+        h = torch.mm(xa2, A.t())                                                    # (N, r)
+        y = torch.mm(x2, W.t()) if bias is None else torch.addmm(bias.to(dtype), x2, W.t())
+        y.addmm_(h, B.t(), alpha=scale)                                             # (N, d_out) += c h Bᵀ
+        need_x, need_xa, need_w, _, need_A, need_B = ctx.needs_input_grad[:6]
+        ctx.save_for_backward(x2 if need_w or (need_A and x_a is None) else None,   # only what backward needs
+                              xa2 if need_A and x_a is not None else None,
+                              W if need_x else None, A if need_x or need_xa else None, B,
+                              h if need_B else None)
+        ctx.scale, ctx.shape, ctx.has_bias, ctx.dropout = scale, shape, bias is not None, x_a is not None
+        return y.view(*shape[:-1], W.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        if torch.is_grad_enabled():  # backward(create_graph=True): these products are not differentiable again
+            raise RuntimeError("a backward with create_graph=True (a Hessian-vector product?) reached a fused adapter "
+                               "layer, which has no double backward: run it inside "
+                               "curvature.twice_differentiable(model), or pass model=... to curvature.hvp/hutchinson_*")
+        x2, xa2, W, A, B, h = ctx.saved_tensors
+        need_x, need_xa, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:6]
+        g = grad_y.reshape(-1, grad_y.shape[-1]).to(B.dtype)                         # (N, d_out)
+        x_in = xa2 if ctx.dropout else x2
+        grad_x = grad_xa = grad_w = grad_b = grad_A = grad_B = None
+        grad_hT = torch.mm(B.t(), g.t()).mul_(ctx.scale)                             # (r, N) = c Bᵀ gᵀ
+        if need_A:
+            grad_A = torch.mm(grad_hT, x_in)                                         # (r, d_in)
+        if need_B:
+            grad_B = torch.mm(h.t(), g).mul_(ctx.scale).t().contiguous()             # (d_out, r)
+        if need_x:
+            grad_x = torch.mm(g, W)                                                  # (N, d_in) base path
+            if not ctx.dropout:
+                grad_x.addmm_(grad_hT.t(), A)                                        # + adapter path
+            grad_x = grad_x.view(ctx.shape)
+        if need_xa:
+            grad_xa = torch.mm(grad_hT.t(), A).view(ctx.shape)
+        if need_w:
+            grad_w = torch.mm(g.t(), x2)                                             # (d_out, d_in)
+        if need_b and ctx.has_bias:
+            grad_b = g.sum(0)
+        return grad_x, grad_xa, grad_w, grad_b, grad_A, grad_B, None, None
+
+
 class AdaptedLinear(nn.Module):
     """A frozen linear `y = x W0ᵀ (+ b)` plus a trainable adapter `ΔW`, i.e. `y = x (W0 + ΔW)ᵀ (+ b)`.
 
     Owns the frozen base parameters as `weight` (d_out, d_in) and `bias` (d_out) or None, exactly like `nn.Linear`,
     so base checkpoints load with unchanged keys. A subclass (one per method) implements:
 
-      adapter_forward(x)  x: (..., d_in) in the adapter dtype (dropout already applied) -> ΔW x: (..., d_out)
+      adapter_forward(x)  x: (..., d_in) in the adapter dtype (dropout already applied) -> ΔW x: (..., d_out) —
+                          the method's readable definition, in plain ops (reference_forward uses it)
       lora_factors()      (A (r, d_in), B (d_out, r), scale) with ΔW = scale · B A — used for export to peft
+      forward_factors()   the same (A, B, scale) as the forward uses them; default lora_factors() (SVDLinear keeps
+                          its masked triplets here, without a host sync). forward() feeds them to
+                          LowRankLinearFunction, so each method's forward costs LoRA's plus parameter-sized work
       delta_weight()      ΔW (d_out, d_in) in fp32, only for merging; default: scale · B A from lora_factors
 
     Merging is explicit (`merge()` / `unmerge()`, never on `eval()`); while merged, forward is the base linear alone.
     Unmerge subtracts ΔW again, so with a bf16 base weight it restores W0 only up to bf16 rounding (no copy is kept).
     """
+
+    fused = True  # False: forward = reference_forward, whose backward is differentiable (curvature.twice_differentiable)
 
     def __init__(self, base: nn.Linear, dropout: float = 0.0):
         super().__init__()
@@ -116,11 +197,33 @@ class AdaptedLinear(nn.Module):
                 return p.dtype
         return torch.float32
 
+    def forward_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A, B, c) with ΔW = c B A as the forward uses them (differentiable; default: lora_factors())."""
+        return self.lora_factors()
+
     # --- shared machinery ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """W0 x + b + c B (A x): one fused node (LowRankLinearFunction) when the operands share a dtype or autocast
+        is on — always, in this project's training runs; otherwise (or with fused = False) reference_forward."""
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)  # ΔW already lives inside self.weight
+        if not self.fused:
+            return self.reference_forward(x)
+        device_type = x.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        if not autocast and not (x.dtype == self.weight.dtype == self.adapter_dtype):
+            return self.reference_forward(x)  # e.g. a bf16 base with fp32 adapters and no autocast
+        A, B, scale = self.forward_factors()
+        dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+        x_a = None if isinstance(self.dropout, nn.Identity) else self.dropout(x)
+        return LowRankLinearFunction.apply(x, x_a, self.weight, self.bias, A, B, scale, dtype)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function in plain ops, the adapter computed in the adapter dtype (the readable definition; also
+        the path for mixed dtypes without autocast)."""
         y = F.linear(x, self.weight, self.bias)  # (..., d_out) in the base dtype
         if self.merged:
-            return y  # ΔW already lives inside self.weight
+            return y
         x_adapter = self.dropout(x.to(self.adapter_dtype))  # (..., d_in), fp32
         return y + self.adapter_forward(x_adapter).to(y.dtype)  # (..., d_out)
 
@@ -224,6 +327,10 @@ class SVDLinear(AdaptedLinear):
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.linear(x, self.lora_Q) * self.lora_lambda  # (..., r₀)    = diag(λ) Q x   (no mask here, see above)
         return self.scale * F.linear(h, self.lora_P)  # (..., d_out) = c · P diag(λ) Q x
+
+    def forward_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """A = diag(λ) Q (r₀×d_in), B = P: every triplet (masked ones have λ = 0), no host sync, differentiable."""
+        return self.lora_lambda[:, None] * self.lora_Q, self.lora_P, self.scale
 
     @torch.no_grad()
     def apply_mask(self) -> None:

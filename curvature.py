@@ -22,7 +22,7 @@ Contents, top to bottom:
   2. K-FAC statistics: KFACFactors, KFACCollector (hooks), collect_fisher (empirical or sampled-label Fisher)
   3. Factor algebra: ema_update, damping_value, damp, damped_power (inverse, inverse square root by eigh in fp32)
   4. Metric norms: metric_norm_sq (dense reference), low_rank_metric_norm_sq (r×r traces), predicted_kl
-  5. Hessian products: math_attention, hessian_operator, hvp, hutchinson_trace, hutchinson_diagonal,
+  5. Hessian products: twice_differentiable, hessian_operator, hvp, hutchinson_trace, hutchinson_diagonal,
      power_iteration, hessian_top_eigenvalue
   6. Whitened gradient SVD for CG-LoRA (SPEC §6): whitened_svd_init (dense), randomized_svd (callables),
      sketch_svd + WhitenedGradientSketch (single pass, O((d_in + d_out)·r) memory)
@@ -457,20 +457,31 @@ def predicted_kl(B, A, dB, dA, S, Gamma, scale: float = 1.0) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 @contextmanager
-def math_attention(model: nn.Module):
-    """Run a model.py Llama on its explicit-softmax attention path inside the block, then restore the previous one.
+def twice_differentiable(model: nn.Module):
+    """Run `model` on its twice-differentiable paths, then restore the previous ones: a model.py Llama's
+    explicit-softmax attention, and every adapted layer's plain-ops forward (modules with a `fused` flag).
 
     Why: F.scaled_dot_product_attention has no double backward. Measured with torch 2.13 on CPU (fp32, causal):
     the first backward with create_graph=True succeeds, but the gradients' graph contains a NotImplemented node and
     the second backward raises "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
-    implemented" — an error, not a silently wrong number. The math path differentiates twice correctly.
+    implemented" — an error, not a silently wrong number. adapters.LowRankLinearFunction's hand-written backward
+    raises when called with create_graph=True (torch's once_differentiable would not do: its error node hangs off
+    detached copies, so a Hessian-vector product would silently miss those terms). The plain paths differentiate
+    twice correctly.
     """
-    previous = model.attention_impl
-    model.set_attention("math")
+    previous = getattr(model, "attention_impl", None)
+    switched = [m for m in model.modules() if getattr(m, "fused", False) is True]
+    if previous is not None:
+        model.set_attention("math")
+    for m in switched:
+        m.fused = False
     try:
         yield model
     finally:
-        model.set_attention(previous)
+        if previous is not None:
+            model.set_attention(previous)
+        for m in switched:
+            m.fused = True
 
 
 def _zeros_for_unused(grads, params):
@@ -481,8 +492,8 @@ def _explain_double_backward(err: RuntimeError):
     message = str(err)
     if "scaled_dot_product" in message or ("attention" in message and "not implemented" in message):
         raise RuntimeError("Hessian-vector product through fused SDPA attention, which has no double backward: pass "
-                           "model=... to hvp/hutchinson/power iteration (switches to the math path), or run inside "
-                           "curvature.math_attention(model)") from err
+                           "model=... to hvp/hutchinson/power iteration (switches to the plain paths), or run inside "
+                           "curvature.twice_differentiable(model)") from err
     raise err
 
 
@@ -492,14 +503,14 @@ def hessian_operator(loss_fn: Callable[[], torch.Tensor], params: Tensors, model
 
     One forward and one backward (create_graph=True) are done on entry; every Hv is then one double backward
     (Pearlmutter's trick: H v = ∂/∂θ ⟨∂L/∂θ, v⟩), reusing the graph. params that do not require grad (frozen norm
-    weights, W0) are switched on for the duration and restored. If `model` is given and runs fused SDPA attention,
-    the forward is run on the math path automatically (see math_attention); without `model`, SDPA in the graph
-    raises a RuntimeError that says so.
+    weights, W0) are switched on for the duration and restored. If `model` is given, the forward runs on its
+    twice-differentiable paths (math attention, unfused adapters; see twice_differentiable); without `model`, SDPA
+    or a fused adapter in the graph raises a RuntimeError that says so.
     """
     params = list(params)
     with ExitStack() as stack:
-        if model is not None and hasattr(model, "set_attention"):
-            stack.enter_context(math_attention(model))      # a no-op switch if it already runs on "math"
+        if model is not None:
+            stack.enter_context(twice_differentiable(model))
         stack.enter_context(_requires_grad(params))
         loss = loss_fn()
         grads = _zeros_for_unused(torch.autograd.grad(loss, params, create_graph=True, allow_unused=True), params)

@@ -217,7 +217,7 @@ class Ctx:
     weight_size: int          # bytes per element of the weights as the layers see them
     weight_copy: bool         # model.call_in_dtype: every frozen bf16 weight is cast to fp32 per block call
     full: bool                # every weight trainable (--method full)
-    dropout_mask: int = 0     # adapter dropout: bytes per element of its saved mask (0 = no dropout)
+    dropout_mask: int = 0     # adapter dropout: 1 = CUDA (bool mask), 4 = CPU (mask in the input's dtype), 0 = none
     saved: dict = field(default_factory=dict)
 
     def save(self, t: Sym | None, bucket: str = "activations"):
@@ -267,7 +267,11 @@ def sym_linear(ctx: Ctx, x: Sym, d_in: int, d_out: int, trainable: bool, adapter
     """F.linear(x, W) of a base linear (+ an adapters.AdaptedLinear's adapter path). keep_input: a hook holds x
     (CG-LoRA's sketch hooks)."""
     rows = x.numel // d_in
-    xin = _bf16(x) if ctx.autocast else x
+    if adapter is not None and (ctx.autocast or (x.size == 4 and (ctx.weight_size == 4 or ctx.weight_copy))):
+        if keep_input:
+            ctx.save(x, "activations")
+        return sym_fused_adapted_linear(ctx, x, rows, d_in, d_out, trainable, adapter)
+    xin = _bf16(x) if ctx.autocast else x                                # (reference_forward from here on)
     w = _weight(ctx, d_in * d_out, trainable)
     if trainable:
         ctx.save(xin)
@@ -283,8 +287,49 @@ def sym_linear(ctx: Ctx, x: Sym, d_in: int, d_out: int, trainable: bool, adapter
     return Sym(rows * d_out, out_size, True)
 
 
+def sym_fused_adapted_linear(ctx: Ctx, x: Sym, rows: int, d_in: int, d_out: int, trainable: bool,
+                             a: AdapterShape) -> Sym:
+    """AdaptedLinear.forward's fused path: forward_factors() builds (A, B) (parameter-sized copies for SVD-form,
+    grown TriAdaptLoRA and CG shift), then adapters.LowRankLinearFunction casts every operand to the compute dtype
+    (bf16 under autocast, else fp32) and saves only what its backward needs: x for ∂W0 (or for ∂A without dropout),
+    the dropout output for ∂A with dropout, W0 (or its copy) for ∂x, A for ∂x, B always, h = A x for ∂B."""
+    cd = 2 if ctx.autocast else 4
+    x2 = x if x.size == cd else Sym(x.numel, cd, x.rg)                  # x.to(dtype)
+    xa2 = None
+    if ctx.dropout_mask:                                                 # nn.Dropout(x): new tensor; its mask saved
+        if x.rg:                                                         # for ∂x (bool on CUDA, x's dtype on CPU)
+            ctx.save(Sym(x.numel, 1 if ctx.dropout_mask == 1 else x.size, False))
+        xa = Sym(x.numel, x.size, x.rg)
+        xa2 = xa if xa.size == cd else Sym(x.numel, cd, x.rg)
+    r = 2 * a.r if a.shift else a.r
+
+    def factor(numel: int, copy: bool) -> Sym | None:
+        """A or B as the Function saves it: the parameter itself (None: costs nothing) or a copy (a product, cat or
+        gather made by forward_factors, and/or autocast's bf16 cast)."""
+        if ctx.autocast:
+            return Sym(numel, 2, True)
+        return Sym(numel, 4, True) if copy else None
+
+    if a.kind == "tri" and (a.grown or ctx.autocast):                    # B' = full_B() @ core(): mm saves both
+        ctx.save(Sym(d_out * r, cd, True))                               # (the cat copy of B, the gather copy of
+        ctx.save(Sym(r * r, cd, True))                                   # C, or autocast's bf16 casts of them)
+    A_ = factor(r * d_in, a.kind == "svd" or a.grown or a.shift)        # λ⊙Q / cat of A blocks / [A; A₀]
+    B_ = factor(d_out * r, a.kind == "tri" or a.shift)                   # B C / [B, −B₀]
+    if trainable or xa2 is None:
+        ctx.save(x2)
+    if xa2 is not None:
+        ctx.save(xa2)
+    if x.rg:
+        ctx.save(_weight(ctx, d_in * d_out, trainable), "weight_copies")
+    if x.rg:
+        ctx.save(A_)
+    ctx.save(B_)
+    ctx.save(Sym(rows * r, cd, True))                                    # h = A x
+    return Sym(rows * d_out, cd, True)
+
+
 def sym_adapter(ctx: Ctx, x: Sym, rows: int, d_in: int, d_out: int, a: AdapterShape):
-    """AdaptedLinear.forward's adapter path: x.to(fp32) (a copy if x is not fp32), dropout, adapter_forward."""
+    """AdaptedLinear.reference_forward's adapter path (mixed dtypes without autocast): x.to(fp32) (a copy if x is not fp32), dropout, adapter_forward."""
     xa = x if x.size == 4 else Sym(x.numel, 4, x.rg)
     if ctx.dropout_mask:                                                 # nn.Dropout: x ⊙ mask/(1−p), new tensor;
         if xa.rg:                                                        # the mask is saved for ∂x

@@ -356,3 +356,73 @@ def test_applying_adapters_twice_is_an_error(base):
     model = with_lora(base, AdapterConfig(targets=["q_proj"]))
     msg = _one_line_error(ValueError, adapters.apply_method, model, "lora", AdapterConfig(targets=["v_proj"]))
     assert "already has adapters" in msg
+
+
+# --- the fused forward (LowRankLinearFunction) against the plain-ops reference ------------------------------------
+
+def _adapted_layer(kind: str, dropout: float, bias: bool):
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 20, bias=bias)
+    if kind == "lora":
+        layer = adapters.LoRALinear(base, 4, 8.0, dropout)
+    elif kind == "svd":
+        layer = adapters.SVDLinear(base, 4, 8.0, dropout)
+        layer.lora_mask[1] = 0                                      # a masked triplet, as AdaLoRA leaves them
+    elif kind == "tri":
+        layer = adapters.TriAdaptLinear(base, 4, 8.0, 2, 2, dropout)
+        layer.grow()                                                # two blocks: cat, gather and the core product
+    else:
+        layer = adapters.CGShiftLinear(base, 4, 8.0, dropout)
+        layer.lora_A0.normal_()
+        layer.lora_B0.normal_()
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.normal_()
+        if kind == "svd":
+            layer.apply_mask()
+    return layer
+
+
+def _forward_and_grads(layer, forward, x, seed=1):
+    torch.manual_seed(seed)                                         # the same dropout mask on both paths
+    y = forward(x)
+    weights = torch.linspace(-1, 1, y.numel()).view_as(y)           # a loss whose ∂L/∂y is not uniform
+    params = [p for p in layer.parameters() if p.requires_grad]
+    return [y, *torch.autograd.grad((y.float() * weights).sum(), [x, *params])]
+
+
+@pytest.mark.parametrize("kind", ["lora", "svd", "tri", "cg-shift"])
+@pytest.mark.parametrize("dropout,bias,base_grad", [(0.0, False, False), (0.3, True, False), (0.0, True, True),
+                                                    (0.3, False, True)])
+def test_fused_forward_and_every_gradient_equal_the_plain_reference(kind, dropout, bias, base_grad):
+    layer = _adapted_layer(kind, dropout, bias)
+    layer.weight.requires_grad_(base_grad)                          # CG-LoRA's dense calibration asks for ∂W0, ∂b
+    if bias:
+        layer.bias.requires_grad_(base_grad)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    fused = _forward_and_grads(layer, layer.forward, x)
+    assert type(fused[0].grad_fn).__name__ == "LowRankLinearFunctionBackward"   # the fused node really ran
+    reference = _forward_and_grads(layer, layer.reference_forward, x)
+    assert type(reference[0].grad_fn).__name__ != "LowRankLinearFunctionBackward"
+    for a, b in zip(fused, reference):                              # fp32; entries up to ~10: summation order
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert all(g.abs().sum() > 0 for g in fused[1:] if g.numel() > 1)   # no gradient silently zero
+
+
+def test_fused_forward_under_bf16_autocast_matches_the_reference_and_keeps_fp32_gradients():
+    layer = _adapted_layer("tri", 0.0, True)
+    x = torch.randn(4, 24, requires_grad=True)
+    exact = _forward_and_grads(layer, layer.reference_forward, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = _forward_and_grads(layer, layer.forward, x)
+    assert fused[0].dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 for g in fused[1:])        # autograd casts back to the parameters' dtype
+    for a, b in zip(fused, exact):                                  # bf16 products: ~3 significant digits
+        assert float((a.float() - b).norm() / b.norm()) < 2e-2
+
+
+def test_mixed_dtypes_without_autocast_take_the_reference_path():
+    layer = adapters.LoRALinear(torch.nn.Linear(24, 20).to(torch.bfloat16), 4, 8.0)
+    y = layer(torch.randn(2, 24, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and type(y.grad_fn).__name__ != "LowRankLinearFunctionBackward"

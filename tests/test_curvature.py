@@ -357,7 +357,7 @@ def test_hvp_equals_explicit_hessian_on_mlp():
     torch.testing.assert_close(flat(C.hvp(loss_fn, params, vs)), H @ flat(vs), rtol=1e-4, atol=1e-6)
 
 
-def test_hvp_on_tiny_llama_math_path_and_sdpa_switches_automatically():
+def test_hvp_on_tiny_llama_plain_paths_and_the_switch_is_automatic():
     model = tiny_llama().eval()
     idx, labels = llama_batch(T=8)
     layer = model.model.layers[1].self_attn.q_proj             # LoRA upstream of attention: needs its 2nd derivative
@@ -365,17 +365,28 @@ def test_hvp_on_tiny_llama_math_path_and_sdpa_switches_automatically():
              "model.layers.1.self_attn.q_proj.lora_B"]
     params = [model.model.norm.weight, layer.lora_A, layer.lora_B]   # norm weight is frozen: hvp enables it
     loss_fn = lambda: model(idx, labels=labels)
-    model.set_attention("math")
-    with C._requires_grad(params):
-        H = flat_hessian(model, names, lambda loss: loss, idx, labels)      # (320, 320), on the math path
     vs = [torch.randn(p.shape, generator=gen(i)) for i, p in enumerate(params)]
+    with C.twice_differentiable(model):                        # math attention, unfused adapters
+        assert model.attention_impl == "math" and not layer.fused
+        with C._requires_grad(params):
+            H = flat_hessian(model, names, lambda loss: loss, idx, labels)      # (320, 320)
+        hv = flat(C.hvp(loss_fn, params, vs))
     expected = H @ flat(vs)
-    torch.testing.assert_close(flat(C.hvp(loss_fn, params, vs)), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(hv, expected, rtol=1e-4, atol=1e-6)
+    assert model.attention_impl == "sdpa" and layer.fused      # restored
 
-    model.set_attention("sdpa")
     torch.testing.assert_close(flat(C.hvp(loss_fn, params, vs, model=model)), expected, rtol=1e-4, atol=1e-6)
-    assert model.attention_impl == "sdpa"                     # restored
-    with pytest.raises(RuntimeError, match="math_attention"):  # without model=, a clear error (never a number)
+    assert model.attention_impl == "sdpa" and layer.fused
+    with pytest.raises(RuntimeError, match="twice_differentiable"):  # without model=, a clear error (never a number)
+        C.hvp(loss_fn, params, vs)
+    model.set_attention("math")                                # the fused adapters alone raise too
+    with pytest.raises(RuntimeError, match="fused adapter layer"):
+        C.hvp(loss_fn, params, vs)
+    model.set_attention("sdpa")
+    for m in model.modules():                                  # and SDPA alone
+        if hasattr(m, "fused"):
+            m.fused = False
+    with pytest.raises(RuntimeError, match="fused SDPA attention"):
         C.hvp(loss_fn, params, vs)
     assert not model.model.norm.weight.requires_grad          # frozen again
 
