@@ -2,8 +2,9 @@
 Our LoRA training step against transformers + peft (tokens/s, peak memory), method overheads over LoRA, and the
 achieved FLOP/s of our step against this machine's measured fp32 matmul peak (issue 8).
 
-    python benchmarks/bench_vs_peft.py                              # SmolLM2-135M and tiny, 3 rounds (~10 min)
-    python benchmarks/bench_vs_peft.py --workloads tiny --rounds 5  # the tiny random model only (~2 min)
+    python benchmarks/bench_vs_peft.py                              # SmolLM2-135M and tiny, 3 rounds (~9 min)
+    python benchmarks/bench_vs_peft.py --workloads tiny --rounds 5  # the tiny random model only (~4 min)
+    python benchmarks/bench_vs_peft.py --workloads smollm2 --setups ours-lora peft-lora matmul --experiments
     python benchmarks/bench_vs_peft.py --profile ours-lora          # where one step's time goes (torch.profiler)
 
 Workload: prompt/completion batches, batch 4 x 128 random tokens, loss on the last quarter of each row (labels
@@ -27,16 +28,23 @@ A B C ... A B C ...; medians over rounds are reported):
     ours-ctr       CTR-LoRA, kfac-diag metric, r0 = 12 -> 8, every train.py hook (statistics, trust region,
                    allocator with delta_t 10)
     ours-cg        CG-LoRA's initialization (train.py defaults: 8 calibration batches of the same shape), timed
-                   against LoRA's time to first step (load + adapters + first step) and against one LoRA step
+                   against LoRA's time to first step (load + adapters + first step) and against one LoRA step;
+                   in the first --cg-rounds rounds only (its calibration is ~16 LoRA steps on SmolLM2)
     matmul         fp32 2048x2048 @ 2048x2048, the machine's measured matmul peak, in the same rotation
+    --experiments  adds hot-path changes not in the project, applied by monkeypatch in the worker (patch_* below):
+                   ours-lora-unfused, ours-triadapt-unfused (the plain-ops reference forward instead of
+                   adapters.LowRankLinearFunction: what the fused path gains), ours-adalora-batched (foreach
+                   scores, shape-batched orthogonality penalty)
 
 Peak memory = VmHWM of the worker (peak RSS, reset after imports) minus its RSS after imports (torch, transformers,
 peft and the project modules are imported by every worker): weights + adapters + optimizer + the step's peak.
 FLOPs of our step (model FLOPs, counted from shapes, see step_flops): frozen linears forward + input gradient,
 LM head forward + input gradient on labelled positions only, causal attention (QKᵀ and PV, forward + backward),
 adapters (forward + weight and input gradients). Elementwise work (norms, SiLU, softmax, RoPE, AdamW) not counted.
-Not a test: prints figures, and whether the goals of issue 8 are met. The machine may be shared: the load average
-is printed before and after.
+Not a test: prints figures, and whether the goals of issue 8 are met. The machine may be shared: before each
+worker the script waits (up to --idle-wait s) for the machine to be >= 90% idle, and reports for every setup the
+largest share of CPU time that other processes (and the hypervisor, "steal") took while its workers ran; with 2
+threads a busy neighbour stalls every parallel region, so a figure measured beside one is not worth keeping.
 """
 
 from __future__ import annotations
@@ -58,7 +66,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SETUPS = ("ours-lora", "peft-lora", "ours-adalora", "peft-adalora", "ours-triadapt", "ours-ctr", "ours-cg", "matmul")
-EXPERIMENTS = ("ours-lora-addmm", "ours-lora-fused", "ours-adalora-batched")   # --experiments: hot-path changes tried by monkeypatch, not in the project yet
+# --experiments: hot-path changes tried by monkeypatch (not in the project): see patch_* below
+EXPERIMENTS = ("ours-lora-unfused", "ours-triadapt-unfused", "ours-adalora-batched")
 RANK, ALPHA = 8, 16.0
 TOTAL_STEPS = 10_000                 # schedule length for the rank-allocating methods (no run reaches its end)
 
@@ -173,76 +182,16 @@ def step_flops(cfg, batch: int, seq: int, n_label: int, rank: int, adapted: tupl
 # ----------------------------------------------------------------------------------------------------------------
 # Worker side: build one setup, run it, report JSON on stdout
 
-def patch_lora_addmm():
-    """Experiment (not in adapters.py): LoRALinear.forward as one fused GEMM epilogue,
-    y = addmm(W0 x, A x, Bᵀ, alpha=c): the scale c and the residual add ride inside the second GEMM instead of two
-    elementwise passes over (tokens, d_out) in forward (and one in backward). Same function, same gradients."""
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
+def patch_unfused():
+    """Experiment: every adapted layer on AdaptedLinear.reference_forward (plain ops: F.linear for W0, A and B, then
+    a scale and an add) instead of the fused LowRankLinearFunction — what the fused path gains."""
     import adapters as A
-    original = A.LoRALinear.forward
-
-    def forward(self, x):
-        if self.merged or type(self) is not A.LoRALinear or not isinstance(self.dropout, nn.Identity) \
-                or x.dtype != self.lora_A.dtype:
-            return original(self, x)
-        y = F.linear(x, self.weight, self.bias)                                   # (..., d_out)
-        h = F.linear(x, self.lora_A)                                              # (..., r)
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t(), alpha=self.scale)
-        return out.view(y.shape)
-    A.LoRALinear.forward = forward
+    A.AdaptedLinear.fused = False
 
 
-def patch_lora_fused():
-    """Experiment (not in adapters.py): LoRALinear as one autograd.Function with a hand-written backward that picks
-    the fast GEMM layouts for the rank-r products and fuses the adapter into the base GEMMs' outputs:
-
-        forward   h = x Aᵀ (N×r);  y = addmm(x W0ᵀ, h, Bᵀ, alpha=c)                        (no (N×d_out) temporaries)
-        backward  (∂h)ᵀ = c · B ᵀ gᵀ (r×N)  — not g B, whose layout runs ~2.5x slower in MKL here
-                  ∂B = c · (hᵀ g)ᵀ          — not gᵀ h (what linear's backward computes), ~3x slower
-                  ∂A = (∂h)ᵀ x;  ∂x = addmm(g W0, ∂h, A)   (skipped when x needs no gradient)
-    Same function and gradients up to fp32 rounding (the summation order of the products changes)."""
-    import torch
-    import torch.nn as nn
-    import adapters as A
-
-    class LoRAFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, weight, bias, lora_A, lora_B, scale):
-            x2 = x.reshape(-1, x.shape[-1])                                       # (N, d_in)
-            h = torch.mm(x2, lora_A.t())                                          # (N, r)
-            y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
-            y.addmm_(h, lora_B.t(), alpha=scale)                                  # (N, d_out) += c h Bᵀ
-            ctx.save_for_backward(x2, weight, lora_A, lora_B, h)
-            ctx.scale, ctx.x_shape = scale, x.shape
-            return y.view(*x.shape[:-1], weight.shape[0])
-
-        @staticmethod
-        def backward(ctx, grad_y):
-            x2, weight, lora_A, lora_B, h = ctx.saved_tensors
-            g = grad_y.reshape(-1, grad_y.shape[-1])                              # (N, d_out)
-            grad_hT = torch.mm(lora_B.t(), g.t()).mul_(ctx.scale)                # (r, N)
-            grad_B = torch.mm(h.t(), g).mul_(ctx.scale).t().contiguous()          # (d_out, r)
-            grad_A = torch.mm(grad_hT, x2)                                        # (r, d_in)
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                grad_x = torch.mm(g, weight).addmm_(grad_hT.t(), lora_A).view(ctx.x_shape)
-            return grad_x, None, None, grad_A, grad_B, None
-
-    original = A.LoRALinear.forward
-
-    def forward(self, x):
-        if self.merged or type(self) is not A.LoRALinear or not isinstance(self.dropout, nn.Identity) \
-                or x.dtype != self.lora_A.dtype or self.weight.requires_grad \
-                or (self.bias is not None and self.bias.requires_grad):
-            return original(self, x)
-        return LoRAFunction.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale)
-    A.LoRALinear.forward = forward
-
-
-def patch_adalora_batched():
-    """Experiment (not in adapters.py): AdaLoRA's per-step work with batched ops instead of per-tensor Python loops.
+def patch_batched_scores_and_penalty():
+    """Experiment (not in adapters.py): AdaLoRA's and TriAdaptLoRA's per-step work with batched ops instead of
+    per-tensor Python loops.
 
     SensitivityScores.update: Ī ← lerp(Ī, |θ·∇θ|, 1 − β₁), Ū ← lerp(Ū, |I − Ī|, 1 − β₂) as torch._foreach_* calls
     over all 3·#modules tensors at once (in place; the same values up to rounding: lerp computes a + w(b − a)).
@@ -287,7 +236,17 @@ def patch_adalora_batched():
     A.orthogonality_penalty = penalty
 
 
-def build_ours(path: Path, method: str, threads: int):
+def apply_experiment(method: str) -> str:
+    """Apply the monkeypatches an experiment setup names ("lora-unfused" -> patch_unfused); return the method."""
+    patches = {"lora-unfused": [patch_unfused], "triadapt-unfused": [patch_unfused],
+               "adalora-batched": [patch_batched_scores_and_penalty]}
+    for patch in patches.get(method, []):
+        patch()
+    return method.split("-")[0]
+
+
+def build_ours(path: Path, method: str):
+    """Our model + adapters + hooks + fused AdamW; returns (net, step(ids, labels) -> loss, hooks, cfg)."""
     import torch
     import adapters as A
     import model as M
@@ -338,7 +297,8 @@ def build_ours(path: Path, method: str, threads: int):
     return net, step, hooks, cfg
 
 
-def build_peft(path: Path, method: str, threads: int):
+def build_peft(path: Path, method: str):
+    """transformers' Llama + peft + fused AdamW; returns (net, step(ids, hf_labels) -> loss)."""
     import peft
     import torch
     from transformers import LlamaForCausalLM
@@ -407,21 +367,13 @@ def worker(args) -> dict:
     cfg = M.LlamaConfig.from_json(path / "config.json")
     ids, labels, hf_labels = make_batch(cfg.vocab_size, args.batch, args.seq)
     impl, method = args.setup.split("-", 1)
-    if method == "lora-addmm":
-        patch_lora_addmm()
-        method = "lora"
-    if method == "lora-fused":
-        patch_lora_fused()
-        method = "lora"
-    if method == "adalora-batched":
-        patch_adalora_batched()
-        method = "adalora"
+    method = apply_experiment(method)
     quiet = contextlib.redirect_stderr(io.StringIO())        # allocation lines, peft warnings
     t0 = time.perf_counter()
     info = {}
     with quiet:
         if impl == "ours":
-            net, step, hooks, _ = build_ours(path, method, args.threads)
+            net, step, hooks, _ = build_ours(path, method)
             t_build = time.perf_counter() - t0
             if method == "cg":                                # CG-LoRA: the data-dependent init, train.py's way
                 batches = [make_batch(cfg.vocab_size, args.batch, args.seq, seed=1 + i)[:2]
@@ -432,10 +384,10 @@ def worker(args) -> dict:
                             cg_batches=len(batches))
             batch_labels = labels
         else:
-            net, step = build_peft(path, method, args.threads)
+            net, step = build_peft(path, method)
             batch_labels = hf_labels
             t_build = time.perf_counter() - t0
-    rss_built = rss_mib() - base_rss
+    rss_built = rss_mib() - base_rss                         # (ours-cg: after its calibration)
     times, cpu_times, losses = [], [], []
     with quiet:
         for i in range(args.warmup + args.steps):
@@ -443,12 +395,11 @@ def worker(args) -> dict:
             losses.append(float(step(ids, batch_labels)))
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
-    out = {"build_s": t_build, "first_step_s": times[0], "warmup_s": times[:args.warmup],
-           "step_s": times[args.warmup:], "cpu_s": cpu_times[args.warmup:], "first_loss": losses[0],
-           "rss_built_mib": rss_built,
-           "peak_mib": peak_rss_mib() - base_rss, "tokens_per_step": ids.numel(),
-           "n_label": int((labels != -100).sum()), **info}
-    return out
+    del net
+    return {"build_s": t_build, "first_step_s": times[0], "warmup_s": times[:args.warmup],
+            "step_s": times[args.warmup:], "cpu_s": cpu_times[args.warmup:], "first_loss": losses[0],
+            "rss_built_mib": rss_built, "peak_mib": peak_rss_mib() - base_rss, "tokens_per_step": ids.numel(),
+            "n_label": int((labels != -100).sum()), **info}
 
 
 def profile(args) -> None:
@@ -460,31 +411,39 @@ def profile(args) -> None:
     cfg = M.LlamaConfig.from_json(path / "config.json")
     ids, labels, hf_labels = make_batch(cfg.vocab_size, args.batch, args.seq)
     impl, method = args.profile.split("-", 1)
-    if method == "lora-addmm":
-        patch_lora_addmm()
-        method = "lora"
-    if method == "lora-fused":
-        patch_lora_fused()
-        method = "lora"
-    if method == "adalora-batched":
-        patch_adalora_batched()
-        method = "adalora"
+    method = apply_experiment(method)
     with contextlib.redirect_stderr(io.StringIO()):
         if impl == "ours":
-            _, step, _, _ = build_ours(path, method, args.threads)
+            _, step, _, _ = build_ours(path, method)
             batch_labels = labels
         else:
-            _, step = build_peft(path, method, args.threads)
+            _, step = build_peft(path, method)
             batch_labels = hf_labels
         for _ in range(max(args.warmup, 1)):
             step(ids, batch_labels)
         from torch.profiler import ProfilerActivity, profile as torch_profile
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             start = time.perf_counter()
             step(ids, batch_labels)
             wall = time.perf_counter() - start
     print(f"{args.profile} on {path.name}: one step {wall:.3f} s (profiled; the profiler adds overhead)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+    # matrix products by shape (m x k @ k x n): where the GEMM time goes and at what rate
+    gemms: dict[str, list] = {}
+    for e in prof.events():
+        first = 0 if e.name == "aten::mm" else 1                                 # addmm(input, mat1, mat2)
+        if e.name in ("aten::mm", "aten::addmm", "aten::addmm_") and len(e.input_shapes) >= first + 2:
+            (m, k), (_, n) = e.input_shapes[first], e.input_shapes[first + 1]
+            key = "rank-r products (min dim <= 16)" if min(m, k, n) <= 16 else f"{m} x {k} @ {k} x {n}"
+            row = gemms.setdefault(key, [0, 0.0, 0.0])
+            row[0] += 1
+            row[1] += e.self_cpu_time_total / 1e6
+            row[2] += 2.0 * m * k * n
+    total = sum(r[1] for r in gemms.values())
+    print(f"matrix products: {total:.3f} s of the step (self CPU time)")
+    for key, (calls, seconds, flops) in sorted(gemms.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {key:<34} {calls:5d} calls {seconds:7.3f} s {flops / 1e9:8.2f} GFLOP "
+              f"{flops / seconds / 1e9 if seconds else 0:7.1f} GFLOP/s")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -568,15 +527,16 @@ def report(name: str, path: Path, results: dict[str, list[dict]], args) -> dict:
     med_step = {s: median(v) for s, v in step_s.items()}
     print(f"\n=== {name} ({path}) — batch {args.batch} x {args.seq} tokens, loss on the last quarter "
           f"({args.batch * (args.seq - args.seq * 3 // 4)} label tokens), {args.threads} threads, "
-          f"{len(next(iter(results.values())))} rounds")
-    print(f"{'setup':<17} {'median s/step':>13} {'per-round medians (s)':>26} {'tokens/s':>9} {'CPU s/step':>10} "
+          f"{args.rounds} rounds")
+    width = max(26, 7 * args.rounds)
+    print(f"{'setup':<20} {'median s/step':>13} {'per-round medians (s)':>{width}} {'tokens/s':>9} {'CPU s/step':>10} "
           f"{'peak MiB':>9} {'after load MiB':>15} {'1st loss':>10} {'others':>7} {'steal':>6}")
     for s, rs in results.items():
         if s == "matmul":
             continue
         rounds = ", ".join(f"{x:.3f}" for x in step_s[s])
         cpu = median([median(r["cpu_s"]) for r in rs])
-        print(f"{s:<17} {med_step[s]:>13.4f} {rounds:>26} {tokens / med_step[s]:>9.0f} {cpu:>10.3f} "
+        print(f"{s:<20} {med_step[s]:>13.4f} {rounds:>{width}} {tokens / med_step[s]:>9.0f} {cpu:>10.3f} "
               f"{median([r['peak_mib'] for r in rs]):>9.0f} {median([r['rss_built_mib'] for r in rs]):>15.0f} "
               f"{rs[0]['first_loss']:>10.6f} {max(r['others_share'] for r in rs):>7.0%} "
               f"{max(r['steal_share'] for r in rs):>6.0%}")
@@ -599,7 +559,7 @@ def report(name: str, path: Path, results: dict[str, list[dict]], args) -> dict:
         lora = med_step["ours-lora"]
         print("\nstep time relative to LoRA of the same implementation (ratio of medians):")
         goals = {"ours-triadapt": 1.10, "ours-ctr": 1.25}
-        for s in ("ours-adalora", "ours-triadapt", "ours-ctr", "ours-lora-addmm", "ours-lora-fused",
+        for s in ("ours-adalora", "ours-triadapt", "ours-ctr", "ours-lora-unfused", "ours-triadapt-unfused",
                   "ours-adalora-batched"):
             if s in med_step:
                 ratio = med_step[s] / lora
@@ -615,6 +575,12 @@ def report(name: str, path: Path, results: dict[str, list[dict]], args) -> dict:
                 met = figures["ours-adalora"] <= ratio
                 print(f"  AdaLoRA overhead, ours {figures['ours-adalora']:.3f} vs peft {ratio:.3f} "
                       f"(goal ours <= peft: {'met' if met else 'NOT met'})")
+        if "ours-lora-unfused" in med_step and "peft-lora" in med_step:
+            figures["unfused_speedup"] = med_step["peft-lora"] / med_step["ours-lora-unfused"]
+            mem = median([r["peak_mib"] for r in results["ours-lora-unfused"]])
+            mem_peft = median([r["peak_mib"] for r in results["peft-lora"]])
+            print(f"  with ours-lora-unfused: tokens/s vs transformers + peft {figures['unfused_speedup']:.3f}x, "
+                  f"peak memory {mem / mem_peft:.3f}x")
         if "ours-cg" in results:
             cg = results["ours-cg"]
             init = median([r["cg_init_s"] for r in cg])
@@ -650,16 +616,20 @@ def report(name: str, path: Path, results: dict[str, list[dict]], args) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     ap.add_argument("--workloads", nargs="+", default=["smollm2", "tiny"], choices=["smollm2", "tiny"])
-    ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS + EXPERIMENTS),
-                    help="setups to alternate (default: all but the experiments)")
+    ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS + EXPERIMENTS), metavar="SETUP",
+                    help=f"setups to alternate, from: {', '.join(SETUPS + EXPERIMENTS)} (default: all but the "
+                         f"experiments)")
     ap.add_argument("--experiments", action="store_true", help=f"also run {', '.join(EXPERIMENTS)} "
                                                                  f"(hot-path changes tried by monkeypatch)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds; each runs every setup once, in a fresh process")
     ap.add_argument("--steps", type=int, default=3, help="measured steps per worker on smollm2")
     ap.add_argument("--tiny-steps", type=int, default=30, help="measured steps per worker on tiny")
-    ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps per worker before measuring")
+    ap.add_argument("--cg-rounds", type=int, default=1, help="rounds that include ours-cg (its calibration alone "
+                                                             "takes ~16 LoRA steps on smollm2)")
+    ap.add_argument("--warmup", type=int, default=1, help="unmeasured steps per worker before measuring (the second "
+                                                          "step is already as fast as the later ones)")
     ap.add_argument("--batch", type=int, default=4, help="sequences per step")
     ap.add_argument("--seq", type=int, default=128, help="tokens per sequence (the last quarter carries the loss)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in every worker")
@@ -668,7 +638,9 @@ def main(argv=None):
                     help="before each worker, wait up to this many seconds for the machine to be >= 90%% idle "
                          "(0: never wait); other processes' CPU share during each worker is reported either way")
     ap.add_argument("--smollm2", default="smollm2-135m", help="checkpoint folder or name under checkpoints/")
-    ap.add_argument("--profile", metavar="SETUP", choices=[s for s in SETUPS + EXPERIMENTS if s.count("-")],
+    ap.add_argument("--json", metavar="PATH", help="also write every worker's raw results to PATH")
+    profilable = [s for s in SETUPS + EXPERIMENTS if "-" in s and s != "ours-cg"]
+    ap.add_argument("--profile", metavar="SETUP", choices=profilable,
                     help="instead of the benchmark: profile one step of SETUP (on --workloads' first model)")
     ap.add_argument("--profile-rows", type=int, default=25)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -692,7 +664,7 @@ def main(argv=None):
         print(f"bench_vs_peft: {time.strftime('%Y-%m-%d %H:%M')}, code at {git_state()}; {os.cpu_count()} CPUs, "
               f"load average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}; "
               f"fused AdamW in every setup; setups in order {' '.join(setups)}")
-        all_figures, waited = {}, 0.0
+        all_figures, waited, raw = {}, 0.0, {}
         for name in args.workloads:
             path = Path(paths[name]())
             steps = args.steps if name == "smollm2" else args.tiny_steps
@@ -700,6 +672,8 @@ def main(argv=None):
             for r in range(args.rounds):
                 line = []
                 for s in setups:                                   # A B C ... in every round
+                    if s == "ours-cg" and r >= args.cg_rounds:
+                        continue
                     res = run_worker(s, path, args, steps)
                     results[s].append(res)
                     waited += res["waited_s"]
@@ -709,10 +683,13 @@ def main(argv=None):
                 print(f"[{name} round {r + 1}/{args.rounds}, load {os.getloadavg()[0]:.2f}] " + ", ".join(line),
                       flush=True)
             all_figures[name] = report(name, path, results, args)
+            raw[name] = results
         load_after = os.getloadavg()
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "results": raw, "figures": all_figures}))
         print(f"\nload average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} (1-minute; {os.cpu_count()} "
-              f"CPUs, other jobs may share them); wall time {time.perf_counter() - started:.0f} s, of which {waited:.0f} s "
-              f"waiting for an idle machine")
+              f"CPUs, other jobs may share them); wall time {time.perf_counter() - started:.0f} s, of which "
+              f"{waited:.0f} s waiting for an idle machine")
 
 
 if __name__ == "__main__":
