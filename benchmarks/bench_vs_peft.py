@@ -33,8 +33,7 @@ A B C ... A B C ...; medians over rounds are reported):
     matmul         fp32 2048x2048 @ 2048x2048, the machine's measured matmul peak, in the same rotation
     --experiments  adds hot-path changes not in the project, applied by monkeypatch in the worker (patch_* below):
                    ours-lora-unfused, ours-triadapt-unfused (the plain-ops reference forward instead of
-                   adapters.LowRankLinearFunction: what the fused path gains), ours-adalora-batched (foreach
-                   scores, shape-batched orthogonality penalty)
+                   adapters.LowRankLinearFunction: what the fused path gains)
 
 Peak memory = VmHWM of the worker (peak RSS, reset after imports) minus its RSS after imports (torch, transformers,
 peft and the project modules are imported by every worker): weights + adapters + optimizer + the step's peak.
@@ -67,7 +66,7 @@ sys.path.insert(0, str(ROOT))
 
 SETUPS = ("ours-lora", "peft-lora", "ours-adalora", "peft-adalora", "ours-triadapt", "ours-ctr", "ours-cg", "matmul")
 # --experiments: hot-path changes tried by monkeypatch (not in the project): see patch_* below
-EXPERIMENTS = ("ours-lora-unfused", "ours-triadapt-unfused", "ours-adalora-batched")
+EXPERIMENTS = ("ours-lora-unfused", "ours-triadapt-unfused")
 RANK, ALPHA = 8, 16.0
 TOTAL_STEPS = 10_000                 # schedule length for the rank-allocating methods (no run reaches its end)
 
@@ -189,57 +188,9 @@ def patch_unfused():
     A.AdaptedLinear.fused = False
 
 
-def patch_batched_scores_and_penalty():
-    """Experiment (not in adapters.py): AdaLoRA's and TriAdaptLoRA's per-step work with batched ops instead of
-    per-tensor Python loops.
-
-    SensitivityScores.update: Ī ← lerp(Ī, |θ·∇θ|, 1 − β₁), Ū ← lerp(Ū, |I − Ī|, 1 − β₂) as torch._foreach_* calls
-    over all 3·#modules tensors at once (in place; the same values up to rounding: lerp computes a + w(b − a)).
-    orthogonality_penalty: modules grouped by factor shapes (7 groups for a Llama), PᵀP and QQᵀ as one bmm per group
-    and batched matrix norms, instead of 4 small ops per factor. Same mean over the same terms."""
-    import torch
-    import adapters as A
-
-    @torch.no_grad()
-    def update(self):
-        keys, params = [], []
-        for key, p in self._named_params():
-            if p.grad is not None:
-                keys.append(key)
-                params.append(p)
-                if key not in self.avg:
-                    self.avg[key], self.unc[key] = torch.zeros_like(p), torch.zeros_like(p)
-        if not params:
-            return
-        avg, unc = [self.avg[k] for k in keys], [self.unc[k] for k in keys]
-        sensitivity = torch._foreach_mul(params, [p.grad for p in params])
-        torch._foreach_abs_(sensitivity)                                         # I = |θ ⊙ ∇θ|
-        torch._foreach_lerp_(avg, sensitivity, 1 - self.beta1)                   # Ī
-        deviation = torch._foreach_sub(sensitivity, avg)
-        torch._foreach_abs_(deviation)
-        torch._foreach_lerp_(unc, deviation, 1 - self.beta2)                     # Ū
-
-    def penalty(factors):
-        groups: dict[tuple, list] = {}
-        for P, Q in factors:
-            groups.setdefault((tuple(P.shape), tuple(Q.shape)), []).append((P, Q))
-        terms = []
-        for pairs in groups.values():
-            P = torch.stack([p for p, _ in pairs])                               # (n, d_out, r)
-            Q = torch.stack([q for _, q in pairs])                               # (n, r, d_in)
-            eye = torch.eye(P.shape[-1], device=P.device, dtype=P.dtype)
-            terms.append(torch.linalg.matrix_norm(P.transpose(1, 2) @ P - eye))  # (n,) ‖PᵀP − I‖_F
-            terms.append(torch.linalg.matrix_norm(Q @ Q.transpose(1, 2) - eye))  # (n,) ‖QQᵀ − I‖_F
-        return torch.cat(terms).mean()
-
-    A.SensitivityScores.update = update
-    A.orthogonality_penalty = penalty
-
-
 def apply_experiment(method: str) -> str:
     """Apply the monkeypatches an experiment setup names ("lora-unfused" -> patch_unfused); return the method."""
-    patches = {"lora-unfused": [patch_unfused], "triadapt-unfused": [patch_unfused],
-               "adalora-batched": [patch_batched_scores_and_penalty]}
+    patches = {"lora-unfused": [patch_unfused], "triadapt-unfused": [patch_unfused]}
     for patch in patches.get(method, []):
         patch()
     return method.split("-")[0]
@@ -559,8 +510,7 @@ def report(name: str, path: Path, results: dict[str, list[dict]], args) -> dict:
         lora = med_step["ours-lora"]
         print("\nstep time relative to LoRA of the same implementation (ratio of medians):")
         goals = {"ours-triadapt": 1.10, "ours-ctr": 1.25}
-        for s in ("ours-adalora", "ours-triadapt", "ours-ctr", "ours-lora-unfused", "ours-triadapt-unfused",
-                  "ours-adalora-batched"):
+        for s in ("ours-adalora", "ours-triadapt", "ours-ctr", "ours-lora-unfused", "ours-triadapt-unfused"):
             if s in med_step:
                 ratio = med_step[s] / lora
                 figures[s] = ratio
