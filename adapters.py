@@ -599,8 +599,22 @@ class AdapterConfig:
     cg_curvature: str = field(default="kfac-diag", metadata={"help": "CG-LoRA: whitening: kfac-full (small models), "
                                                                      "kfac-diag, or identity (plain gradient SVD, the "
                                                                      "LoRA-GA/LoRA-One ablation)"})
-    cg_kappa0: float = field(default=0.01, metadata={"help": "CG-LoRA: predicted KL κ₀ (nats per token, K-FAC) of "
-                                                             "the initial step; sets its size η"})
+    cg_kappa0: float = field(default=0.3, metadata={"help": "CG-LoRA: KL κ₀ (nats per label token) between the base "
+                                                            "and the initialized model; sets the step size η (see "
+                                                            "--cg-kappa-source; 0.3 was best of 0.003–1 on the demo "
+                                                            "task: notes/cg_lora.md)"})
+    cg_kappa_source: str = field(default="measured", metadata={"help": "CG-LoRA: measured (η such that the measured "
+                                                                       "KL(base ‖ init) on one calibration batch is "
+                                                                       "κ₀; a few no-grad forwards) or predicted "
+                                                                       "(the K-FAC prediction ½η²Σ‖[M]_r‖² = κ₀, which "
+                                                                       "runs low)"})
+    cg_factor_tokens: str = field(default="labels", metadata={"help": "CG-LoRA: tokens of the curvature factors S, "
+                                                                      "Γ: labels (K-FAC's label tokens, SPEC §2) or "
+                                                                      "all (every position up to the last label of "
+                                                                      "its sequence, the positions G sums over)"})
+    cg_split: str = field(default="sqrt", metadata={"help": "CG-LoRA: how c·B₀A₀ is split between the factors: sqrt "
+                                                            "(Σ^½ each side), balanced (equal column/row norms) or "
+                                                            "lora (rows of A₀ with LoRA's init norm)"})
     cg_batches: int = field(default=8, metadata={"help": "CG-LoRA: calibration micro-batches for G, S, Γ"})
     cg_damping: float = field(default=1e-3, metadata={"help": "CG-LoRA: damping of S and Γ, relative to their mean "
                                                               "diagonal"})
@@ -609,6 +623,9 @@ class AdapterConfig:
                                                            "or auto (sketch when dense G exceeds --cg-memory-cap-mb)"})
     cg_memory_cap_mb: float = field(default=1024.0, metadata={"help": "CG-LoRA: memory for dense gradients before "
                                                                       "auto mode switches to sketches"})
+    cg_dense_svd: str = field(default="exact", metadata={"help": "CG-LoRA dense mode: exact (full SVD of each "
+                                                                 "whitened gradient) or randomized (top-r with 4r "
+                                                                 "columns and 4 power iterations, as LoRA-GA's code)"})
     cg_oversample: int = field(default=10, metadata={"help": "CG-LoRA: extra sketch columns beyond the rank"})
 
     def __post_init__(self):
@@ -1746,6 +1763,9 @@ def curvature_state_bytes(d_in: int, d_out: int, r: int, metric: str = "kfac-dia
 CG_VARIANTS = ("no-shift", "shift")
 CG_CURVATURES = ("kfac-full", "kfac-diag", "identity")
 CG_MODES = ("auto", "dense", "sketch")
+CG_KAPPA_SOURCES = ("measured", "predicted")
+CG_FACTOR_TOKENS = ("labels", "all")
+CG_SPLITS = ("sqrt", "balanced", "lora")          # = curvature.CG_SPLITS (adapters.py imports curvature lazily)
 
 
 def _validate_cg(cfg: AdapterConfig) -> None:
@@ -1758,6 +1778,15 @@ def _validate_cg(cfg: AdapterConfig) -> None:
     if cfg.cg_mode == "sketch" and cfg.cg_curvature == "kfac-full":
         raise ValueError("--cg-mode sketch keeps O((d_in + d_out)·r) memory per layer, which full factors exceed: "
                          "use --cg-curvature kfac-diag or identity with it")
+    if cfg.cg_kappa_source not in CG_KAPPA_SOURCES:
+        raise ValueError(f"--cg-kappa-source must be one of {', '.join(CG_KAPPA_SOURCES)}, got {cfg.cg_kappa_source!r}")
+    if cfg.cg_factor_tokens not in CG_FACTOR_TOKENS:
+        raise ValueError(f"--cg-factor-tokens must be one of {', '.join(CG_FACTOR_TOKENS)}, "
+                         f"got {cfg.cg_factor_tokens!r}")
+    if cfg.cg_dense_svd not in ("exact", "randomized"):
+        raise ValueError(f"--cg-dense-svd must be exact or randomized, got {cfg.cg_dense_svd!r}")
+    if cfg.cg_split not in CG_SPLITS:
+        raise ValueError(f"--cg-split must be one of {', '.join(CG_SPLITS)}, got {cfg.cg_split!r}")
     if cfg.cg_kappa0 <= 0 or cfg.cg_batches < 1 or cfg.cg_oversample < 0:
         raise ValueError("--cg-kappa0 must be > 0, --cg-batches >= 1 and --cg-oversample >= 0")
 
@@ -1774,7 +1803,7 @@ class DiagWhitenedSketch:
     i.e. exact single-pass sketches of M with the test matrices Ω' = D_s^{½}Ω and Ψ' = Ψ D_γ^{½}, and
     curvature.sketch_svd recovers M's top-r SVD from them (Tropp et al. 2017). Extra memory: Y, W, s, γ, Ω, Ψ —
     O((d_in + d_out)·k), no d_out×d_in matrix. With identity curvature s = γ = 1 and this is a plain gradient sketch.
-    G gets every position (it is ∂L/∂W); s and γ only the label-carrying ones (K-FAC's tokens).
+    G gets every position (it is ∂L/∂W); s and γ the label-carrying ones (K-FAC's tokens) or all of them.
     """
 
     def __init__(self, d_in: int, d_out: int, r: int, oversample: int, identity: bool, generator, device):
@@ -1787,30 +1816,36 @@ class DiagWhitenedSketch:
         self.W = torch.zeros(l, d_in, device=device)
         self.s = torch.zeros(d_in, device=device)
         self.gamma = torch.zeros(d_out, device=device)
-        self.n_tokens = 0
+        self.n_loss_tokens = 0                      # N: the label tokens G averages over
+        self.n_tokens = 0                           # the tokens s and γ average over
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, g: torch.Tensor, keep: torch.Tensor) -> None:
-        """x (n, d_in) inputs, g (n, d_out) per-token output gradients ĝ of every position; keep (n,) bool marks the
-        label-carrying ones (the N of the mean loss and the tokens of s, γ)."""
-        x, g = x.float(), g.float()
-        self.Y += g.T @ (x @ self.Omega)             # Σ ĝ (xᵀ Ω)  →  N · G Ω
-        self.W += (g @ self.Psi.T).T @ x             # Σ (Ψ ĝ) xᵀ  →  N · Ψ G
-        self.s += (x[keep] ** 2).sum(0)
-        self.gamma += (g[keep] ** 2).sum(0)
-        self.n_tokens += int(keep.sum())
+    def update(self, x: torch.Tensor, g: torch.Tensor, factor_rows: torch.Tensor | None, n_loss_tokens: int) -> None:
+        """x (n, d_in) inputs and g (n, d_out) = ∂L_b/∂y of every position, L_b the batch's mean loss over its
+        n_loss_tokens label tokens, so the per-token gradients are ĝ = n_loss_tokens · g (the factor multiplies the
+        small products, not g). factor_rows: indices of the rows s and γ average over (None: all n rows)."""
+        x, g, N = x.float(), g.float(), n_loss_tokens
+        self.Y.addmm_(g.T, x @ self.Omega, alpha=N)                 # Σ ĝ (xᵀ Ω)  →  N · G Ω      (d_out, k)
+        self.W.addmm_((g @ self.Psi.T).T, x, alpha=N)               # Σ (Ψ ĝ) xᵀ  →  N · Ψ G      (l, d_in)
+        self.n_loss_tokens += N
+        if factor_rows is not None:
+            x, g = x.index_select(0, factor_rows), g.index_select(0, factor_rows)     # (n', d_in), (n', d_out)
+        if not self.identity:
+            self.s += (x * x).sum(0)
+            self.gamma.add_((g * g).sum(0), alpha=N ** 2)
+        self.n_tokens += x.shape[0]
 
     def factors(self, rel_damping: float):
-        """(U, σ, V, S^{-½}, Γ^{-½}) of the whitened gradient, S and Γ diagonal and damped (or identity)."""
+        """(U, σ, V, S^{-½}, Γ^{-½}) of the whitened gradient, S and Γ diagonal and damped (None, None: identity)."""
         import curvature as C
-        n = self.n_tokens
+        N, n = self.n_loss_tokens, self.n_tokens
         if self.identity:
-            s_is, g_is = torch.ones_like(self.s), torch.ones_like(self.gamma)
-        else:
-            s_is = C.damped_inverse_sqrt(self.s / n, rel_damping)                   # (d_in,)
-            g_is = C.damped_inverse_sqrt(self.gamma / n, rel_damping)               # (d_out,)
-        Y_M = g_is[:, None] * (self.Y / n)                                          # M Ω'
-        W_M = (self.W / n) * s_is[None, :]                                          # Ψ' M
+            U, sigma, V = C.sketch_svd(self.Y / N, self.W / N, self.Psi, self.r)
+            return U, sigma, V, None, None
+        s_is = C.damped_inverse_sqrt(self.s / n, rel_damping)                       # (d_in,)
+        g_is = C.damped_inverse_sqrt(self.gamma / n, rel_damping)                   # (d_out,)
+        Y_M = g_is[:, None] * (self.Y / N)                                          # M Ω'
+        W_M = (self.W / N) * s_is[None, :]                                          # Ψ' M
         U, sigma, V = C.sketch_svd(Y_M, W_M, self.Psi / g_is[None, :], self.r)     # Ψ' = Ψ D_γ^{½}
         return U, sigma, V, s_is, g_is
 
@@ -1820,18 +1855,31 @@ class DiagWhitenedSketch:
 
 def _sketch_hooks(layers: dict, sketches: dict, state: dict) -> list:
     """Forward hooks that feed each layer's sketch once the output gradient arrives (so checkpoint recomputation,
-    whose outputs get no gradient, is never counted). state["mask"] (B, T) and state["N"] describe the batch."""
+    whose outputs get no gradient, is never counted). state["rows"] (the rows of the factors, None = all) and
+    state["N"] (label tokens of the mean loss) describe the batch."""
     def make(name):
         def forward_hook(module, inputs, output):
             if not (torch.is_grad_enabled() and output.requires_grad):
                 return
-            x, keep, N = inputs[0].detach().flatten(0, -2), state["mask"].flatten(), state["N"]
+            x, rows, N = inputs[0].detach().flatten(0, -2), state["rows"], state["N"]
 
             def grad_hook(grad):                                   # mean loss: per-token ĝ = N · ∂L/∂y
-                sketches[name].update(x, grad.detach().flatten(0, -2) * N, keep)
+                sketches[name].update(x, grad.detach().flatten(0, -2), rows, n_loss_tokens=N)
             output.register_hook(grad_hook)
         return forward_hook
     return [layer.register_forward_hook(make(name)) for name, layer in layers.items()]
+
+
+def positions_up_to_last_label(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: True at every position up to the last label of its row — the positions whose outputs reach a
+    label token's prediction under causal attention (the ones after it are padding)."""
+    return (labels != -100).flip(1).cumsum(1).flip(1) > 0
+
+
+def _label_logits(model: nn.Module, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """fp32 logits (N, vocab) at the label-carrying positions only (the head is most of a small model's compute)."""
+    h = model.hidden_states(inputs)[mask]                                            # (N, C)
+    return M.call_in_dtype(model.lm_head, getattr(model, "compute_dtype", None), h).float()
 
 
 def cg_calibration_factors(model: nn.Module, layers: dict, batches, cfg: AdapterConfig, mode: str, generator):
@@ -1839,12 +1887,19 @@ def cg_calibration_factors(model: nn.Module, layers: dict, batches, cfg: Adapter
 
     One pass over the calibration batches. G = ∂L/∂W of the mean loss over all their label tokens — the true
     gradient: prompt positions contribute through attention, so it is *not* the K-FAC "grad" statistic restricted to
-    label tokens —, S and Γ (full or diagonal) over label tokens as K-FAC defines them.
+    label tokens —, S and Γ (full or diagonal) over the label tokens as K-FAC defines them, or with
+    --cg-factor-tokens all over every position up to the last label of its row (None, None: identity).
     dense:  G from autograd, S, Γ from curvature.KFACCollector; dense top-r SVD of M = Γ^{-½} G S^{-½} per layer.
             Extra memory: one fp32 copy of the adapted weights (+ full factors).
     sketch: DiagWhitenedSketch per layer, O((d_in + d_out)·r) extra memory each.
+    The adapters are still zero (B = 0, no shift buffers yet), so the pass runs the layers as their base linears
+    (the `merged` flag: W0 + ΔW = W0 is exact) and skips the adapter path's matmuls, additions and saved tensors.
     """
     import curvature as C
+    for name, layer in layers.items():
+        if layer.merged or layer.lora_factors()[1].any():
+            raise RuntimeError(f"CG-LoRA calibrates zero adapters, but {name} is merged or has B ≠ 0 "
+                               "(calibrate once, right after apply_method)")
     weights = [m.weight for m in layers.values()]
     if mode != "dense" and hasattr(model, "model") and hasattr(model.model, "layers"):
         # the sketch only needs ∂L/∂y at the layer outputs: ask for the gradient of the first block's norm weight, so
@@ -1865,6 +1920,8 @@ def cg_calibration_factors(model: nn.Module, layers: dict, batches, cfg: Adapter
         handles = _sketch_hooks(layers, sketches, state)
     n_total = 0
     try:
+        for layer in layers.values():
+            layer.merged = True                                      # ΔW = 0: forward is the base linear alone
         if collector is not None:
             collector.__enter__()
         for w in weights:
@@ -1872,18 +1929,23 @@ def cg_calibration_factors(model: nn.Module, layers: dict, batches, cfg: Adapter
         for inputs, labels in batches:
             mask = labels != -100
             N = int(mask.sum())
+            factor_mask = mask if cfg.cg_factor_tokens == "labels" else positions_up_to_last_label(labels)
             if collector is not None:
-                collector.set_batch(mask, reduction="mean")
+                collector.set_batch(factor_mask, reduction="mean", n_loss_tokens=N)
             if mode != "dense":
-                state.update(mask=mask, N=N)
-            logits = model.lm_head(model.hidden_states(inputs)[mask]).float()          # (N, vocab)
+                rows = None if bool(factor_mask.all()) else factor_mask.flatten().nonzero().squeeze(1)
+                state.update(rows=rows, N=N)
+            logits = _label_logits(model, inputs, mask)                                # (N, vocab)
             grads = torch.autograd.grad(F.cross_entropy(logits, labels[mask]), weights)
             if mode == "dense":
                 for (n, _), g in zip(layers.items(), grads):
-                    G[n] += g.float() * N                                              # Σ over tokens
+                    G[n].add_(g, alpha=N)                                              # Σ over tokens
             # (sketch mode: the output-gradient hooks have fed every layer's sketch during this backward)
             n_total += N
+            del logits, grads
     finally:
+        for layer in layers.values():
+            layer.merged = False
         for w, f in zip(weights, flags):
             w.requires_grad_(f)
         for h in handles:
@@ -1894,21 +1956,62 @@ def cg_calibration_factors(model: nn.Module, layers: dict, batches, cfg: Adapter
     if mode == "dense":
         factors = collector.factors() if collector is not None else {}
         for name, layer in layers.items():
-            Gn = G[name] / n_total                                                     # (d_out, d_in)  ∂L/∂W
+            Gn = G.pop(name).div_(n_total)                                             # (d_out, d_in)  ∂L/∂W
             if cfg.cg_curvature == "identity":
-                S, Gamma, damping = torch.ones(layer.in_features), torch.ones(layer.out_features), 0.0
+                S, Gamma, damping = None, None, 0.0
             elif cfg.cg_curvature == "kfac-diag":
                 S, Gamma, damping = factors[name].s, factors[name].gamma, cfg.cg_damping
             else:
                 S, Gamma, damping = factors[name].S, factors[name].Gamma, cfg.cg_damping
-            extra += Gn.numel() * 4 + (S.numel() + Gamma.numel()) * 4
-            w = C.whitened_svd_init(Gn, S, Gamma, cfg.r, kappa0=1.0, rel_damping=damping)
-            out[name] = (w.U, w.sigma, w.V, C.damped_inverse_sqrt(S, damping), C.damped_inverse_sqrt(Gamma, damping))
+            extra += Gn.numel() * 4 + sum(t.numel() * 4 for t in (S, Gamma) if t is not None)
+            w = C.whitened_svd_init(Gn, S, Gamma, cfg.r, kappa0=1.0, rel_damping=damping, svd=cfg.cg_dense_svd,
+                                    generator=generator)
+            inv = [None if t is None else C.damped_inverse_sqrt(t, damping) for t in (S, Gamma)]
+            out[name] = (w.U, w.sigma, w.V, *inv)
         return out, extra
     for name, sk in sketches.items():
         out[name] = sk.factors(cfg.cg_damping)
         extra += sk.bytes()
     return out, extra
+
+
+@torch.no_grad()
+def cg_measured_step_size(model: nn.Module, batch, set_step: Callable[[float], None], kappa0: float,
+                          eta0: float) -> tuple[float, list[tuple[float, float]]]:
+    """η whose initial step has *measured* KL κ₀ (this project's reconstruction, not the paper's; SPEC §6 sets η
+    from the K-FAC *predicted* KL, which runs low — notes/cg_lora.md):
+
+        κ(η) = mean over the label tokens t of one calibration batch of KL(p_base,t ‖ p_η,t),   solve κ(η) = κ₀
+
+    p_base: the model with the adapters at zero, p_η: with the step of size η (set_step(η) writes the factors).
+    Only no-grad forwards, started from the predicted η0; curvature.solve_step_size takes secant steps on log κ
+    against log η (κ ∝ η² for small steps), at most 12 forwards, and never beyond 10× the predicted η (the K-FAC
+    prediction runs low, so a larger η is rarely needed, and a KL that saturates below κ₀ would otherwise inflate
+    the factors without end; calibrate() warns when κ₀ was not reached). Returns (η, [(η_i, κ_i) per forward]).
+    """
+    import curvature as C
+    inputs, labels = batch
+    mask = labels != -100
+    was_training = model.training
+    model.eval()
+    try:
+        set_step(0.0)
+        base = F.log_softmax(_label_logits(model, inputs, mask), dim=-1)              # (N, vocab)
+        p_base = base.exp()
+        evals = []
+
+        def kl_of(eta: float) -> float:
+            set_step(eta)
+            logp = F.log_softmax(_label_logits(model, inputs, mask), dim=-1)
+            kl = float((p_base * (base - logp)).sum(-1).mean())
+            kl = kl if math.isfinite(kl) else 1e30
+            evals.append((eta, kl))
+            return kl
+
+        eta, _, _ = C.solve_step_size(kl_of, kappa0, eta0, max_evals=12, max_factor=10.0)
+    finally:
+        model.train(was_training)
+    return eta, evals
 
 
 class CGShiftLinear(LoRALinear):
@@ -1936,9 +2039,14 @@ class CGShiftLinear(LoRALinear):
 class CGLoRAHooks(MethodHooks):
     """CG-LoRA: a LoRA whose (A, B) start as the curvature-whitened Newton-like step (SPEC §6), then plain LoRA.
 
-        calibrate(batches)   G, S, Γ over --cg-batches batches; M = Γ^{-½} G S^{-½}; top-r SVD; one global η with
-                             ½ η² Σ_ℓ ‖[M_ℓ]_r‖²_F = κ₀ (the predicted KL of the whole initial step, K-FAC being
-                             block-diagonal over layers); B₀ = −√(η/c) Γ^{-½} U_r Σ_r^{½}, A₀ = √(η/c) Σ_r^{½} V_rᵀ S^{-½}
+        calibrate(batches)   G, S, Γ over --cg-batches batches; M = Γ^{-½} G S^{-½}; top-r SVD per layer; then
+                             one global step size η for the step ΔW = −η Γ^{-½} [M]_r S^{-½} of every layer:
+                               predicted: ½ η² Σ_ℓ ‖[M_ℓ]_r‖²_F = κ₀ (the K-FAC predicted KL of the whole step,
+                                          K-FAC being block-diagonal over layers) — SPEC §6
+                               measured:  the measured KL(base ‖ init) on the first calibration batch = κ₀, from
+                                          the predicted η by a few no-grad forwards (cg_measured_step_size; ours)
+                             B₀ = −√(η/c) Γ^{-½} U_r Σ_r^{½}, A₀ = √(η/c) Σ_r^{½} V_rᵀ S^{-½}, then rebalanced
+                             per direction by --cg-split (B₀D, D⁻¹A₀: the same product)
                              no-shift: keep W₀ (the model starts one whitened step ahead — the paper's best variant)
                              shift:    W₀ − c B₀ A₀ as the base (the function is unchanged at init, as LoRA-GA
                                        does), implemented by CGShiftLinear without modifying W₀
@@ -1951,6 +2059,7 @@ class CGLoRAHooks(MethodHooks):
 
     def calibrate(self, batches) -> dict:
         import time
+        import curvature as C
         cfg = self.cfg
         layers = adapter_layers(self.model)
         n_weights = sum(m.in_features * m.out_features for m in layers.values())
@@ -1962,24 +2071,39 @@ class CGLoRAHooks(MethodHooks):
         t0 = time.perf_counter()
         generator = torch.Generator().manual_seed(0)
         svds, extra = cg_calibration_factors(self.model, layers, batches, cfg, mode, generator)
-        energy = {n: float((s.double() ** 2).sum()) for n, (_, s, _, _, _) in svds.items()}
-        total = sum(energy.values())
-        import curvature as C
-        eta = None
-        with torch.no_grad():
+        t_directions = time.perf_counter() - t0
+        eta_predicted = C.predicted_step_size(torch.cat([s for (_, s, _, _, _) in svds.values()]), cfg.cg_kappa0)
+
+        @torch.no_grad()
+        def set_step(eta: float) -> None:                            # c·B A = −η Γ^{-½} [M]_r S^{-½} in every layer
             for name, layer in layers.items():
                 U, sigma, V, s_is, g_is = svds[name]
-                kappa_layer = cfg.cg_kappa0 * energy[name] / total           # same η for every layer
-                B0, A0, eta = C.lora_init_from_whitened_svd(U, sigma, V, s_is, g_is, kappa_layer, layer.scale)
+                B0, A0 = C.lora_factors_for_step(U, sigma, V, s_is, g_is, eta, layer.scale, cfg.cg_split)
                 layer.lora_A.copy_(A0)
                 layer.lora_B.copy_(B0)
-                if cfg.cg_variant == "shift":                                 # subtract the same step: f unchanged
-                    layer.lora_A0.copy_(A0)
-                    layer.lora_B0.copy_(B0)
-        self.info = {"cg_mode": mode, "cg_eta": eta, "cg_init_s": time.perf_counter() - t0,
+
+        eta, info = eta_predicted, {}
+        if cfg.cg_kappa_source == "measured":
+            eta, evals = cg_measured_step_size(self.model, batches[0], set_step, cfg.cg_kappa0, eta_predicted)
+            info = {"cg_kl_measured": dict(evals)[eta], "cg_kl_at_predicted_eta": evals[0][1],
+                    "cg_kl_forwards": len(evals), "cg_kl_evals": [[e, k] for e, k in evals]}
+        set_step(eta)
+        if cfg.cg_variant == "shift":                                 # subtract the same step: f unchanged
+            with torch.no_grad():
+                for layer in layers.values():
+                    layer.lora_A0.copy_(layer.lora_A)
+                    layer.lora_B0.copy_(layer.lora_B)
+        self.info = {"cg_mode": mode, "cg_eta": eta, "cg_eta_predicted": eta_predicted, **info,
+                     "cg_init_s": time.perf_counter() - t0, "cg_directions_s": t_directions,
                      "cg_extra_mb": extra / 2 ** 20, "cg_dense_grad_mb": dense_bytes / 2 ** 20}
-        print(f"cg-lora init ({mode}, {cfg.cg_curvature}, {cfg.cg_variant}): η = {eta:.3g} for κ₀ = {cfg.cg_kappa0}, "
-              f"{self.info['cg_init_s']:.1f}s, extra memory {self.info['cg_extra_mb']:.1f} MiB", file=sys.stderr)
+        measured = (f"; measured KL {info['cg_kl_measured']:.3g} ({info['cg_kl_forwards']} forwards; "
+                    f"{info['cg_kl_at_predicted_eta']:.3g} at the predicted η {eta_predicted:.3g})" if info else "")
+        if info and abs(math.log(max(info["cg_kl_measured"], 1e-30) / cfg.cg_kappa0)) > math.log(1.1):
+            measured += (f" — WARNING: the measured KL did not reach --cg-kappa0 {cfg.cg_kappa0:g} (it may saturate "
+                         f"below it on this model); consider a smaller --cg-kappa0")
+        print(f"cg-lora init ({mode}, {cfg.cg_curvature}, {cfg.cg_variant}, {cfg.cg_kappa_source}): η = {eta:.3g} "
+              f"for κ₀ = {cfg.cg_kappa0}{measured}, {self.info['cg_init_s']:.1f}s, extra memory "
+              f"{self.info['cg_extra_mb']:.1f} MiB", file=sys.stderr)
         return self.info
 
 

@@ -395,13 +395,17 @@ def damped_inverse_sqrt(factor, rel_damping: float = 1e-3):
     return damped_power(factor, -0.5, rel_damping)
 
 
-def _left(factor: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """factor @ X for a full factor (d, d), or diag(factor) @ X (rows scaled) for a diagonal one (d,)."""
+def _left(factor: torch.Tensor | None, X: torch.Tensor) -> torch.Tensor:
+    """factor @ X for a full factor (d, d), or diag(factor) @ X (rows scaled) for a diagonal one (d,); None = I."""
+    if factor is None:
+        return X
     return factor[:, None] * X if factor.dim() == 1 else factor @ X
 
 
-def _right(X: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """X @ factor, or X @ diag(factor) (columns scaled)."""
+def _right(X: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+    """X @ factor, or X @ diag(factor) (columns scaled); None = I."""
+    if factor is None:
+        return X
     return X * factor[None, :] if factor.dim() == 1 else X @ factor
 
 
@@ -617,6 +621,47 @@ class WhitenedSVD:
     eta: float
 
 
+def predicted_step_size(sigma: torch.Tensor, kappa0: float) -> float:
+    """η with predicted KL κ0 for the step −η Γ^{-½}[M]_r S^{-½} (SPEC §6; ours): ½ η² Σ σ_i² = κ0.
+
+    sigma: the top-r singular values of M — of one layer, or of all layers concatenated (K-FAC is block-diagonal
+    over layers, so the predicted KLs of the layers add up)."""
+    energy = float((sigma.double() ** 2).sum())
+    if not energy > 0:
+        raise ValueError("the whitened gradient is zero: no signal to initialize from (check the calibration batches)")
+    return math.sqrt(2.0 * kappa0 / energy)
+
+
+CG_SPLITS = ("sqrt", "balanced", "lora")
+
+
+def lora_factors_for_step(U, sigma, V, S_inv_sqrt, Gamma_inv_sqrt, eta: float, lora_scale: float = 1.0,
+                          split: str = "sqrt"):
+    """(B0 (d_out, r), A0 (r, d_in)) with c·B0 A0 = −η Γ^{-½} U_r Σ_r V_rᵀ S^{-½} (SPEC §6; our formulas).
+
+    The product fixes B0 A0 only up to B0 D, D⁻¹ A0 (D diagonal, positive); `split` chooses D per direction i —
+    which matters once Adam trains the factors (each entry moves by about the learning rate, so a factor with a
+    large norm amplifies every step of the other one):
+      sqrt      B0 = −√(η/c) Γ^{-½} U Σ^{½},  A0 = √(η/c) Σ^{½} Vᵀ S^{-½}   (SPEC §6 as written)
+      balanced  column i of B0 and row i of A0 get the same norm  √(η σ_i ‖Γ^{-½}u_i‖ ‖S^{-½}v_i‖ / c)
+      lora      row i of A0 gets the norm of a row of LoRA's Kaiming-uniform A, 1/√3 (U(±1/√d_in), d_in entries);
+                B0 takes the rest — the magnitudes LoRA's own training starts from
+    (balanced and lora are this project's choices; notes/cg_lora.md compares them.) S_inv_sqrt / Gamma_inv_sqrt
+    are full (d, d), diagonal (d,) or None (identity).
+    """
+    if split not in CG_SPLITS:
+        raise ValueError(f"split must be one of {', '.join(CG_SPLITS)}, got {split!r}")
+    root = (sigma.clamp_min(0) * eta / lora_scale).sqrt()           # (r,)  √(η/c)·Σ^{½}
+    B0 = -_left(Gamma_inv_sqrt, U * root[None, :])                   # (d_out, r)
+    A0 = _right(root[:, None] * V.T, S_inv_sqrt)                     # (r, d_in)
+    if split == "sqrt":
+        return B0, A0
+    b, a = B0.norm(dim=0), A0.norm(dim=1)                            # (r,) column / row norms
+    target = (a * b).sqrt() if split == "balanced" else torch.full_like(a, 3 ** -0.5)
+    D = torch.where(a > 0, a / target.clamp_min(1e-30), torch.ones_like(a))   # A0 row i ← row i / D_i
+    return B0 * D[None, :], A0 / D[:, None]
+
+
 def lora_init_from_whitened_svd(U, sigma, V, S_inv_sqrt, Gamma_inv_sqrt, kappa0: float, lora_scale: float = 1.0):
     """CG-LoRA factors from the top-r SVD of the whitened gradient (SPEC §6; the paper's stated idea, our formulas).
 
@@ -625,29 +670,76 @@ def lora_init_from_whitened_svd(U, sigma, V, S_inv_sqrt, Gamma_inv_sqrt, kappa0:
 
     (‖[M]_r‖²_F = tr(Γ (B0A0/η) S (B0A0/η)ᵀ), so the initial step has predicted KL exactly κ0 in the damped metric.)
     Both factors are divided by √c so that the adapter's ΔW = c·B0·A0 is the step. S_inv_sqrt / Gamma_inv_sqrt are
-    full (d, d) or diagonal (d,). Returns (B0, A0, η).
+    full (d, d), diagonal (d,) or None. Returns (B0, A0, η).
     """
-    energy = float((sigma.double() ** 2).sum())
-    if not energy > 0:
-        raise ValueError("the whitened gradient is zero: no signal to initialize from (check the calibration batches)")
-    eta = math.sqrt(2.0 * kappa0 / energy)
-    root = (sigma.clamp_min(0) * eta / lora_scale).sqrt()           # (r,)  √(η/c)·Σ^{½}
-    B0 = -_left(Gamma_inv_sqrt, U * root[None, :])                   # (d_out, r)
-    A0 = _right(root[:, None] * V.T, S_inv_sqrt)                     # (r, d_in)
+    eta = predicted_step_size(sigma, kappa0)
+    B0, A0 = lora_factors_for_step(U, sigma, V, S_inv_sqrt, Gamma_inv_sqrt, eta, lora_scale)
     return B0, A0, eta
 
 
-def whitened_svd_init(G: torch.Tensor, S: torch.Tensor, Gamma: torch.Tensor, r: int, kappa0: float,
-                      rel_damping: float = 1e-3, lora_scale: float = 1.0) -> WhitenedSVD:
+def solve_step_size(kl_of_eta: Callable[[float], float], kappa0: float, eta0: float, rel_tol: float = 0.02,
+                    max_evals: int = 8, max_factor: float = 1e3, min_factor: float = 1e-8) -> tuple[float, float, int]:
+    """η with kl_of_eta(η) = κ0 (within rel_tol), by secant steps on log κ(η) against log η (ours).
+
+    For small steps the KL is quadratic, log κ = 2 log η + const, so the first step from η0 uses slope 2; later ones
+    use the secant slope of the last two evaluations (clamped to [¼, 4], as the KL saturates for large steps), and
+    bisect on log η once a bracket is known and the secant leaves it. One step moves η by at most e⁵ ≈ 150×, and η
+    stays in [min_factor, max_factor]·η0 (a KL that saturates below κ0 would otherwise send η to overflow). Each
+    evaluation is one measurement (for CG-LoRA: one no-grad forward). Returns (η, κ(η), evaluations) of the
+    evaluation closest to κ0 in log ratio.
+    """
+    target = math.log(kappa0)
+    lo = hi = None                                                   # log η with κ < κ0 / κ > κ0
+    u, points = math.log(eta0), []
+    u_min, u_max = u + math.log(min_factor), u + math.log(max_factor)
+    for _ in range(max_evals):
+        kl = kl_of_eta(math.exp(u))
+        f = math.log(max(kl, 1e-30)) - target                         # log(κ/κ0)
+        points.append((abs(f), u, kl))
+        if abs(f) <= math.log1p(rel_tol):
+            break
+        if f < 0:
+            lo = u if lo is None else max(lo, u)
+        else:
+            hi = u if hi is None else min(hi, u)
+        slope = 2.0
+        if len(points) >= 2:
+            (_, u1, k1), (_, u2, k2) = points[-2], points[-1]
+            if u1 != u2 and k1 > 0 and k2 > 0:
+                slope = min(max((math.log(k2) - math.log(k1)) / (u2 - u1), 0.25), 4.0)
+        nxt = u - max(min(f / slope, 5.0), -5.0)
+        if lo is not None and hi is not None and not lo < nxt < hi:
+            nxt = 0.5 * (lo + hi)
+        nxt = min(max(nxt, u_min), u_max)
+        if nxt == u:                                                 # at a bound: κ0 is out of reach
+            break
+        u = nxt
+    _, u, kl = min(points)
+    return math.exp(u), kl, len(points)
+
+
+def whitened_svd_init(G: torch.Tensor, S: torch.Tensor | None, Gamma: torch.Tensor | None, r: int, kappa0: float,
+                      rel_damping: float = 1e-3, lora_scale: float = 1.0, svd: str = "exact",
+                      generator: torch.Generator | None = None) -> WhitenedSVD:
     """Dense CG-LoRA initialization: M = Γ^{-½} G S^{-½} with damped factors (full or diagonal), top-r SVD, B0, A0.
 
     With S = I, Γ = I and rel_damping = 0 this is the plain gradient SVD (LoRA-GA / LoRA-One family): B0 A0 =
-    −η [G]_r — the built-in ablation. rel_damping = 0 takes S and Γ as already damped.
+    −η [G]_r — the built-in ablation; S = Γ = None says the same without multiplying by identities (M is G).
+    rel_damping = 0 takes S and Γ as already damped. svd: "exact" (full SVD, keep the top r) or "randomized"
+    (randomized_svd with 4r columns and 4 power iterations — the top-r SVD LoRA-GA's code computes with
+    torch.svd_lowrank(q=4r, niter=4); far cheaper than the full SVD when r ≪ min(d_out, d_in)).
     """
-    S_is, G_is = damped_inverse_sqrt(S, rel_damping), damped_inverse_sqrt(Gamma, rel_damping)
+    S_is = None if S is None else damped_inverse_sqrt(S, rel_damping)
+    G_is = None if Gamma is None else damped_inverse_sqrt(Gamma, rel_damping)
     M = _right(_left(G_is, G.float()), S_is)                          # (d_out, d_in)
-    U, sigma, Vh = torch.linalg.svd(M, full_matrices=False)
-    U, sigma, V = U[:, :r], sigma[:r], Vh[:r].T
+    if svd == "exact":
+        U, sigma, Vh = torch.linalg.svd(M, full_matrices=False)
+        U, sigma, V = U[:, :r], sigma[:r], Vh[:r].T
+    elif svd == "randomized":
+        U, sigma, V = randomized_svd(lambda Om: M @ Om, lambda Ps: M.T @ Ps, M.shape, r, oversample=3 * r,
+                                     n_power_iter=4, generator=generator, device=M.device)
+    else:
+        raise ValueError(f"svd must be exact or randomized, got {svd!r}")
     B0, A0, eta = lora_init_from_whitened_svd(U, sigma, V, S_is, G_is, kappa0, lora_scale)
     return WhitenedSVD(M, U, sigma, V, B0, A0, eta)
 

@@ -635,6 +635,13 @@ def _estimate(cfg: M.LlamaConfig, method: str, acfg, B: int, T: int, weights_dty
             "per_block": per_block, "acfg": acfg}
 
 
+def cg_calibration_adapters(per_block: dict[str, AdapterShape]) -> dict[str, None]:
+    """The adapters as forward_memory sees them during CG-LoRA's calibration pass: the layers are adapted (so dense
+    mode trains their weights and sketch mode keeps their inputs) but run without an adapter path (ΔW = 0 there:
+    adapters.cg_calibration_factors sets their `merged` flag)."""
+    return {name: None for name in per_block}
+
+
 def cg_calibration(cfg: M.LlamaConfig, acfg: A.AdapterConfig, per_block: dict[str, AdapterShape], B: int, T: int,
                    N: int, ws: int, weight_copy: bool, resident: int, dropout_mask: int) -> tuple[int, int]:
     """(peak of the calibration pass, extra bytes of its own state) for CG-LoRA (adapters.cg_calibration_factors).
@@ -645,7 +652,11 @@ def cg_calibration(cfg: M.LlamaConfig, acfg: A.AdapterConfig, per_block: dict[st
     sketch: DiagWhitenedSketch per layer: Ω (d_in×k), Ψ (l×d_out), Y (d_out×k), W (l×d_in), s, γ (fp32),
             k = min(r + oversample, d_in, d_out), l = min(2k + 1, d_out); the hooks keep every adapted layer's input
             until its output gradient arrives.
-    The pass itself runs as train.py calls it: model in eval mode (so no gradient checkpointing), no autocast.
+    The pass itself runs as train.py calls it: model in eval mode (so no gradient checkpointing), no autocast, and
+    with the adapted layers run as their base linears (the adapters are still zero: cg_calibration_adapters).
+    The measured-KL step size afterwards (--cg-kappa-source measured, adapters.cg_measured_step_size) runs no-grad
+    forwards on one batch and holds at most 6 (N, V) fp32 tensors at once (base log-probs and their exp, logits,
+    log-probs, two elementwise temporaries), nothing saved for backward: the peak is the larger of the two phases.
     """
     L = cfg.num_hidden_layers
     shapes = {n: linear_shapes(cfg)[n] for n in per_block}
@@ -654,7 +665,9 @@ def cg_calibration(cfg: M.LlamaConfig, acfg: A.AdapterConfig, per_block: dict[st
     if mode == "auto":
         mode = "dense" if 4 * n_dense <= acfg.cg_memory_cap_mb * MiB or acfg.cg_curvature == "kfac-full" else "sketch"
     dense = mode == "dense"
-    fm = forward_memory(cfg, per_block, B, T, N, autocast=False, weight_size=ws, weight_copy=weight_copy,
+    measure = 6 * 4 * N * cfg.vocab_size if acfg.cg_kappa_source == "measured" else 0
+    fm = forward_memory(cfg, cg_calibration_adapters(per_block), B, T, N, autocast=False, weight_size=ws,
+                        weight_copy=weight_copy,
                         full=False, dropout_mask=dropout_mask, keep_inputs=not dense,
                         first_norm_trainable=not dense, dense_weights=dense)
     # + N·V·4: cg_calibration_factors holds the fp32 logits in a local variable through autograd.grad, so they are
@@ -666,14 +679,14 @@ def cg_calibration(cfg: M.LlamaConfig, acfg: A.AdapterConfig, per_block: dict[st
                    "kfac-full": 2 * sum(i * i + o * o for i, o in shapes.values())}[acfg.cg_curvature]
         state = 4 * n_dense + 4 * L * factors
         grads_at_end = n_dense * ws
-        return resident + state + max(acts, grads_at_end), state
+        return max(resident + state + max(acts, grads_at_end), resident + measure), state
     state = 0
     for d_in, d_out in shapes.values():
         k = min(acfg.r + acfg.cg_oversample, d_in, d_out)
         l = min(2 * k + 1, d_out)
         state += 4 * (d_in * k + l * d_out + d_out * k + l * d_in + d_in + d_out)
     state *= L
-    return resident + state + acts, state
+    return max(resident + state + acts, resident + measure), state
 
 
 # ----------------------------------------------------------------------------------------------------------------

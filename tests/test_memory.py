@@ -152,7 +152,8 @@ def test_cg_calibration_pass_saves_what_the_estimate_counts(cg_mode):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         hooks.calibrate([(idx, idx.clone())])
-    fm = memory.forward_memory(cfg, memory.adapters_per_block(cfg, "cg", acfg), 2, 16, 32, autocast=False,
+    fm = memory.forward_memory(cfg, memory.cg_calibration_adapters(memory.adapters_per_block(cfg, "cg", acfg)),
+                               2, 16, 32, autocast=False,
                                weight_size=4, weight_copy=False, full=False, first_norm_trainable=cg_mode == "sketch",
                                dense_weights=cg_mode == "dense")
     assert fm.embed + sum(fm.blocks) + fm.head + fm.head_copies + fm.logprobs == sum(seen.values())
