@@ -321,7 +321,6 @@ def sym_fused_adapted_linear(ctx: Ctx, x: Sym, rows: int, d_in: int, d_out: int,
         ctx.save(xa2)
     if x.rg:
         ctx.save(_weight(ctx, d_in * d_out, trainable), "weight_copies")
-    if x.rg:
         ctx.save(A_)
     ctx.save(B_)
     ctx.save(Sym(rows * r, cd, True))                                    # h = A x
@@ -849,30 +848,17 @@ def run_steps(spec: dict) -> None:
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (B, T), generator=gen)
     labels = ids.clone()
-    n_label = int((labels != -100).sum())
     if hooks.calibration_batches:
         hooks.calibrate([(ids, labels)] * hooks.calibration_batches)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": params}], lr=1e-4, fused=True)
     net.grad_checkpoint = spec["grad_checkpoint"]
     net.train()
+    import train as T                                   # (train.py imports this module only inside a function)
     for step in range(1 + spec.get("steps", 1)):
         x, y = (ids[:1, :8], labels[:1, :8]) if step == 0 else (ids, labels)
-        n_label = int((y != -100).sum())
-        hooks.before_micro_batch(x, y, n_label)
-        loss = net(x, labels=y, reduction="sum") / n_label
-        loss.backward()
-        reg = hooks.regularizer()
-        if reg is not None:
-            reg.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        hooks.before_optimizer_step(opt, step)
-        opt.step()
-        new = hooks.after_optimizer_step(step)
-        opt.zero_grad(set_to_none=True)
-        if new:
-            opt.add_param_group({"params": new})
-            params += new
+        T.accumulate_gradients(net, [{"input_ids": x, "labels": y}], int((y != -100).sum()), "cpu", method=hooks)
+        T.optimizer_step(opt, params, hooks, step, clip=1.0)
     hooks.close()
 
 

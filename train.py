@@ -390,6 +390,21 @@ def accumulate_gradients(net, micro: list[dict], n_label: int, device, autocast=
     return loss_total.item()          # the step's one host-device sync: a NaN/inf loss must skip the step
 
 
+def optimizer_step(optimizer, params: list, method, step: int, clip: float):
+    """What follows the backward of step `step`: clip, the method's hooks around optimizer.step, zero_grad, and new
+    parameters (TriAdaptLoRA growth) joining `optimizer` (a group with fresh warm-up) and `params` (in place).
+    Returns (the pre-clip gradient norm as a tensor — no host sync — or None without clipping, the new parameters)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else None
+    method.before_optimizer_step(optimizer, step)       # CTR-LoRA: curvature statistics, snapshot
+    optimizer.step()
+    new_params = method.after_optimizer_step(step)      # CTR trust region + allocator / AdaLoRA masking / growth
+    optimizer.zero_grad(set_to_none=True)               # (after the hook: importance scores read .grad)
+    if new_params:                                      # grown tensors join as a group with fresh warm-up
+        optimizer.add_param_group({"params": new_params, "start_step": step + 1})
+        params += new_params
+    return grad_norm, new_params
+
+
 def train(cfg: TrainConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -526,17 +541,10 @@ def train(cfg: TrainConfig) -> dict:
             consecutive_nonfinite = 0
 
             # ---- 4. clip, trust region, optimizer step, allocator
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip) if cfg.clip > 0 else None  # (a tensor: no sync)
-            method.before_optimizer_step(optimizer, step)   # CTR-LoRA: curvature statistics, snapshot
-            optimizer.step()
-            new_params = method.after_optimizer_step(step)  # CTR trust region + allocator / AdaLoRA masking / growth
-            optimizer.zero_grad(set_to_none=True)           # (after the hook: importance scores read .grad)
-            if new_params:                                  # grown tensors join as a group with fresh warm-up
-                optimizer.add_param_group({"params": new_params, "start_step": step + 1})
-                params += new_params
-                if world > 1:                               # DDP buckets are fixed at wrap time: wrap again
-                    unwrap_ddp(ddp)
-                    ddp = wrap_ddp(net, device, world)
+            grad_norm, new_params = optimizer_step(optimizer, params, method, step, cfg.clip)
+            if new_params and world > 1:                    # DDP buckets are fixed at wrap time: wrap again
+                unwrap_ddp(ddp)
+                ddp = wrap_ddp(net, device, world)
             step += 1
 
             # ---- 5. log, evaluate, checkpoint

@@ -76,6 +76,7 @@ def child(args) -> dict:
     import torch
     import adapters as A
     import model as M
+    import train as T
 
     torch.set_num_threads(args.threads)
     row = {"method": args.child}
@@ -115,23 +116,12 @@ def child(args) -> dict:
         row["step_s"], row["step_cpu_s"], row["loss"] = [], [], []
         for step in range(args.steps):
             t0, cpu0 = time.perf_counter(), cpu_seconds()
-            hooks.before_micro_batch(ids, labels, n_label)
-            loss = net(ids, labels=labels, reduction="sum") / n_label
-            loss.backward()
-            reg = hooks.regularizer()
-            if reg is not None:
-                reg.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            hooks.before_optimizer_step(optimizer, step)
-            optimizer.step()
-            new_params = hooks.after_optimizer_step(step)
-            optimizer.zero_grad(set_to_none=True)
-            if new_params:                                                            # TriAdaptLoRA growth
-                optimizer.add_param_group({"params": new_params})
-                params += new_params
+            loss = T.accumulate_gradients(net, [{"input_ids": ids, "labels": labels}], n_label, "cpu",
+                                          method=hooks)                                # train.py's step
+            T.optimizer_step(optimizer, params, hooks, step, clip=1.0)
             row["step_s"].append(time.perf_counter() - t0)
             row["step_cpu_s"].append(cpu_seconds() - cpu0)          # < threads x wall when the CPUs are shared
-            row["loss"].append(loss.item())
+            row["loss"].append(loss)
         hooks.close()
         row["adapters_fp32"] = all(p.dtype == torch.float32 for p in params)
         row["base_bf16"] = all(p.dtype == torch.bfloat16 for p in net.parameters() if not p.requires_grad)

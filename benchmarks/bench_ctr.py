@@ -49,15 +49,8 @@ def make(base, method: str, metric: str, rounds: int):
         n_label = int((batch["labels"] != -100).sum())
         t0 = time.perf_counter()
         with contextlib.redirect_stderr(io.StringIO()):
-            T.accumulate_gradients(net, [batch], n_label, "cpu", method=hooks)
-            reg = hooks.regularizer()
-            if reg is not None:
-                reg.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            hooks.before_optimizer_step(opt, state["t"])
-            opt.step()
-            hooks.after_optimizer_step(state["t"])
-            opt.zero_grad(set_to_none=True)
+            T.accumulate_gradients(net, [batch], n_label, "cpu", method=hooks)     # (includes the regularizer)
+            T.optimizer_step(opt, params, hooks, state["t"], clip=1.0)
         state["t"] += 1
         return time.perf_counter() - t0
     return step

@@ -74,22 +74,17 @@ TOTAL_STEPS = 10_000                 # schedule length for the rank-allocating m
 # ----------------------------------------------------------------------------------------------------------------
 # Memory of this process (Linux /proc; ru_maxrss as a fallback)
 
-def _status_kb(key: str) -> int | None:
+def status_mib(key: str) -> float:
+    """VmRSS (resident now) or VmHWM (peak since the last reset) of this process in MiB, from /proc/self/status;
+    where that is missing, ru_maxrss (the peak) stands in for both."""
     try:
         for line in open("/proc/self/status"):
             if line.startswith(key + ":"):
-                return int(line.split()[1])
+                return int(line.split()[1]) / 1024
     except OSError:
-        return None
-    return None
-
-
-def rss_mib() -> float:
-    kb = _status_kb("VmRSS")
-    if kb is None:
-        import resource
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def reset_peak_rss() -> bool:
@@ -100,14 +95,6 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def peak_rss_mib() -> float:
-    kb = _status_kb("VmHWM")
-    if kb is None:
-        import resource
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,20 +215,10 @@ def build_ours(path: Path, method: str):
     net.train()
     state = {"t": 0}
 
-    def step(ids, labels):
+    def step(ids, labels):                                                       # train.py's step, one process
         n_label = int((labels != -100).sum())
         loss = T.accumulate_gradients(net, [{"input_ids": ids, "labels": labels}], n_label, "cpu", method=hooks)
-        reg = hooks.regularizer()
-        if reg is not None:
-            reg.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        hooks.before_optimizer_step(optimizer, state["t"])
-        optimizer.step()
-        new = hooks.after_optimizer_step(state["t"])
-        optimizer.zero_grad(set_to_none=True)
-        if new:
-            optimizer.add_param_group({"params": new})
-            params.extend(new)
+        T.optimizer_step(optimizer, params, hooks, state["t"], clip=1.0)           # (the regularizer is in loss)
         state["t"] += 1
         return loss
 
@@ -312,7 +289,7 @@ def worker(args) -> dict:
     import adapters  # noqa: F401
     import model as M
     import train  # noqa: F401
-    base_rss = rss_mib()
+    base_rss = status_mib("VmRSS")
     reset_peak_rss()
     path = Path(args.model)
     cfg = M.LlamaConfig.from_json(path / "config.json")
@@ -338,7 +315,7 @@ def worker(args) -> dict:
             net, step = build_peft(path, method)
             batch_labels = hf_labels
             t_build = time.perf_counter() - t0
-    rss_built = rss_mib() - base_rss                         # (ours-cg: after its calibration)
+    rss_built = status_mib("VmRSS") - base_rss                         # (ours-cg: after its calibration)
     times, cpu_times, losses = [], [], []
     with quiet:
         for i in range(args.warmup + args.steps):
@@ -349,7 +326,7 @@ def worker(args) -> dict:
     del net
     return {"build_s": t_build, "first_step_s": times[0], "warmup_s": times[:args.warmup],
             "step_s": times[args.warmup:], "cpu_s": cpu_times[args.warmup:], "first_loss": losses[0],
-            "rss_built_mib": rss_built, "peak_mib": peak_rss_mib() - base_rss, "tokens_per_step": ids.numel(),
+            "rss_built_mib": rss_built, "peak_mib": status_mib("VmHWM") - base_rss, "tokens_per_step": ids.numel(),
             "n_label": int((labels != -100).sum()), **info}
 
 
