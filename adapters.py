@@ -1876,12 +1876,6 @@ def positions_up_to_last_label(labels: torch.Tensor) -> torch.Tensor:
     return (labels != -100).flip(1).cumsum(1).flip(1) > 0
 
 
-def _label_logits(model: nn.Module, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """fp32 logits (N, vocab) at the label-carrying positions only (the head is most of a small model's compute)."""
-    h = model.hidden_states(inputs)[mask]                                            # (N, C)
-    return M.call_in_dtype(model.lm_head, getattr(model, "compute_dtype", None), h).float()
-
-
 def cg_calibration_factors(model: nn.Module, layers: dict, batches, cfg: AdapterConfig, mode: str, generator):
     """{name: (U, σ, V, S^{-½}, Γ^{-½})} of the whitened gradient of every adapted layer, and the extra bytes held.
 
@@ -1935,7 +1929,7 @@ def cg_calibration_factors(model: nn.Module, layers: dict, batches, cfg: Adapter
             if mode != "dense":
                 rows = None if bool(factor_mask.all()) else factor_mask.flatten().nonzero().squeeze(1)
                 state.update(rows=rows, N=N)
-            logits = _label_logits(model, inputs, mask)                                # (N, vocab)
+            logits = model.label_logits(inputs, mask).float()                          # (N, vocab)
             grads = torch.autograd.grad(F.cross_entropy(logits, labels[mask]), weights)
             if mode == "dense":
                 for (n, _), g in zip(layers.items(), grads):
@@ -1996,13 +1990,13 @@ def cg_measured_step_size(model: nn.Module, batch, set_step: Callable[[float], N
     model.eval()
     try:
         set_step(0.0)
-        base = F.log_softmax(_label_logits(model, inputs, mask), dim=-1)              # (N, vocab)
+        base = F.log_softmax(model.label_logits(inputs, mask).float(), dim=-1)       # (N, vocab)
         p_base = base.exp()
         evals = []
 
         def kl_of(eta: float) -> float:
             set_step(eta)
-            logp = F.log_softmax(_label_logits(model, inputs, mask), dim=-1)
+            logp = F.log_softmax(model.label_logits(inputs, mask).float(), dim=-1)
             kl = float((p_base * (base - logp)).sum(-1).mean())
             kl = kl if math.isfinite(kl) else 1e30
             evals.append((eta, kl))

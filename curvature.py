@@ -298,8 +298,8 @@ def _requires_grad(tensors: Tensors):
 
 def _logits_at_labels(model: nn.Module, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(N, vocab) logits of the label-carrying positions only (the LM head is a large share of compute)."""
-    if hasattr(model, "hidden_states") and hasattr(model, "lm_head"):     # model.py's Llama
-        return model.lm_head(model.hidden_states(inputs)[mask])
+    if hasattr(model, "label_logits"):                                  # model.py's Llama
+        return model.label_logits(inputs, mask)
     return model(inputs)[mask]
 
 

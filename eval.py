@@ -119,8 +119,8 @@ def prediction_kl(model, reference, examples, batch_size: int, pad_id: int) -> d
     for batch in D.iter_batches(examples, batch_size, pad_id):
         ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
         keep = labels != D.IGNORE_INDEX
-        logp = model.lm_head(model.hidden_states(ids)[keep]).float().log_softmax(-1)           # (N, vocab)
-        logq = reference.lm_head(reference.hidden_states(ids)[keep]).float().log_softmax(-1)   # (N, vocab)
+        logp = model.label_logits(ids, keep).float().log_softmax(-1)                            # (N, vocab)
+        logq = reference.label_logits(ids, keep).float().log_softmax(-1)                        # (N, vocab)
         total += (logq.exp() * (logq - logp)).sum().item()
         n += int(keep.sum())
     return {"kl_to_reference": total / max(n, 1), "tokens": n}

@@ -370,6 +370,11 @@ class Llama(nn.Module):
             cache.pos += T
         return call_in_dtype(self.model.norm, dtype, x)
 
+    def label_logits(self, idx, keep):
+        """(N, vocab) logits at the N positions where keep (B, T) is True: the LM head only there (in the compute
+        dtype, as forward applies it). For the calibration and curvature passes that need logits, not a loss."""
+        return call_in_dtype(self.lm_head, self.compute_dtype, self.hidden_states(idx)[keep])
+
     def forward(self, idx, labels=None, cache: KVCache | None = None, reduction: str = "mean"):
         """idx (B, T) -> logits (B, T, vocab); or, with labels (B, T), the cross-entropy loss.
 

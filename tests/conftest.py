@@ -36,6 +36,16 @@ def hf_tiny_model(kind: str, seed: int = 0, **overrides):
     return hf
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one torch thread per module of tests (restored afterwards) avoids spin-waiting and
+    oversubscription on a shared machine. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """Factory: write a tiny HF checkpoint to a temp folder, return (folder, hf_model)."""

@@ -20,13 +20,7 @@ import model as M
 D_IN, HIDDEN, VOCAB = 5, 7, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These problems are tiny: one thread avoids oversubscription on a shared machine (10× faster here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def gen(seed):

@@ -34,13 +34,7 @@ MODES = {   # name: (storage dtype, autocast bf16, model.compute_dtype)
 HAS_COMPUTE_DTYPE = hasattr(M, "call_in_dtype")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread avoids spin-waiting on a busy machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def measured_saved_bytes(cfg, method, acfg, mode, B=2, T=16, labelled_from=4):
