@@ -463,7 +463,8 @@ def predicted_kl(B, A, dB, dA, S, Gamma, scale: float = 1.0) -> torch.Tensor:
 @contextmanager
 def twice_differentiable(model: nn.Module):
     """Run `model` on its twice-differentiable paths, then restore the previous ones: a model.py Llama's
-    explicit-softmax attention, and every adapted layer's plain-ops forward (modules with a `fused` flag).
+    explicit-softmax attention, every adapted layer's plain-ops forward (modules with a `fused` flag), and eager blocks
+    instead of compiled ones (Llama.compile_blocks).
 
     Why: F.scaled_dot_product_attention has no double backward. Measured with torch 2.13 on CPU (fp32, causal):
     the first backward with create_graph=True succeeds, but the gradients' graph contains a NotImplemented node and
@@ -475,10 +476,13 @@ def twice_differentiable(model: nn.Module):
     """
     previous = getattr(model, "attention_impl", None)
     switched = [m for m in model.modules() if getattr(m, "fused", False) is True]
-    if previous is not None:
+    compiled = getattr(model, "compiled_block", None)        # Llama.compile_blocks: compiled graphs have no
+    if previous is not None:                                  # double backward either, so run eager
         model.set_attention("math")
     for m in switched:
         m.fused = False
+    if compiled is not None:
+        model.compiled_block = None
     try:
         yield model
     finally:
@@ -486,6 +490,8 @@ def twice_differentiable(model: nn.Module):
             model.set_attention(previous)
         for m in switched:
             m.fused = True
+        if compiled is not None:
+            model.compiled_block = compiled
 
 
 def _zeros_for_unused(grads, params):

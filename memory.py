@@ -370,7 +370,7 @@ def sym_block(ctx: Ctx, cfg: M.LlamaConfig, x: Sym, B: int, T: int, adapters: di
               dense_weights: bool = False) -> Sym:
     """model.Block: x + attention(norm(x)), then + mlp(norm(·)). Returns the block output."""
     d, f = cfg.hidden_size, cfg.intermediate_size
-    H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    H, hd = cfg.num_attention_heads, cfg.head_dim
     BT = B * T
     shapes = linear_shapes(cfg)
     full = ctx.full
@@ -386,8 +386,7 @@ def sym_block(ctx: Ctx, cfg: M.LlamaConfig, x: Sym, B: int, T: int, adapters: di
     cos_size = x.size if not ctx.weight_copy else 4
     q = Sym(q.numel, max(q.size, cos_size), q.rg)                       # apply_rope: q·cos + rot(q)·sin
     k = Sym(k.numel, max(k.size, cos_size), k.rg)
-    if H != Hkv:                                                         # GQA: repeat_interleave copies k, v
-        k, v = Sym(BT * H * hd, k.size, k.rg), Sym(BT * H * hd, v.size, v.rg)
+    # GQA: SDPA (enable_gqa) reads the n_kv heads of k, v as they are: no repeated copies are made or saved
     if ctx.autocast:
         q, k, v = _bf16(q), _bf16(k), _bf16(v)
     out = Sym(BT * H * hd, q.size, q.rg or k.rg or v.rg)                 # SDPA output, (B, T, H·hd) in memory

@@ -243,18 +243,19 @@ class Attention(nn.Module):
             offset = cache.pos
             k, v = cache.update(layer, k, v)                                     # (B, Hkv, pos+T, d)
         # grouped-query attention: each K/V head serves n_heads/n_kv query heads  <-- difference vs Llama 2 7B/13B
-        rep = self.n_heads // self.n_kv
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        # (SDPA's enable_gqa shares the heads without copying k, v; the explicit path repeats them)
+        gqa = self.n_heads != self.n_kv
         if self.attn_impl == "math":
+            rep = self.n_heads // self.n_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             y = math_attention(q, k, v, causal_offset=offset)
         elif offset == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif T == 1:                                                             # one new token sees the whole cache
-            y = F.scaled_dot_product_attention(q, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         else:                                                                    # a chunk after a cached prefix
             mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=offset)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)             # (B, T, H*d)
         return self.o_proj(y)
 
@@ -334,6 +335,7 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.grad_checkpoint = False              # recompute each block in backward (saves activation memory)
         self.compute_dtype: torch.dtype | None = None   # None: compute in the weights' dtype; see call_in_dtype
+        self.compiled_block = None                # compile_blocks(): the compiled block call training steps use
 
     def set_attention(self, impl: str):
         """'sdpa' (default, fast) or 'math' (explicit softmax; needed for double backward / HVPs)."""
@@ -341,6 +343,23 @@ class Llama(nn.Module):
             raise ValueError(f"unknown attention implementation '{impl}' (use sdpa or math)")
         for block in self.model.layers:
             block.self_attn.attn_impl = impl
+
+    def compile_blocks(self, **options):
+        """Compile the block call (call_in_dtype(block, ...)) with torch.compile for training steps (options go to
+        torch.compile). The blocks' parameters are graph inputs, so one compiled graph serves every block and the
+        compile time does not grow with depth (two graphs in practice: block 0's input, the frozen embedding, needs
+        no gradient). Used only for training forwards (train mode, grad enabled, no KV cache): evaluation,
+        generation and no-grad passes stay eager and cause no recompilation. What inductor buys on top of eager
+        is fusion of the elementwise work (RMSNorm, RoPE, SwiGLU, residual adds) into fewer passes over memory.
+
+        Changing the adapters' structure (TriAdaptLoRA's growth, module by module) triggers recompiles (after
+        torch's limit of 8, the remaining blocks run eager; train.py refuses --compile there); hooks inside the blocks
+        (curvature collectors) are not meant to run compiled; double backward is not supported (curvature's
+        twice_differentiable switches back to eager). Dropout inside a compiled block draws different random
+        masks than eager (same distribution). Requires a C++ compiler on CPU (inductor generates C++ kernels).
+        """
+        self.compiled_block = torch.compile(call_in_dtype, **options)
+        return self
 
     @property
     def attention_impl(self) -> str:
@@ -359,11 +378,15 @@ class Llama(nn.Module):
             x = x.to(dtype)                    # lookup, then cast: no fp32 copy of the whole embedding table
         positions = torch.arange(start, start + T, device=idx.device)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)                  # (T, d) each
+        train_step = self.training and torch.is_grad_enabled() and cache is None
+        run = self.compiled_block if train_step and self.compiled_block is not None else call_in_dtype
         for i, block in enumerate(self.model.layers):
-            if self.grad_checkpoint and self.training and torch.is_grad_enabled() and cache is None:
+            if self.grad_checkpoint and train_step:
                 # recomputed in backward; with a compute dtype the block's cast copies are made again there too,
                 # so only one block's copy is alive at a time
-                x = checkpoint(call_in_dtype, block, dtype, x, cos, sin, use_reentrant=False)
+                x = checkpoint(run, block, dtype, x, cos, sin, use_reentrant=False)
+            elif cache is None:
+                x = run(block, dtype, x, cos, sin)
             else:
                 x = call_in_dtype(block, dtype, x, cos, sin, cache, i)
         if cache is not None:

@@ -94,6 +94,11 @@ class TrainConfig:
                                "block is computed in fp32 — how a 7B model trains in 24 GB of RAM)"})
     grad_checkpoint: bool = field(default=False, metadata={"help": "recompute each block in backward (saves "
                                                                    "activation memory; on by default on CUDA)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the transformer block for training "
+                          "steps (inductor fuses the elementwise work; on CPU, SmolLM2 LoRA steps ran ~4%% faster "
+                          "with 16%% less peak memory, after a first step that compiles for 5-30 s; needs a C++ "
+                          "compiler). For lora, adalora, cg and full; not for ctr (curvature hooks inside the "
+                          "blocks) or triadapt (growth changes the blocks' structure)"})
     log_every: int = field(default=5, metadata={"help": "progress line and metrics every N steps"})
     eval_every: int = field(default=50, metadata={"help": "validation loss every N steps (0 = only at the end)"})
     eval_examples: int = field(default=200, metadata={"help": "validation examples used for the loss"})
@@ -128,7 +133,7 @@ def method_option_fields():
 
 # settings that may differ between a run and its resumption; everything else must match the checkpoint
 RESUMABLE_CHANGES = {"out", "steps", "resume", "overwrite", "log_every", "eval_every", "save_every", "keep_checkpoints",
-                     "device", "eval_examples", "max_nonfinite", "dry_run", "threads"}
+                     "device", "eval_examples", "max_nonfinite", "dry_run", "threads", "compile"}
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -164,6 +169,12 @@ def add_flags(ap, flds):
             raise TypeError(f"field {f.name} of type {tname} has no command-line form")
 
 
+# methods whose blocks torch.compile cannot serve with one graph
+COMPILE_UNSUPPORTED = {"ctr": "its curvature hooks run inside every block on every step",
+                       "triadapt": "its modules grow to different structures, each needing its own graph: the "
+                                   "compiler would stop after 8 and run the rest eager"}
+
+
 def validate(cfg: TrainConfig):
     if cfg.method != "full" and cfg.method not in A.METHODS:
         raise ValueError(f"unknown method '{cfg.method}'; choose one of: {', '.join(A.METHODS)}, full")
@@ -177,6 +188,9 @@ def validate(cfg: TrainConfig):
     elif cfg.weights_dtype not in ("auto", "float32"):
         raise ValueError("--method full trains fp32 master weights; drop --weights-dtype (or use float32)")
     M.weights_dtype_policy(cfg.weights_dtype, "cpu")      # an unknown --weights-dtype fails here
+    if cfg.compile and cfg.method in COMPILE_UNSUPPORTED:
+        raise ValueError(f"--compile does not support --method {cfg.method} ({COMPILE_UNSUPPORTED[cfg.method]}); "
+                         f"drop --compile")
     if not cfg.dry_run and (not cfg.data or not Path(cfg.data).is_file()):
         raise FileNotFoundError(f"--data {cfg.data!r}: no such file")
 
@@ -485,6 +499,10 @@ def train(cfg: TrainConfig) -> dict:
     if main_rank:
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     metrics = open(out / "metrics.jsonl", "a") if main_rank else open(os.devnull, "w")
+    if cfg.compile:                    # after CG-LoRA's calibration (its hooks run eager); compiles at first step
+        net.compile_blocks()
+        if main_rank:
+            print("--compile: the first training step compiles the blocks (tens of seconds on CPU)", file=sys.stderr)
     ddp = wrap_ddp(net, device, world)                     # the model itself in one process
 
     stop = StopFlag()

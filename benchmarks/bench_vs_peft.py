@@ -30,10 +30,13 @@ A B C ... A B C ...; medians over rounds are reported):
     ours-cg        CG-LoRA's initialization (train.py defaults: 8 calibration batches of the same shape), timed
                    against LoRA's time to first step (load + adapters + first step) and against one LoRA step;
                    in the first --cg-rounds rounds only (its calibration is ~16 LoRA steps on SmolLM2)
+    ours-lora-compiled  ours-lora with train.py --compile (Llama.compile_blocks: torch.compile'd blocks); its
+                   first (warm-up) step compiles, reported as the compile time
     matmul         fp32 2048x2048 @ 2048x2048, the machine's measured matmul peak, in the same rotation
     --experiments  adds hot-path changes not in the project, applied by monkeypatch in the worker (patch_* below):
                    ours-lora-unfused, ours-triadapt-unfused (the plain-ops reference forward instead of
-                   adapters.LowRankLinearFunction: what the fused path gains)
+                   adapters.LowRankLinearFunction: what the fused path gains); ours-lora-repeatkv (GQA by
+                   repeating k, v instead of SDPA's enable_gqa)
 
 Peak memory = VmHWM of the worker (peak RSS, reset after imports) minus its RSS after imports (torch, transformers,
 peft and the project modules are imported by every worker): weights + adapters + optimizer + the step's peak.
@@ -64,9 +67,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SETUPS = ("ours-lora", "peft-lora", "ours-adalora", "peft-adalora", "ours-triadapt", "ours-ctr", "ours-cg", "matmul")
+SETUPS = ("ours-lora", "peft-lora", "ours-adalora", "peft-adalora", "ours-triadapt", "ours-ctr", "ours-cg",
+          "ours-lora-compiled", "matmul")
 # --experiments: hot-path changes tried by monkeypatch (not in the project): see patch_* below
-EXPERIMENTS = ("ours-lora-unfused", "ours-triadapt-unfused")
+EXPERIMENTS = ("ours-lora-unfused", "ours-triadapt-unfused", "ours-lora-repeatkv")
 RANK, ALPHA = 8, 16.0
 TOTAL_STEPS = 10_000                 # schedule length for the rank-allocating methods (no run reaches its end)
 
@@ -175,16 +179,40 @@ def patch_unfused():
     A.AdaptedLinear.fused = False
 
 
+def patch_repeat_kv():
+    """Experiment: grouped-query attention as this project ran it before 2026-11-24 — k and v repeated to every
+    query head (repeat_interleave copies, saved for backward) instead of SDPA's enable_gqa."""
+    import types
+    import torch.nn.functional as F
+    import model as M
+    sdpa = F.scaled_dot_product_attention
+
+    def repeated(q, k, v, *args, enable_gqa=False, **kwargs):
+        if enable_gqa:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return sdpa(q, k, v, *args, **kwargs)
+    M.F = types.SimpleNamespace(**{**vars(F), "scaled_dot_product_attention": repeated})
+
+
 def apply_experiment(method: str) -> str:
     """Apply the monkeypatches an experiment setup names ("lora-unfused" -> patch_unfused); return the method."""
-    patches = {"lora-unfused": [patch_unfused], "triadapt-unfused": [patch_unfused]}
+    patches = {"lora-unfused": [patch_unfused], "triadapt-unfused": [patch_unfused], "lora-repeatkv": [patch_repeat_kv]}
     for patch in patches.get(method, []):
         patch()
     return method.split("-")[0]
 
 
-def build_ours(path: Path, method: str):
-    """Our model + adapters + hooks + fused AdamW; returns (net, step(ids, labels) -> loss, hooks, cfg)."""
+def parse_setup(setup: str) -> tuple[str, str, bool]:
+    """'ours-lora-compiled' -> ('ours', 'lora', True); experiments' monkeypatches are applied here."""
+    impl, method = setup.split("-", 1)
+    compiled = method.endswith("-compiled")
+    return impl, apply_experiment(method.removesuffix("-compiled")), compiled
+
+
+def build_ours(path: Path, method: str, compiled: bool = False):
+    """Our model + adapters + hooks + fused AdamW (+ train.py's --compile when compiled); returns
+    (net, step(ids, labels) -> loss, hooks, cfg)."""
     import torch
     import adapters as A
     import model as M
@@ -212,6 +240,8 @@ def build_ours(path: Path, method: str):
             optimizer.add_param_group({"params": grown})
             params += grown
     hooks = A.training_hooks(net, cfg)
+    if compiled:
+        net.compile_blocks()                                                     # compiles in the first step
     net.train()
     state = {"t": 0}
 
@@ -294,14 +324,13 @@ def worker(args) -> dict:
     path = Path(args.model)
     cfg = M.LlamaConfig.from_json(path / "config.json")
     ids, labels, hf_labels = make_batch(cfg.vocab_size, args.batch, args.seq)
-    impl, method = args.setup.split("-", 1)
-    method = apply_experiment(method)
+    impl, method, compiled = parse_setup(args.setup)
     quiet = contextlib.redirect_stderr(io.StringIO())        # allocation lines, peft warnings
     t0 = time.perf_counter()
     info = {}
     with quiet:
         if impl == "ours":
-            net, step, hooks, _ = build_ours(path, method)
+            net, step, hooks, _ = build_ours(path, method, compiled)
             t_build = time.perf_counter() - t0
             if method == "cg":                                # CG-LoRA: the data-dependent init, train.py's way
                 batches = [make_batch(cfg.vocab_size, args.batch, args.seq, seed=1 + i)[:2]
@@ -338,11 +367,10 @@ def profile(args) -> None:
     path = Path(args.model)
     cfg = M.LlamaConfig.from_json(path / "config.json")
     ids, labels, hf_labels = make_batch(cfg.vocab_size, args.batch, args.seq)
-    impl, method = args.profile.split("-", 1)
-    method = apply_experiment(method)
+    impl, method, compiled = parse_setup(args.profile)
     with contextlib.redirect_stderr(io.StringIO()):
         if impl == "ours":
-            _, step, _, _ = build_ours(path, method)
+            _, step, _, _ = build_ours(path, method, compiled)
             batch_labels = labels
         else:
             _, step = build_peft(path, method)
@@ -487,7 +515,8 @@ def report(name: str, path: Path, results: dict[str, list[dict]], args) -> dict:
         lora = med_step["ours-lora"]
         print("\nstep time relative to LoRA of the same implementation (ratio of medians):")
         goals = {"ours-triadapt": 1.10, "ours-ctr": 1.25}
-        for s in ("ours-adalora", "ours-triadapt", "ours-ctr", "ours-lora-unfused", "ours-triadapt-unfused"):
+        for s in ("ours-adalora", "ours-triadapt", "ours-ctr", "ours-lora-compiled", "ours-lora-unfused",
+                  "ours-triadapt-unfused", "ours-lora-repeatkv"):
             if s in med_step:
                 ratio = med_step[s] / lora
                 figures[s] = ratio
@@ -508,6 +537,18 @@ def report(name: str, path: Path, results: dict[str, list[dict]], args) -> dict:
             mem_peft = median([r["peak_mib"] for r in results["peft-lora"]])
             print(f"  with ours-lora-unfused: tokens/s vs transformers + peft {figures['unfused_speedup']:.3f}x, "
                   f"peak memory {mem / mem_peft:.3f}x")
+        if "ours-lora-compiled" in med_step:
+            runs = results["ours-lora-compiled"]
+            compile_s = median([r["first_step_s"] for r in runs]) - med_step["ours-lora-compiled"]
+            mem = median([r["peak_mib"] for r in runs])
+            line = (f"  with --compile: {lora / med_step['ours-lora-compiled']:.3f}x the eager step's tokens/s; "
+                    f"first step {compile_s:.1f} s longer (compilation); peak memory {mem:.0f} MiB")
+            if "peft-lora" in med_step:
+                figures["compiled_speedup"] = med_step["peft-lora"] / med_step["ours-lora-compiled"]
+                mem_peft = median([r["peak_mib"] for r in results["peft-lora"]])
+                line += (f"; vs transformers + peft: tokens/s {figures['compiled_speedup']:.3f}x, "
+                         f"peak memory {mem / mem_peft:.3f}x")
+            print(line)
         if "ours-cg" in results:
             cg = results["ours-cg"]
             init = median([r["cg_init_s"] for r in cg])
@@ -524,16 +565,19 @@ def report(name: str, path: Path, results: dict[str, list[dict]], args) -> dict:
         best = max(max(r["flops_per_s"]) for r in results["matmul"])
         flops = step_flops(cfg, args.batch, args.seq, args.batch * (args.seq - args.seq * 3 // 4), RANK,
                            tuple(A.LLAMA_LINEAR_NAMES))
-        achieved = flops["total"] / med_step["ours-lora"]
-        figures.update(mfu=achieved / peak)
         parts = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in flops.items() if k != "total")
         print(f"\nFLOPs of one step (GFLOP, from shapes): {parts}; total {flops['total'] / 1e9:.2f} "
               f"({flops['total'] / tokens / 1e6:.1f} MFLOP per token)")
         print(f"fp32 matmul 2048^3: median {peak / 1e9:.1f} GFLOP/s (per-round medians "
               f"{', '.join(f'{x / 1e9:.1f}' for x in per_round)}; best single {best / 1e9:.1f})")
-        print(f"our LoRA step: {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.1%} of the median matmul rate "
-              f"({achieved / best:.1%} of the best single matmul)   (goal >= 70%: "
-              f"{'met' if achieved >= 0.7 * peak else 'NOT met'})")
+        for s, what, key in (("ours-lora", "our LoRA step", "mfu"),
+                             ("ours-lora-compiled", "our LoRA step with --compile", "mfu_compiled")):
+            if s in med_step:
+                achieved = flops["total"] / med_step[s]
+                figures[key] = achieved / peak
+                print(f"{what}: {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.1%} of the median matmul rate "
+                      f"({achieved / best:.1%} of the best single matmul)   (goal >= 70%: "
+                      f"{'met' if achieved >= 0.7 * peak else 'NOT met'})")
         if "peft-lora" in med_step:
             hf = dict(flops, head=4.0 * tokens * cfg.hidden_size * cfg.vocab_size)
             hf_total = sum(v for k, v in hf.items() if k != "total")
