@@ -95,7 +95,7 @@ class TrainConfig:
     grad_checkpoint: bool = field(default=False, metadata={"help": "recompute each block in backward (saves "
                                                                    "activation memory; on by default on CUDA)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the transformer block for training "
-                          "steps (inductor fuses the elementwise work; on CPU, SmolLM2 LoRA steps ran ~4%% faster "
+                          "steps (inductor fuses the elementwise work; on CPU, SmolLM2 LoRA steps ran 4-10%% faster "
                           "with 16%% less peak memory, after a first step that compiles for 5-30 s; needs a C++ "
                           "compiler). For lora, adalora, cg and full; not for ctr (curvature hooks inside the "
                           "blocks) or triadapt (growth changes the blocks' structure)"})
