@@ -1765,7 +1765,6 @@ CG_CURVATURES = ("kfac-full", "kfac-diag", "identity")
 CG_MODES = ("auto", "dense", "sketch")
 CG_KAPPA_SOURCES = ("measured", "predicted")
 CG_FACTOR_TOKENS = ("labels", "all")
-CG_SPLITS = ("sqrt", "balanced", "lora")          # = curvature.CG_SPLITS (adapters.py imports curvature lazily)
 
 
 def _validate_cg(cfg: AdapterConfig) -> None:
@@ -1785,8 +1784,9 @@ def _validate_cg(cfg: AdapterConfig) -> None:
                          f"got {cfg.cg_factor_tokens!r}")
     if cfg.cg_dense_svd not in ("exact", "randomized"):
         raise ValueError(f"--cg-dense-svd must be exact or randomized, got {cfg.cg_dense_svd!r}")
-    if cfg.cg_split not in CG_SPLITS:
-        raise ValueError(f"--cg-split must be one of {', '.join(CG_SPLITS)}, got {cfg.cg_split!r}")
+    import curvature as C                         # (the split's home: curvature.lora_factors_for_step)
+    if cfg.cg_split not in C.CG_SPLITS:
+        raise ValueError(f"--cg-split must be one of {', '.join(C.CG_SPLITS)}, got {cfg.cg_split!r}")
     if cfg.cg_kappa0 <= 0 or cfg.cg_batches < 1 or cfg.cg_oversample < 0:
         raise ValueError("--cg-kappa0 must be > 0, --cg-batches >= 1 and --cg-oversample >= 0")
 

@@ -328,7 +328,8 @@ def sym_fused_adapted_linear(ctx: Ctx, x: Sym, rows: int, d_in: int, d_out: int,
 
 
 def sym_adapter(ctx: Ctx, x: Sym, rows: int, d_in: int, d_out: int, a: AdapterShape):
-    """AdaptedLinear.reference_forward's adapter path (mixed dtypes without autocast): x.to(fp32) (a copy if x is not fp32), dropout, adapter_forward."""
+    """AdaptedLinear.reference_forward's adapter path (mixed dtypes without autocast): x.to(fp32) (a copy if x is
+    not fp32), dropout, adapter_forward."""
     xa = x if x.size == 4 else Sym(x.numel, 4, x.rg)
     if ctx.dropout_mask:                                                 # nn.Dropout: x ⊙ mask/(1−p), new tensor;
         if xa.rg:                                                        # the mask is saved for ∂x

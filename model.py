@@ -246,8 +246,9 @@ class Attention(nn.Module):
         # (SDPA's enable_gqa shares the heads without copying k, v; the explicit path repeats them)
         gqa = self.n_heads != self.n_kv
         if self.attn_impl == "math":
-            rep = self.n_heads // self.n_kv
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            if gqa:
+                rep = self.n_heads // self.n_kv
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             y = math_attention(q, k, v, causal_offset=offset)
         elif offset == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)

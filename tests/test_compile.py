@@ -2,6 +2,7 @@
 they should, and refuse what they cannot do. Compiling takes ~10-20 s here (inductor writes C++ kernels), so the
 graphs are compiled once and the tests reuse them: every model below has the same block structure."""
 import json
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -88,6 +89,13 @@ def test_train_with_compile_matches_the_eager_run(tiny_dir, tmp_path):
     assert len(runs[True]) == 3
     assert runs[True] == pytest.approx(runs[False], rel=1e-5)
     assert runs[True][-1] != runs[True][0]                          # the steps did train
+
+
+def test_a_run_may_resume_with_or_without_compile(tiny_dir, tmp_path):
+    saved = tiny_cfg(tiny_dir, tmp_path / "o")
+    T.check_resume_config(asdict(saved), replace(saved, compile=True, resume=True))    # no error
+    with pytest.raises(ValueError, match="cannot resume with different settings"):     # (the check itself works)
+        T.check_resume_config(asdict(saved), replace(saved, compile=True, lr=1e-3))
 
 
 @pytest.mark.parametrize("method", ["ctr", "triadapt"])
