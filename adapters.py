@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import typing
 from collections import Counter
@@ -374,11 +375,11 @@ class TriAdaptLinear(AdaptedLinear):
 
         ΔW = c · B C A,   c = α / r_ref (fixed: does not shrink as r grows),   C = L + U ∈ R^{r×r}
 
-    A (r×d_in) and B (d_out×r) are lists of blocks; L is block lower triangular (diagonal blocks included) and U is
+    A (r×d_in) and B (d_out×r) are made of blocks; L is block lower triangular (diagonal blocks included) and U is
     strictly block upper triangular. Growth event n (block size k, rank r_{n-1} -> r_n = r_{n-1} + k) appends
 
         a_n (k×d_in) ~ N(0, σ²)         -> tri_A[n]     new rows of A
-        b_n (d_out×k) = 0               -> tri_B[n]     new columns of B
+        b_n (d_out×k) = 0               -> tri_Bt[n]    new columns of B (the window holds b_nᵀ, k×d_out)
         R_n (k×r_n) = [0 | I_k]         -> tri_R[n]     new block-row of L, including the new diagonal block
         K_n (r_{n-1}×k) = 0             -> tri_K[n-1]   new block-column of U above the diagonal
 
@@ -397,7 +398,27 @@ class TriAdaptLinear(AdaptedLinear):
                                          ├───────────┘     │          (above the diagonal)
                                       k  │      R_2        │
                                          └─────────────────┘
+
+    Storage (implementation only; the function and the training are the blocks' above). The forward wants A, B and
+    C whole; SPEC §4 wants every growth event's tensors stepped with their own optimizer state and warm-up. So each
+    factor is stored whole, as the parameter the forward reads (nothing is concatenated per step):
+
+        tri_A_all   (r, d_in)    A
+        tri_Bt_all  (r, d_out)   Bᵀ — transposed so that b_n, new *columns* of B, is a contiguous block of rows
+        tri_C_all   (r²,)        the strips R_0, R_1, K_1, R_2, K_2, … flattened in the order growth made them;
+                                 C is one gather from it (core())
+
+    and the blocks are *windows*: parameters that share memory with a slice of those (tri_A, tri_Bt, tri_R, tri_K;
+    not registered, so state_dict, DDP and parameters() see the whole tensors only). The optimizer steps the windows
+    (optimizer_tensors(); each growth event's in a group of its own) and so updates the whole tensors in place.
+    Backward fills the whole tensors' .grad; `hand_gradients_to_blocks()` (TriAdaptHooks.collect_gradients, before
+    clipping) gives each window its slice of it. Growth allocates the whole tensors one block larger and re-points
+    the old windows into them: the same Parameter objects, so their optimizer state stays. Each window is contiguous,
+    as torch's fused AdamW requires. (Before 2026-11-24 each block was a parameter of its own and every forward
+    concatenated them: ~19 tensors per module and their autograd nodes — notes/benchmarks.md.)
     """
+
+    WHOLE = {"A": "tri_A_all", "Bt": "tri_Bt_all", "R": "tri_C_all", "K": "tri_C_all"}  # window kind -> storage
 
     def __init__(self, base: nn.Linear, r_ref: int, alpha: float, init_rank: int, block: int, dropout: float = 0.0,
                  init_std: float = SVD_INIT_STD, rank: int | None = None):
@@ -407,10 +428,12 @@ class TriAdaptLinear(AdaptedLinear):
         self.r_ref, self.alpha, self.scale = r_ref, alpha, alpha / r_ref
         self.init_rank, self.block, self.init_std = init_rank, block, init_std
         device = base.weight.device
-        self.tri_A = nn.ParameterList([torch.empty(init_rank, self.in_features, device=device).normal_(0.0, init_std)])
-        self.tri_B = nn.ParameterList([torch.zeros(self.out_features, init_rank, device=device)])
-        self.tri_R = nn.ParameterList([torch.eye(init_rank, device=device)])  # R_0 = the first diagonal block
-        self.tri_K = nn.ParameterList()  # K_1, K_2, ... (none before the first growth)
+        self.tri_A_all = nn.Parameter(torch.empty(init_rank, self.in_features, device=device).normal_(0.0, init_std))
+        self.tri_Bt_all = nn.Parameter(torch.zeros(init_rank, self.out_features, device=device))
+        self.tri_C_all = nn.Parameter(torch.eye(init_rank, device=device).flatten())  # R_0 = the first diagonal block
+        self._windows: list[tuple[nn.Parameter, str, int]] = []  # (window, kind, offset in its whole tensor)
+        self._add_windows([("A", (init_rank, self.in_features), 0), ("Bt", (init_rank, self.out_features), 0),
+                           ("R", (init_rank, init_rank), 0)])
         self._index: torch.Tensor | None = None  # cache of _core_index()
         if rank is not None:  # rebuild a grown structure (loading a saved adapter)
             self.grow_to(rank)
@@ -418,34 +441,77 @@ class TriAdaptLinear(AdaptedLinear):
     # --- structure --------------------------------------------------------------------------------------------------
     @property
     def rank(self) -> int:
-        return sum(a.shape[0] for a in self.tri_A)
+        return self.tri_A_all.shape[0]
 
     @property
     def num_blocks(self) -> int:
         return len(self.tri_A)
 
-    @property
-    def adapter_dtype(self) -> torch.dtype:
-        return self.tri_A[0].dtype
+    def _blocks(self, kind: str) -> list[nn.Parameter]:
+        return [w for w, k, _ in self._windows if k == kind]
+
+    tri_A = property(lambda self: self._blocks("A"), doc="[a_0, a_1, …]: windows into rows of A")
+    tri_Bt = property(lambda self: self._blocks("Bt"), doc="[b_0ᵀ, b_1ᵀ, …]: windows into rows of Bᵀ")
+    tri_R = property(lambda self: self._blocks("R"), doc="[R_0, R_1, …]: windows into the strips of C")
+    tri_K = property(lambda self: self._blocks("K"), doc="[K_1, K_2, …]: windows into the strips of C")
+
+    def _add_windows(self, specs: list[tuple[str, tuple[int, int], int]]) -> list[nn.Parameter]:
+        """New windows (kind, shape, offset); their values are whatever the whole tensors hold there."""
+        new = []
+        for kind, shape, offset in specs:
+            whole = getattr(self, self.WHOLE[kind])
+            w = nn.Parameter(whole.detach().view(-1)[offset:offset + shape[0] * shape[1]].view(shape),
+                             requires_grad=whole.requires_grad)
+            self._windows.append((w, kind, offset))
+            new.append(w)
+        return new
+
+    def _point_windows(self) -> None:
+        """Re-point every window into the current whole tensors (after growth, a device/dtype move, a copy)."""
+        for w, kind, offset in self._windows:
+            whole = getattr(self, self.WHOLE[kind]).detach().view(-1)
+            w.data = whole[offset:offset + w.numel()].view(w.shape)
+
+    def optimizer_tensors(self) -> list[nn.Parameter]:
+        """What the optimizer steps: the windows, in creation order (a_0, b_0ᵀ, R_0, a_1, b_1ᵀ, R_1, K_1, …)."""
+        return [w for w, _, _ in self._windows] if self.tri_A_all.requires_grad else []
+
+    @torch.no_grad()
+    def hand_gradients_to_blocks(self) -> None:
+        """After a step's last backward: each window's .grad becomes its slice of its whole tensor's .grad (a view),
+        and the whole tensors' .grad are cleared (the optimizer's zero_grad clears the windows'). A whole tensor
+        without a gradient leaves its windows' alone, so a second call changes nothing."""
+        grads = {name: getattr(self, name).grad for name in set(self.WHOLE.values())}
+        for w, kind, offset in self._windows:
+            g = grads[self.WHOLE[kind]]
+            if g is not None:
+                w.grad = g.reshape(-1)[offset:offset + w.numel()].view(w.shape)
+        for name in grads:
+            getattr(self, name).grad = None
 
     def grow(self) -> list[nn.Parameter]:
-        """Growth event: append a_n, b_n, R_n, K_n (initialized so that ΔW is unchanged); returns them in that order."""
-        k, r_prev = self.block, self.rank
-        like = self.tri_A[0]
-        a = nn.Parameter(like.new_empty(k, self.in_features).normal_(0.0, self.init_std))  # (k, d_in)
-        b = nn.Parameter(like.new_zeros(self.out_features, k))  # (d_out, k)
-        R = nn.Parameter(torch.cat([like.new_zeros(k, r_prev), torch.eye(k, device=like.device, dtype=like.dtype)],
-                                   dim=1))  # (k, r_n) = [0 | I_k]
-        K = nn.Parameter(like.new_zeros(r_prev, k))  # (r_{n-1}, k)
-        self.tri_A.append(a)
-        self.tri_B.append(b)
-        self.tri_R.append(R)
-        self.tri_K.append(K)
+        """Growth event: append a_n, b_n, R_n, K_n (initialized so that ΔW is unchanged); returns their windows in
+        that order."""
+        k, r_prev, like = self.block, self.rank, self.tri_A_all
+        with torch.no_grad():
+            a = like.new_empty(k, self.in_features).normal_(0.0, self.init_std)  # (k, d_in)
+            b_t = like.new_zeros(k, self.out_features)  # (k, d_out) = b_nᵀ
+            R = torch.cat([like.new_zeros(k, r_prev), torch.eye(k, device=like.device, dtype=like.dtype)], dim=1)
+            K = like.new_zeros(r_prev, k)  # (r_{n-1}, k)
+            strips = self.tri_C_all.numel()
+            trainable = like.requires_grad
+            self.tri_A_all = nn.Parameter(torch.cat([self.tri_A_all, a]), requires_grad=trainable)
+            self.tri_Bt_all = nn.Parameter(torch.cat([self.tri_Bt_all, b_t]), requires_grad=trainable)
+            self.tri_C_all = nn.Parameter(torch.cat([self.tri_C_all, R.flatten(), K.flatten()]),
+                                          requires_grad=trainable)
+        self._point_windows()
         self._index = None
-        return [a, b, R, K]
+        return self._add_windows([("A", tuple(a.shape), r_prev * self.in_features),
+                                  ("Bt", tuple(b_t.shape), r_prev * self.out_features),
+                                  ("R", tuple(R.shape), strips), ("K", tuple(K.shape), strips + R.numel())])
 
     def grow_to(self, rank: int) -> list[nn.Parameter]:
-        """Grow until the rank is `rank` (= init_rank + n·block); returns the new parameters."""
+        """Grow until the rank is `rank` (= init_rank + n·block); returns the new windows."""
         if rank < self.rank or (rank - self.init_rank) % self.block:
             raise ValueError(f"TriAdaptLoRA rank {rank} is not reachable from rank {self.rank} in blocks of "
                              f"{self.block} (tri_init_rank {self.init_rank}, tri_block {self.block})")
@@ -454,47 +520,66 @@ class TriAdaptLinear(AdaptedLinear):
             new += self.grow()
         return new
 
+    # keep the windows pointing into the whole tensors whenever those are replaced
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._point_windows()
+        return self
+
+    def __setstate__(self, state):  # copy.deepcopy and pickle: the copied windows point into the copied tensors
+        super().__setstate__(state)
+        self._point_windows()
+
+    def _load_from_state_dict(self, *args, **kwargs):  # (load_state_dict(..., assign=True) replaces the tensors)
+        super()._load_from_state_dict(*args, **kwargs)
+        self._point_windows()
+
     # --- the factors ------------------------------------------------------------------------------------------------
     def full_A(self) -> torch.Tensor:
-        return self.tri_A[0] if len(self.tri_A) == 1 else torch.cat(list(self.tri_A), dim=0)  # (r, d_in)
+        return self.tri_A_all  # (r, d_in)
 
     def full_B(self) -> torch.Tensor:
-        return self.tri_B[0] if len(self.tri_B) == 1 else torch.cat(list(self.tri_B), dim=1)  # (d_out, r)
+        return self.tri_Bt_all.t()  # (d_out, r), a view
 
     def lower(self) -> torch.Tensor:
-        """L (r×r): block-row n is R_n, padded with zeros right of its diagonal block."""
+        """L (r×r) from the R_n windows: block-row n is R_n, zeros right of its diagonal block. For inspection and
+        tests (detached; the forward uses core())."""
         r = self.rank
-        return torch.cat([F.pad(R, (0, r - R.shape[1])) for R in self.tri_R], dim=0)
+        return torch.cat([F.pad(R.detach(), (0, r - R.shape[1])) for R in self.tri_R], dim=0)
 
     def upper(self) -> torch.Tensor:
-        """U (r×r): block-column n ≥ 1 is K_n above the diagonal, zeros on and below it; block-column 0 is zero."""
+        """U (r×r) from the K_n windows: block-column n ≥ 1 is K_n above the diagonal, zeros on and below it;
+        block-column 0 is zero. For inspection and tests (detached)."""
         r = self.rank
-        first = self.tri_R[0].new_zeros(r, self.init_rank)
-        return torch.cat([first] + [F.pad(K, (0, 0, 0, r - K.shape[0])) for K in self.tri_K], dim=1)
+        first = self.tri_C_all.new_zeros(r, self.init_rank)
+        return torch.cat([first] + [F.pad(K.detach(), (0, 0, 0, r - K.shape[0])) for K in self.tri_K], dim=1)
 
     def core(self) -> torch.Tensor:
-        """C = L + U (r×r). The strips tile C exactly once, so C is one gather from their concatenation:
-        C.flatten() = cat(R_0, R_1, ..., K_1, K_2, ...)[index] — two autograd nodes instead of a pad per strip
-        (the same matrix as lower() + upper(); tests/test_triadapt.py checks it entry by entry)."""
-        if not len(self.tri_K):
-            return self.tri_R[0]
-        strips = torch.cat([p.reshape(-1) for p in (*self.tri_R, *self.tri_K)])  # (r²,)
-        return strips[self._core_index()].view(self.rank, self.rank)
+        """C = L + U (r×r). The strips tile C exactly once, so C is one gather from tri_C_all:
+        C.flatten() = tri_C_all[index] (the same matrix as lower() + upper(); tests/test_triadapt.py checks it entry
+        by entry). Before any growth the strips are R_0 = C itself, row-major: a view, no gather."""
+        r = self.rank
+        if self.num_blocks == 1:
+            return self.tri_C_all.view(r, r)
+        return self.tri_C_all[self._core_index()].view(r, r)
 
     def _core_index(self) -> torch.Tensor:
-        """(r²,) position of each entry of C in the concatenated strips; rebuilt after growth or a device move."""
-        device = self.tri_R[0].device
+        """(r²,) position of each entry of C in tri_C_all; rebuilt after growth or a device move."""
+        device = self.tri_C_all.device
         if self._index is None or self._index.device != device:
-            offsets = [0]
-            for R in self.tri_R:
-                offsets.append(offsets[-1] + R.shape[0])
-            index, start = torch.empty(self.rank, self.rank, dtype=torch.long), 0
-            for n, R in enumerate(self.tri_R):  # R_n: rows of block n, columns up to the end of block n
-                index[offsets[n]:offsets[n + 1], :offsets[n + 1]] = start + torch.arange(R.numel()).view(R.shape)
-                start += R.numel()
-            for n, K in enumerate(self.tri_K, start=1):  # K_n: rows above block n, columns of block n
-                index[:offsets[n], offsets[n]:offsets[n + 1]] = start + torch.arange(K.numel()).view(K.shape)
-                start += K.numel()
+            rows = [0]
+            for a in self.tri_A:
+                rows.append(rows[-1] + a.shape[0])  # block n covers rows/columns rows[n]:rows[n+1] of C
+            index = torch.empty(self.rank, self.rank, dtype=torch.long)
+            R_strips, K_strips = self._blocks("R"), [None] + self._blocks("K")
+            offsets = {id(w): offset for w, _, offset in self._windows}
+            for n in range(self.num_blocks):
+                lo, hi = rows[n], rows[n + 1]  # R_n: rows of block n, columns up to the end of block n
+                R = R_strips[n]
+                index[lo:hi, :hi] = offsets[id(R)] + torch.arange(R.numel()).view(R.shape)
+                if n:  # K_n: rows above block n, columns of block n
+                    K = K_strips[n]
+                    index[:lo, lo:hi] = offsets[id(K)] + torch.arange(K.numel()).view(K.shape)
             self._index = index.flatten().to(device)
         return self._index
 
@@ -928,6 +1013,22 @@ def adapter_named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
+def optimizer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The tensors an optimizer steps, in model order: every trainable parameter, except that a TriAdaptLoRA layer
+    gives its growth blocks (windows into its whole factors, TriAdaptLinear.optimizer_tensors) instead of the whole
+    factors — so that every block keeps optimizer state of its own. Shared (tied) parameters appear once."""
+    out, seen = [], set()
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if isinstance(module, TriAdaptLinear):
+            own = [p for p in own if p is module.weight or p is module.bias] + module.optimizer_tensors()
+        for p in own:
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
 def mark_only_adapters_trainable(model: nn.Module) -> None:
     """requires_grad = True for adapter parameters, False for everything else (embeddings, norms, W0, lm_head)."""
     for p in model.parameters():
@@ -999,6 +1100,7 @@ class MethodHooks:
     train.py calls, in this order, every step:
         per micro-batch: hooks.before_micro_batch(ids, labels, n_label); loss.backward()   (curvature statistics;
                          the last micro-batch's loss includes hooks.regularizer() if not None: orthogonality)
+        hooks.collect_gradients()                                     (TriAdaptLoRA: gradients to the blocks)
         clip; hooks.before_optimizer_step(optimizer, step)            (CTR-LoRA: fold curvature, snapshot params)
         optimizer.step(); new = hooks.after_optimizer_step(step); optimizer.zero_grad()  (trust region, masking,
                                                                                         growth, allocation;
@@ -1016,6 +1118,9 @@ class MethodHooks:
 
     def regularizer(self) -> torch.Tensor | None:
         return None  # LoRA has no penalty term
+
+    def collect_gradients(self) -> None:
+        pass  # after the step's last backward, before clipping: TriAdaptLoRA hands gradients to its block windows
 
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer, step: int) -> None:
         pass
@@ -1062,7 +1167,7 @@ def orthogonality_penalty(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> t
 
     SPEC §3 writes mean_k(‖PᵀP − I‖ + ‖QQᵀ − I‖), which is 2R; we follow the official code so that γ (--orth-reg)
     means what peft's orth_reg_weight means (tests/test_adalora.py checks R against peft). TriAdaptLoRA applies the
-    same penalty to its concatenated (B, A) (SPEC §4: this project's choice).
+    same penalty to its whole (B, A) (SPEC §4: this project's choice).
 
     Batched: factors of equal shapes (one group per linear type in a Llama: 7 groups instead of 210 modules) are
     stacked, and PᵀP − I, QQᵀ − I and their norms are one bmm / one batched norm per group.
@@ -1378,7 +1483,8 @@ class TriAdaptHooks(MethodHooks):
     """TriAdaptLoRA around the optimizer step (SPEC §4; the paper states growth under dynamic thresholds driven by
     normalized Frobenius norms, with warm-up, interval and reference rank — the rules are our reconstruction):
 
-        regularizer()            γ · R(B, A) on each module's concatenated B and A    (orthogonality_penalty)
+        regularizer()            γ · R(B, A) on each module's B and A                 (orthogonality_penalty)
+        collect_gradients()      the whole factors' gradients -> the block windows    (hand_gradients_to_blocks)
         after_optimizer_step(t)  at t = T_w, T_w + interval, ... ≤ T_final:
                                    s_ℓ = ν_ℓ − ν_ℓ^prev                      (normalized_frobenius_norm)
                                    n = growth_count(...), the n highest s_ℓ grow by k (TriAdaptLinear.grow)
@@ -1406,6 +1512,10 @@ class TriAdaptHooks(MethodHooks):
         if self.cfg.orth_reg == 0:
             return None
         return self.cfg.orth_reg * orthogonality_penalty([(m.full_B(), m.full_A()) for m in self.layers.values()])
+
+    def collect_gradients(self) -> None:
+        for m in self.layers.values():
+            m.hand_gradients_to_blocks()
 
     def is_event(self, t: int) -> bool:
         return self.warmup <= t <= self.final and (t - self.warmup) % self.interval == 0
@@ -1440,12 +1550,16 @@ class TriAdaptHooks(MethodHooks):
 
     def state_dict(self) -> dict:
         return {"events": [dict(e) for e in self.events], "nu_prev": dict(self.nu_prev),
-                "total_steps": self.cfg.total_steps}
+                "total_steps": self.cfg.total_steps, "storage": "whole factors"}
 
     def restore_structure(self, state: dict) -> list[tuple[list[nn.Parameter], int]]:
         """Replay the saved growth events on the freshly built adapters (new tensors get placeholder values; the
         checkpoint's weights and optimizer state load into them next). Returns [(params, start_step)] in order."""
         _check_same_total_steps("TriAdaptLoRA's growth schedule", state, self.cfg)
+        if state and state.get("storage") != "whole factors":  # b_n's optimizer state was d_out×k, now k×d_out
+            raise ValueError("this TriAdaptLoRA checkpoint predates the whole-factor storage (2026-11-24) and its "
+                             "optimizer state does not fit: finish it with an older checkout (739fa16) or start "
+                             "again with --overwrite")
         groups = []
         for event in state.get("events", []):
             unknown = [name for name in event["modules"] if name not in self.layers]
@@ -2222,13 +2336,43 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str) -> None:
     if not expected:
         raise ValueError("model has no adapters to load weights into; use load_adapter on a base model instead")
     with safe_open(weights_path, framework="pt") as f:
-        saved_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        if any(_OLD_TRI_BLOCK.match(k) for k in f.keys()):  # TriAdaptLoRA blocks one by one (before 2026-11-24)
+            tensors = _tri_blocks_to_whole({k: f.get_tensor(k) for k in f.keys()}, weights_path)
+            get, saved_shapes = tensors.__getitem__, {k: tuple(v.shape) for k, v in tensors.items()}
+        else:
+            get, saved_shapes = f.get_tensor, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         problems = _state_dict_problems({k: tuple(v.shape) for k, v in expected.items()}, saved_shapes)
         if problems:
             raise ValueError(f"{weights_path} does not fit the model's adapters: {problems}")
         with torch.no_grad():
             for key, target in expected.items():
-                target.copy_(f.get_tensor(key))  # casts to the adapter dtype, moves to the model's device
+                target.copy_(get(key))  # casts to the adapter dtype, moves to the model's device
+
+
+_OLD_TRI_BLOCK = re.compile(r"^(.*)\.tri_([ABRK])\.(\d+)$")
+
+
+def _tri_blocks_to_whole(tensors: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+    """Adapter files written before 2026-11-24 hold each TriAdaptLoRA block as a tensor of its own: `….tri_A.n` = a_n,
+    `….tri_B.n` = b_n (d_out×k), `….tri_R.n` = R_n, `….tri_K.n` = K_{n+1}. Join them into the whole factors
+    TriAdaptLinear stores now (tri_A_all, tri_Bt_all, tri_C_all); other tensors pass through."""
+    out, modules = {}, {}
+    for key, t in tensors.items():
+        m = _OLD_TRI_BLOCK.match(key)
+        if m:
+            modules.setdefault(m[1], {}).setdefault(m[2], {})[int(m[3])] = t
+        else:
+            out[key] = t
+    for prefix, parts in modules.items():
+        a, b, R, K = ([parts.get(kind, {}).get(n) for n in range(len(parts.get(kind, {})))] for kind in "ABRK")
+        if not a or not len(a) == len(b) == len(R) or len(K) != len(R) - 1 or None in a + b + R + K:
+            raise ValueError(f"{path}: the TriAdaptLoRA blocks of {prefix} are incomplete (tri_A, tri_B, tri_R: one "
+                             f"per block, tri_K: one fewer); is the file truncated?")
+        out[f"{prefix}.tri_A_all"] = torch.cat(a)
+        out[f"{prefix}.tri_Bt_all"] = torch.cat(b, dim=1).t().contiguous()
+        out[f"{prefix}.tri_C_all"] = torch.cat([R[0].flatten()] + [x.flatten() for n in range(1, len(R))
+                                                                    for x in (R[n], K[n - 1])])
+    return out
 
 
 def _state_dict_problems(expected: dict[str, tuple], found: dict[str, tuple], show: int = 5) -> str:

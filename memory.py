@@ -128,7 +128,7 @@ class AdapterShape:
     r: int             # rank of the stored factors (LoRA r, SVD r₀, TriAdaptLoRA final rank)
     params: int        # trainable entries (fp32)
     buffers: int       # buffer bytes (mask, CG shift buffers, TriAdaptLoRA's core index)
-    grown: bool = False  # TriAdaptLoRA with more than one block: cat/gather copies of A, B, C in every forward
+    grown: bool = False  # TriAdaptLoRA with more than one block: C is a gather copy in every forward
     shift: bool = False  # CG-LoRA "shift": the buffers A₀, B₀ also run in the forward
 
 
@@ -310,10 +310,12 @@ def sym_fused_adapted_linear(ctx: Ctx, x: Sym, rows: int, d_in: int, d_out: int,
             return Sym(numel, 2, True)
         return Sym(numel, 4, True) if copy else None
 
-    if a.kind == "tri" and (a.grown or ctx.autocast):                    # B' = full_B() @ core(): mm saves both
-        ctx.save(Sym(d_out * r, cd, True))                               # (the cat copy of B, the gather copy of
-        ctx.save(Sym(r * r, cd, True))                                   # C, or autocast's bf16 casts of them)
-    A_ = factor(r * d_in, a.kind == "svd" or a.grown or a.shift)        # λ⊙Q / cat of A blocks / [A; A₀]
+    if a.kind == "tri" and ctx.autocast:                                 # B' = full_B() @ core(): mm saves its
+        ctx.save(Sym(d_out * r, cd, True))                               # operands, here autocast's bf16 casts
+        ctx.save(Sym(r * r, cd, True))
+    elif a.kind == "tri" and a.grown:                                    # fp32: B is a view of its parameter (free),
+        ctx.save(Sym(r * r, cd, True))                                   # C the gather's copy
+    A_ = factor(r * d_in, a.kind == "svd" or a.shift)                   # λ⊙Q / [A; A₀] (TriAdaptLoRA: A itself)
     B_ = factor(d_out * r, a.kind == "tri" or a.shift)                   # B C / [B, −B₀]
     if trainable or xa2 is None:
         ctx.save(x2)
@@ -338,13 +340,13 @@ def sym_adapter(ctx: Ctx, x: Sym, rows: int, d_in: int, d_out: int, a: AdapterSh
     r = a.r
 
     def mm(inp: Sym, n_out: int, w_numel: int, w_is_copy: bool) -> Sym:
-        """F.linear(inp, W) with W an fp32 trainable adapter tensor (a parameter, or a cat/gather copy)."""
+        """F.linear(inp, W) with W an fp32 trainable adapter tensor (a parameter or its view, or a gather copy)."""
         if ctx.autocast:
             inp = _bf16(inp)
             if inp.rg:
                 ctx.save(Sym(w_numel, 2, True))                          # bf16 cast of W, needed for ∂x
         elif w_is_copy and inp.rg:
-            ctx.save(Sym(w_numel, 4, True))                              # the cat/gather result, needed for ∂x
+            ctx.save(Sym(w_numel, 4, True))                              # the gather result, needed for ∂x
         ctx.save(inp)                                                    # W requires grad: ∂W needs the input
         return Sym(rows * n_out, 2 if ctx.autocast else 4, True)
 
@@ -361,9 +363,9 @@ def sym_adapter(ctx: Ctx, x: Sym, rows: int, d_in: int, d_out: int, a: AdapterSh
         h = Sym(rows * r, 4, True)                                       # ⊙ λ (fp32 λ promotes a bf16 h1)
         mm(h, d_out, d_out * r, False)                                   # P (...)
     else:                                                                # TriAdaptLoRA: B (C (A x))
-        h = mm(xa, r, r * d_in, a.grown)
-        z = mm(h, r, r * r, a.grown)
-        mm(z, d_out, d_out * r, a.grown)
+        h = mm(xa, r, r * d_in, False)                                   # A: the parameter
+        z = mm(h, r, r * r, a.grown)                                     # C: gathered once grown
+        mm(z, d_out, d_out * r, False)                                   # B: a view of the parameter Bᵀ
 
 
 def sym_block(ctx: Ctx, cfg: M.LlamaConfig, x: Sym, B: int, T: int, adapters: dict[str, AdapterShape],
@@ -850,7 +852,7 @@ def run_steps(spec: dict) -> None:
     labels = ids.clone()
     if hooks.calibration_batches:
         hooks.calibrate([(ids, labels)] * hooks.calibration_batches)
-    params = [p for p in net.parameters() if p.requires_grad]
+    params = A.optimizer_parameters(net)
     opt = torch.optim.AdamW([{"params": params}], lr=1e-4, fused=True)
     net.grad_checkpoint = spec["grad_checkpoint"]
     net.train()

@@ -408,6 +408,7 @@ def optimizer_step(optimizer, params: list, method, step: int, clip: float):
     """What follows the backward of step `step`: clip, the method's hooks around optimizer.step, zero_grad, and new
     parameters (TriAdaptLoRA growth) joining `optimizer` (a group with fresh warm-up) and `params` (in place).
     Returns (the pre-clip gradient norm as a tensor — no host sync — or None without clipping, the new parameters)."""
+    method.collect_gradients()                          # TriAdaptLoRA: whole-factor gradients -> block windows
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else None
     method.before_optimizer_step(optimizer, step)       # CTR-LoRA: curvature statistics, snapshot
     optimizer.step()
@@ -439,7 +440,7 @@ def train(cfg: TrainConfig) -> dict:
     # checkpointing: on by default on CUDA; always with bf16 storage + fp32 compute on CPU, where otherwise autograd
     # would keep every block's fp32 weight copy (the memory of a whole fp32 model)
     net.grad_checkpoint = cfg.grad_checkpoint or device.type == "cuda" or net.compute_dtype is not None
-    params = [p for p in net.parameters() if p.requires_grad]
+    params = A.optimizer_parameters(net)                  # (TriAdaptLoRA: its growth blocks, see adapters.py)
     counts = A.count_parameters(net) if cfg.method != "full" else {"trainable": sum(p.numel() for p in params)}
     if main_rank:
         print(f"{cfg.method}: {counts['trainable']:,} trainable parameters"
@@ -548,6 +549,7 @@ def train(cfg: TrainConfig) -> dict:
 
             # ---- 3. skip steps whose loss is NaN/inf (reported, counted; too many in a row aborts)
             if not math.isfinite(loss_total):
+                net.zero_grad(set_to_none=True)            # the model's .grad (TriAdaptLoRA: the whole factors')
                 optimizer.zero_grad(set_to_none=True)
                 consecutive_nonfinite += 1
                 nonfinite_total += 1

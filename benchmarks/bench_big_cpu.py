@@ -109,7 +109,7 @@ def child(args) -> dict:
         A.apply_method(net, args.child, cfg)
         net.grad_checkpoint = True
         net.train()
-        params = [p for p in net.parameters() if p.requires_grad]
+        params = A.optimizer_parameters(net)
         row["trainable"] = sum(p.numel() for p in params)
         optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
         hooks = A.training_hooks(net, cfg)

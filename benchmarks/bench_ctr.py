@@ -40,7 +40,7 @@ def make(base, method: str, metric: str, rounds: int):
     cfg = A.AdapterConfig(**opts)
     A.apply_method(net, method, cfg)
     hooks = A.training_hooks(net, cfg)
-    params = list(A.adapter_named_parameters(net).values())
+    params = A.optimizer_parameters(net)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     net.train()
     state = {"t": 0}

@@ -82,11 +82,12 @@ def ours(base, method: str, rank: int, total_steps: int) -> Setup:
         loss = net(ids, labels=ids)
         reg = hooks.regularizer()
         (loss + reg if reg is not None else loss).backward()
+        hooks.collect_gradients()  # TriAdaptLoRA: whole-factor gradients -> the block windows the optimizer steps
         s.optimizer.step()
         hooks.after_optimizer_step(s.t)
         s.optimizer.zero_grad(set_to_none=True)
 
-    return Setup(f"ours {method}", "ours", net, step, list(A.adapter_named_parameters(net).values()))
+    return Setup(f"ours {method}", "ours", net, step, A.optimizer_parameters(net))
 
 
 def peft_setup(hf_base, method: str, rank: int, total_steps: int) -> Setup:

@@ -235,7 +235,7 @@ def build_ours(path: Path, method: str, compiled: bool = False):
                        tri_final=TOTAL_STEPS)                                    # no growth while measured
     cfg = A.AdapterConfig(**options)
     A.apply_method(net, method, cfg)
-    params = list(A.adapter_named_parameters(net).values())
+    params = A.optimizer_parameters(net)
     optimizer = torch.optim.AdamW([{"params": params}], lr=1e-4, weight_decay=0.0, fused=True)
     if method == "triadapt":                                                     # its end-of-run structure
         layers = list(A.adapter_layers(net).values())

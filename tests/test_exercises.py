@@ -158,7 +158,7 @@ def test_score_threshold_mode_grows_what_the_rule_says_and_keeps_the_function():
             for i, layer in enumerate(layers):
                 for R in layer.tri_R:
                     R.add_(0.02 * (i + 1) * torch.randn(R.shape, generator=g, dtype=R.dtype))
-                for Bb in layer.tri_B:
+                for Bb in layer.tri_Bt:
                     Bb.add_(0.1 * torch.randn(Bb.shape, generator=g, dtype=Bb.dtype))
         t = step + 1
         scores = [nu_explicit(m) - hooks.nu_prev[n] for n, m in hooks.layers.items()]

@@ -107,12 +107,13 @@ def test_logits_are_unchanged_by_a_growth_event(base, idx, block):
 def test_every_new_tensor_gets_a_gradient_within_two_steps(base, idx):
     model, cfg = with_triadapt(base, total_steps=10, tri_warmup=2, tri_interval=100, tri_final=8, orth_reg=0.0)
     hooks = A.training_hooks(model, cfg)
-    optimizer = torch.optim.AdamW(list(A.adapter_named_parameters(model).values()), lr=1e-2)
+    optimizer = torch.optim.AdamW(A.optimizer_parameters(model), lr=1e-2)
     model.train()
-    first_block = list(A.adapter_named_parameters(model).values())
+    first_block = A.optimizer_parameters(model)  # the block windows a_0, b_0ᵀ, R_0 of every module
     got_grad, new = {id(p): False for p in first_block}, []
     for step in range(4):
         model(idx, labels=idx).loss.backward()
+        hooks.collect_gradients()  # the whole factors' gradients -> the windows (train.optimizer_step does this)
         for p in first_block + new:
             got_grad[id(p)] |= bool(p.grad is not None and p.grad.abs().max() > 0)
         if step == 1:  # two steps after init: every first-block tensor (A_0, R_0 too, though B_0 = 0) has learned
@@ -240,6 +241,98 @@ def test_save_then_load_rebuilds_the_grown_blocks(base, idx, tmp_path):
     assert torch.equal(logits(ungrown, idx), logits(model, idx))
 
 
+def test_adapter_files_of_the_old_per_block_format_still_load(base, idx, tmp_path):
+    """Files written before the whole-factor storage hold one tensor per block (tri_A.n, tri_B.n = b_n as d_out×k,
+    tri_R.n, tri_K.n = K_{n+1}); load_adapter joins them. The old file is built here from the blocks, not from the
+    whole tensors."""
+    from safetensors.torch import save_file
+    model, cfg = grown_model(base, idx)
+    A.save_adapter(model, cfg, str(tmp_path))
+    old = {}
+    for name, layer in A.adapter_layers(model).items():
+        for kind, blocks in (("A", layer.tri_A), ("B", [b.t() for b in layer.tri_Bt]), ("R", layer.tri_R),
+                             ("K", layer.tri_K)):
+            old.update({f"{name}.tri_{kind}.{n}": t.detach().contiguous() for n, t in enumerate(blocks)})
+    save_file(old, str(tmp_path / A.ADAPTER_WEIGHTS_NAME))
+    fresh = copy.deepcopy(base)
+    A.load_adapter(fresh, str(tmp_path))
+    assert torch.equal(logits(fresh, idx), logits(model, idx))
+    del old[next(k for k in old if ".tri_K." in k)]
+    save_file(old, str(tmp_path / A.ADAPTER_WEIGHTS_NAME))
+    with pytest.raises(ValueError, match="blocks of .* are incomplete"):
+        A.load_adapter(copy.deepcopy(base), str(tmp_path))
+
+
+def test_training_the_windows_equals_training_separate_block_tensors():
+    """The whole-factor storage trains exactly what one tensor per block would: an explicit reimplementation keeps
+    a_n, b_n, R_n, K_n as separate leaves (ΔW built by concatenation and a dense core) with AdamW groups born at
+    growth (their own state and learning rate), and must match our layer, whose optimizer steps windows."""
+    torch.manual_seed(0)
+    layer = A.TriAdaptLinear(torch.nn.Linear(6, 5, bias=False), r_ref=4, alpha=8.0, init_rank=2, block=1)
+    layer.double()
+    x, target = torch.randn(7, 6, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
+    ref = [[t.detach().clone().requires_grad_(True) for t in (layer.tri_A[0], layer.tri_Bt[0].t(), layer.tri_R[0])]]
+    opt = torch.optim.AdamW(layer.optimizer_tensors(), lr=0.05, fused=True)
+    ref_opt = torch.optim.AdamW(ref[0], lr=0.05)
+
+    def ref_delta():  # c · B C A with C = L + U filled in from the strips, one block at a time
+        a = torch.cat([blk[0] for blk in ref])
+        b = torch.cat([blk[1] for blk in ref], dim=1)
+        r, rows = a.shape[0], [0]
+        for blk in ref:
+            rows.append(rows[-1] + blk[0].shape[0])
+        C = torch.zeros(r, r, dtype=a.dtype)
+        for n, blk in enumerate(ref):
+            C = C.index_put((torch.arange(rows[n], rows[n + 1])[:, None], torch.arange(rows[n + 1])), blk[2])
+            if n:
+                C = C.index_put((torch.arange(rows[n])[:, None], torch.arange(rows[n], rows[n + 1])), blk[3])
+        return layer.scale * b @ C @ a
+
+    for step in range(8):
+        ((layer(x) - target) ** 2).sum().backward()
+        layer.hand_gradients_to_blocks()
+        ((x @ (layer.weight + ref_delta()).t() - target) ** 2).sum().backward()
+        opt.step(), ref_opt.step()
+        opt.zero_grad(set_to_none=True), ref_opt.zero_grad(set_to_none=True)
+        if step in (2, 4):  # growth: new windows / new leaves, each set in a group with a smaller learning rate
+            new = layer.grow()
+            opt.add_param_group({"params": new, "lr": 0.02 * step})
+            blk = [t.detach().clone().requires_grad_(True) for t in (new[0], new[1].t(), new[2], new[3])]
+            ref.append(blk)
+            ref_opt.add_param_group({"params": blk, "lr": 0.02 * step})
+        for n, blk in enumerate(ref):
+            mine = (layer.tri_A[n], layer.tri_Bt[n].t(), layer.tri_R[n]) + ((layer.tri_K[n - 1],) if n else ())
+            for m, r in zip(mine, blk):
+                torch.testing.assert_close(m.detach(), r.detach(), rtol=1e-10, atol=1e-12)
+    assert layer.num_blocks == 3 and float(ref[1][1].detach().abs().sum()) > 0  # the grown blocks did train
+    with torch.no_grad():
+        mine = layer.scale * layer.full_B() @ layer.core() @ layer.full_A()
+        torch.testing.assert_close(mine, ref_delta(), rtol=1e-10, atol=1e-12)
+
+
+def test_windows_stay_views_of_the_whole_factors_through_growth_copies_and_moves(base):
+    model, _ = with_triadapt(base, total_steps=30)
+    layer = model.model.layers[0].self_attn.q_proj
+    layer.grow()
+    keep = layer.tri_R[0]
+    layer.grow()
+    assert layer.tri_R[0] is keep  # growth re-points the old windows: same objects, so their optimizer state stays
+
+    def aliased(m):
+        return all(w.data_ptr() == getattr(m, m.WHOLE[k]).data_ptr() + off * w.element_size()
+                   for w, k, off in m._windows)
+
+    assert aliased(layer)
+    clone = copy.deepcopy(model).double()
+    twin = clone.model.layers[0].self_attn.q_proj
+    assert aliased(twin) and twin.tri_A_all.dtype == torch.float64
+    with torch.no_grad():
+        twin.tri_K[1].fill_(7.0)  # writes the copy's storage only
+    assert torch.equal(twin.core()[:3, 3], torch.full((3,), 7.0, dtype=torch.float64))
+    assert not torch.equal(layer.core()[:3, 3], torch.full((3,), 7.0))
+    assert [n for n, _ in layer.named_parameters()] == ["weight", "tri_A_all", "tri_Bt_all", "tri_C_all"]
+
+
 def test_restore_replays_growth_in_order_and_refuses_a_changed_schedule(base, idx):
     model, cfg = with_triadapt(base, total_steps=30, tri_warmup=3, tri_interval=3, tri_final=20)
     hooks = A.training_hooks(model, cfg)
@@ -253,6 +346,9 @@ def test_restore_replays_growth_in_order_and_refuses_a_changed_schedule(base, id
     other, other_cfg = with_triadapt(base, total_steps=40, tri_warmup=3, tri_interval=3, tri_final=20)
     with pytest.raises(ValueError, match="resume with --steps 30"):
         A.training_hooks(other, other_cfg).restore_structure(state)
+    del state["storage"]  # a checkpoint written when every block was a parameter: its optimizer state does not fit
+    with pytest.raises(ValueError, match="predates the whole-factor storage"):
+        A.training_hooks(with_triadapt(base, total_steps=30)[0], cfg).restore_structure(state)
 
 
 @pytest.mark.parametrize("options, named", [
@@ -302,7 +398,7 @@ def test_resume_across_a_growth_event_equals_the_uninterrupted_run(tiny_dir, tmp
     T.train(tiny_cfg(tiny_dir, b_out, resume=True))
     wa, wb = load_file(str(tmp_path / "a" / A.ADAPTER_WEIGHTS_NAME)), load_file(str(b_out / A.ADAPTER_WEIGHTS_NAME))
     assert wa.keys() == wb.keys()
-    assert any(k.endswith("tri_A.2") for k in wa)  # a module grew twice: at t = 2 and t = 4
+    assert any(k.endswith("tri_A_all") and v.shape[0] == 4 for k, v in wa.items())  # grew twice: t = 2 and 4
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     rows = [json.loads(line) for line in open(b_out / "metrics.jsonl")]
