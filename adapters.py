@@ -481,13 +481,22 @@ class TriAdaptLinear(AdaptedLinear):
         """After a step's last backward: each window's .grad becomes its slice of its whole tensor's .grad (a view),
         and the whole tensors' .grad are cleared (the optimizer's zero_grad clears the windows'). A whole tensor
         without a gradient leaves its windows' alone, so a second call changes nothing."""
-        grads = {name: getattr(self, name).grad for name in set(self.WHOLE.values())}
-        for w, kind, offset in self._windows:
-            g = grads[self.WHOLE[kind]]
-            if g is not None:
-                w.grad = g.reshape(-1)[offset:offset + w.numel()].view(w.shape)
-        for name in grads:
-            getattr(self, name).grad = None
+        A, Bt, C = self.tri_A_all, self.tri_Bt_all, self.tri_C_all
+        if A.grad is not None:  # a_n and b_nᵀ are blocks of rows: split the (r, d) gradients by rows
+            for a, g in zip(self.tri_A, A.grad.split(self._block_rows)):
+                a.grad = g
+        if Bt.grad is not None:
+            for b, g in zip(self.tri_Bt, Bt.grad.split(self._block_rows)):
+                b.grad = g
+        if C.grad is not None:  # R_0, R_1, K_1, R_2, K_2, … tile the strips in this order
+            strips = [w for w, kind, _ in self._windows if kind in ("R", "K")]
+            for w, g in zip(strips, C.grad.split([w.numel() for w in strips])):
+                w.grad = g.view(w.shape)
+        A.grad = Bt.grad = C.grad = None
+
+    @property
+    def _block_rows(self) -> list[int]:
+        return [a.shape[0] for a in self.tri_A]
 
     def grow(self) -> list[nn.Parameter]:
         """Growth event: append a_n, b_n, R_n, K_n (initialized so that ΔW is unchanged); returns their windows in

@@ -45,7 +45,7 @@ ALL_LINEARS = A.LLAMA_LINEAR_NAMES
 class Setup:
     """A model, its optimizer and one `step()`; `impl` is "ours" or "peft"."""
 
-    fused = False  # AdamW(fused=True): one kernel over all tensors (train.py uses the default, unfused AdamW)
+    fused = False  # --fused: AdamW(fused=True), one kernel over all tensors, as train.py uses on CPU and CUDA
 
     def __init__(self, name, impl, net, step_fn, params):
         self.name, self.impl, self.net, self.step_fn = name, impl, net, step_fn
@@ -121,8 +121,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5, help="measured steps per setup (round-robin)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (same for every setup)")
     ap.add_argument("--rank", type=int, default=8, help="final rank budget per module")
-    ap.add_argument("--fused", action="store_true", help="fused AdamW for every setup (default: train.py's AdamW); "
-                                                         "matters for TriAdaptLoRA's many small tensors")
+    ap.add_argument("--fused", action="store_true", help="fused AdamW for every setup, as train.py uses (default: "
+                                                         "torch's default AdamW); matters for TriAdaptLoRA's many "
+                                                         "small tensors")
     args = ap.parse_args(argv)
     Setup.fused = args.fused
     torch.set_num_threads(args.threads)
