@@ -432,8 +432,8 @@ class TriAdaptLinear(AdaptedLinear):
         self.tri_Bt_all = nn.Parameter(torch.zeros(init_rank, self.out_features, device=device))
         self.tri_C_all = nn.Parameter(torch.eye(init_rank, device=device).flatten())  # R_0 = the first diagonal block
         self._windows: list[tuple[nn.Parameter, str, int]] = []  # (window, kind, offset in its whole tensor)
-        self._add_windows([("A", (init_rank, self.in_features), 0), ("Bt", (init_rank, self.out_features), 0),
-                           ("R", (init_rank, init_rank), 0)])
+        self._add_windows([("A", (init_rank, self.in_features)), ("Bt", (init_rank, self.out_features)),
+                           ("R", (init_rank, init_rank))])
         self._index: torch.Tensor | None = None  # cache of _core_index()
         if rank is not None:  # rebuild a grown structure (loading a saved adapter)
             self.grow_to(rank)
@@ -445,7 +445,7 @@ class TriAdaptLinear(AdaptedLinear):
 
     @property
     def num_blocks(self) -> int:
-        return len(self.tri_A)
+        return 1 + (self.rank - self.init_rank) // self.block
 
     def _blocks(self, kind: str) -> list[nn.Parameter]:
         return [w for w, k, _ in self._windows if k == kind]
@@ -455,14 +455,17 @@ class TriAdaptLinear(AdaptedLinear):
     tri_R = property(lambda self: self._blocks("R"), doc="[R_0, R_1, …]: windows into the strips of C")
     tri_K = property(lambda self: self._blocks("K"), doc="[K_1, K_2, …]: windows into the strips of C")
 
-    def _add_windows(self, specs: list[tuple[str, tuple[int, int], int]]) -> list[nn.Parameter]:
-        """New windows (kind, shape, offset); their values are whatever the whole tensors hold there."""
+    def _add_windows(self, specs: list[tuple[str, tuple[int, int]]]) -> list[nn.Parameter]:
+        """New windows (kind, shape), each placed right after the windows already in its whole tensor — so the windows
+        of a whole tensor tile it in creation order (hand_gradients_to_blocks splits by that order). Their values are
+        whatever the whole tensors hold there."""
         new = []
-        for kind, shape, offset in specs:
-            whole = getattr(self, self.WHOLE[kind])
-            w = nn.Parameter(whole.detach().view(-1)[offset:offset + shape[0] * shape[1]].view(shape),
-                             requires_grad=whole.requires_grad)
-            self._windows.append((w, kind, offset))
+        for kind, shape in specs:
+            name = self.WHOLE[kind]
+            offset = sum(w.numel() for w, k, _ in self._windows if self.WHOLE[k] == name)
+            whole = getattr(self, name).detach().view(-1)
+            w = nn.Parameter(whole[offset:offset + shape[0] * shape[1]].view(shape))  # requires_grad: whether it
+            self._windows.append((w, kind, offset))  # trains is decided by the whole tensor (optimizer_tensors)
             new.append(w)
         return new
 
@@ -507,7 +510,6 @@ class TriAdaptLinear(AdaptedLinear):
             b_t = like.new_zeros(k, self.out_features)  # (k, d_out) = b_nᵀ
             R = torch.cat([like.new_zeros(k, r_prev), torch.eye(k, device=like.device, dtype=like.dtype)], dim=1)
             K = like.new_zeros(r_prev, k)  # (r_{n-1}, k)
-            strips = self.tri_C_all.numel()
             trainable = like.requires_grad
             self.tri_A_all = nn.Parameter(torch.cat([self.tri_A_all, a]), requires_grad=trainable)
             self.tri_Bt_all = nn.Parameter(torch.cat([self.tri_Bt_all, b_t]), requires_grad=trainable)
@@ -515,9 +517,8 @@ class TriAdaptLinear(AdaptedLinear):
                                           requires_grad=trainable)
         self._point_windows()
         self._index = None
-        return self._add_windows([("A", tuple(a.shape), r_prev * self.in_features),
-                                  ("Bt", tuple(b_t.shape), r_prev * self.out_features),
-                                  ("R", tuple(R.shape), strips), ("K", tuple(K.shape), strips + R.numel())])
+        return self._add_windows([("A", tuple(a.shape)), ("Bt", tuple(b_t.shape)), ("R", tuple(R.shape)),
+                                  ("K", tuple(K.shape))])
 
     def grow_to(self, rank: int) -> list[nn.Parameter]:
         """Grow until the rank is `rank` (= init_rank + n·block); returns the new windows."""
@@ -533,6 +534,9 @@ class TriAdaptLinear(AdaptedLinear):
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         self._point_windows()
+        for w, _, _ in self._windows:  # gradients handed over but not yet stepped move too (as Module._apply's do)
+            if w.grad is not None:
+                w.grad = fn(w.grad)
         return self
 
     def __setstate__(self, state):  # copy.deepcopy and pickle: the copied windows point into the copied tensors
@@ -580,15 +584,15 @@ class TriAdaptLinear(AdaptedLinear):
             for a in self.tri_A:
                 rows.append(rows[-1] + a.shape[0])  # block n covers rows/columns rows[n]:rows[n+1] of C
             index = torch.empty(self.rank, self.rank, dtype=torch.long)
-            R_strips, K_strips = self._blocks("R"), [None] + self._blocks("K")
-            offsets = {id(w): offset for w, _, offset in self._windows}
-            for n in range(self.num_blocks):
-                lo, hi = rows[n], rows[n + 1]  # R_n: rows of block n, columns up to the end of block n
-                R = R_strips[n]
-                index[lo:hi, :hi] = offsets[id(R)] + torch.arange(R.numel()).view(R.shape)
-                if n:  # K_n: rows above block n, columns of block n
-                    K = K_strips[n]
-                    index[:lo, lo:hi] = offsets[id(K)] + torch.arange(K.numel()).view(K.shape)
+            n_R = n_K = 0  # R_0, R_1, … and K_1, K_2, … in the order growth made them
+            for w, kind, offset in self._windows:
+                at = offset + torch.arange(w.numel()).view(w.shape)  # where its entries sit in tri_C_all
+                if kind == "R":  # R_n: rows of block n, columns up to the end of block n
+                    index[rows[n_R]:rows[n_R + 1], :rows[n_R + 1]] = at
+                    n_R += 1
+                elif kind == "K":  # K_n: rows above block n, columns of block n
+                    n_K += 1
+                    index[:rows[n_K], rows[n_K]:rows[n_K + 1]] = at
             self._index = index.flatten().to(device)
         return self._index
 

@@ -6,6 +6,7 @@ implementation of the exported LoRA). CPU only, tiny random Llamas.
 """
 
 import copy
+import io
 import json
 import shutil
 import warnings
@@ -331,6 +332,37 @@ def test_windows_stay_views_of_the_whole_factors_through_growth_copies_and_moves
     assert torch.equal(twin.core()[:3, 3], torch.full((3,), 7.0, dtype=torch.float64))
     assert not torch.equal(layer.core()[:3, 3], torch.full((3,), 7.0))
     assert [n for n, _ in layer.named_parameters()] == ["weight", "tri_A_all", "tri_Bt_all", "tri_C_all"]
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)  # pickling (and torch.load) re-points the windows of the copy
+    buffer.seek(0)
+    assert aliased(torch.load(buffer, weights_only=False))
+    layer.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()}, assign=True)  # new tensors
+    assert aliased(layer)
+    layer.requires_grad_(False)
+    assert layer.optimizer_tensors() == [] and all(w.requires_grad for w in layer.grow())  # frozen: nothing to step
+    layer.requires_grad_(True)
+    layer.weight.requires_grad_(False)
+    assert len(layer.optimizer_tensors()) == 3 + 3 * 4 and aliased(layer)
+    layer(torch.randn(3, layer.in_features)).sum().backward()
+    layer.hand_gradients_to_blocks()
+    layer.double()  # gradients handed over but not yet stepped follow a dtype/device move, as parameters' do
+    assert all(w.grad.dtype == torch.float64 for w in layer.optimizer_tensors()) and aliased(layer)
+
+
+def test_a_skipped_non_finite_step_leaves_no_gradient_behind(tiny_dir, tmp_path, monkeypatch):
+    """train.py skips a step whose loss is NaN/inf. Its backward has already filled the whole factors' .grad (the
+    windows get theirs only in optimizer_step): none of it may reach the next step's gradient."""
+    real, calls, clean = T.accumulate_gradients, [], []
+
+    def second_loss_is_inf(net, *args, **kwargs):
+        clean.append(all(p.grad is None for p in net.parameters()))  # nothing left over from an earlier step
+        loss = real(net, *args, **kwargs)
+        calls.append(loss)
+        return float("inf") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(T, "accumulate_gradients", second_loss_is_inf)
+    T.train(tiny_cfg(tiny_dir, tmp_path / "run"))
+    assert len(clean) == 6 and all(clean)
 
 
 def test_restore_replays_growth_in_order_and_refuses_a_changed_schedule(base, idx):
