@@ -485,11 +485,12 @@ class TriAdaptLinear(AdaptedLinear):
         and the whole tensors' .grad are cleared (the optimizer's zero_grad clears the windows'). A whole tensor
         without a gradient leaves its windows' alone, so a second call changes nothing."""
         A, Bt, C = self.tri_A_all, self.tri_Bt_all, self.tri_C_all
+        rows = self._block_rows
         if A.grad is not None:  # a_n and b_nᵀ are blocks of rows: split the (r, d) gradients by rows
-            for a, g in zip(self.tri_A, A.grad.split(self._block_rows)):
+            for a, g in zip(self.tri_A, A.grad.split(rows)):
                 a.grad = g
         if Bt.grad is not None:
-            for b, g in zip(self.tri_Bt, Bt.grad.split(self._block_rows)):
+            for b, g in zip(self.tri_Bt, Bt.grad.split(rows)):
                 b.grad = g
         if C.grad is not None:  # R_0, R_1, K_1, R_2, K_2, … tile the strips in this order
             strips = [w for w, kind, _ in self._windows if kind in ("R", "K")]
@@ -499,7 +500,8 @@ class TriAdaptLinear(AdaptedLinear):
 
     @property
     def _block_rows(self) -> list[int]:
-        return [a.shape[0] for a in self.tri_A]
+        """Rows of A (and of Bᵀ, and of C) that each block holds: the first block's init_rank, then k per growth."""
+        return [self.init_rank] + [self.block] * (self.num_blocks - 1)
 
     def grow(self) -> list[nn.Parameter]:
         """Growth event: append a_n, b_n, R_n, K_n (initialized so that ΔW is unchanged); returns their windows in
@@ -581,8 +583,8 @@ class TriAdaptLinear(AdaptedLinear):
         device = self.tri_C_all.device
         if self._index is None or self._index.device != device:
             rows = [0]
-            for a in self.tri_A:
-                rows.append(rows[-1] + a.shape[0])  # block n covers rows/columns rows[n]:rows[n+1] of C
+            for k in self._block_rows:
+                rows.append(rows[-1] + k)  # block n covers rows/columns rows[n]:rows[n+1] of C
             index = torch.empty(self.rank, self.rank, dtype=torch.long)
             n_R = n_K = 0  # R_0, R_1, … and K_1, K_2, … in the order growth made them
             for w, kind, offset in self._windows:

@@ -290,8 +290,8 @@ def sym_linear(ctx: Ctx, x: Sym, d_in: int, d_out: int, trainable: bool, adapter
 def sym_fused_adapted_linear(ctx: Ctx, x: Sym, rows: int, d_in: int, d_out: int, trainable: bool,
                              a: AdapterShape) -> Sym:
     """AdaptedLinear.forward's fused path: forward_factors() builds (A, B) (parameter-sized copies for SVD-form,
-    TriAdaptLoRA's B' = B C and CG shift), then adapters.LowRankLinearFunction casts every operand to the compute dtype
-    (bf16 under autocast, else fp32) and saves only what its backward needs: x for ∂W0 (or for ∂A without dropout),
+    TriAdaptLoRA's B' = B C and CG shift), then adapters.LowRankLinearFunction casts every operand to the compute
+    dtype (bf16 under autocast, else fp32) and saves only what its backward needs: x for ∂W0 (or for ∂A without dropout),
     the dropout output for ∂A with dropout, W0 (or its copy) for ∂x, A for ∂x, B always, h = A x for ∂B."""
     cd = 2 if ctx.autocast else 4
     x2 = x if x.size == cd else Sym(x.numel, cd, x.rg)                  # x.to(dtype)

@@ -549,8 +549,8 @@ def train(cfg: TrainConfig) -> dict:
 
             # ---- 3. skip steps whose loss is NaN/inf (reported, counted; too many in a row aborts)
             if not math.isfinite(loss_total):
-                net.zero_grad(set_to_none=True)            # the model's .grad (TriAdaptLoRA: the whole factors')
-                optimizer.zero_grad(set_to_none=True)
+                # every gradient is still the model's (TriAdaptLoRA's block windows get theirs in optimizer_step)
+                net.zero_grad(set_to_none=True)
                 consecutive_nonfinite += 1
                 nonfinite_total += 1
                 print(f"step {step}: non-finite loss ({loss_total}), step skipped", file=sys.stderr)

@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import adapters as A  # noqa: E402
 import model as M  # noqa: E402
+import train as T  # noqa: E402
 
 ALL_LINEARS = A.LLAMA_LINEAR_NAMES
 
@@ -82,10 +83,8 @@ def ours(base, method: str, rank: int, total_steps: int) -> Setup:
         loss = net(ids, labels=ids)
         reg = hooks.regularizer()
         (loss + reg if reg is not None else loss).backward()
-        hooks.collect_gradients()  # TriAdaptLoRA: whole-factor gradients -> the block windows the optimizer steps
-        s.optimizer.step()
-        hooks.after_optimizer_step(s.t)
-        s.optimizer.zero_grad(set_to_none=True)
+        params = [p for g in s.optimizer.param_groups for p in g["params"]]
+        T.optimizer_step(s.optimizer, params, hooks, s.t, clip=0.0)  # train.py's hooks around AdamW; no clipping
 
     return Setup(f"ours {method}", "ours", net, step, A.optimizer_parameters(net))
 
