@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import model as M  # atomic_write: one implementation for every file the project writes
+from fileio import atomic_write
 
 ADAPTER_WEIGHTS_NAME = "adapter.safetensors"  # this project's format
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -2251,12 +2251,12 @@ def _write_json(path: str, obj: dict) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
-    M.atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    M.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save_adapter(model: nn.Module, cfg: AdapterConfig, out_dir: str) -> None:

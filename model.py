@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from fileio import atomic_write
+
 REPO_DIR = Path(__file__).resolve().parent
 CHECKPOINTS_DIR = REPO_DIR / "checkpoints"
 
@@ -576,24 +578,6 @@ def save_pretrained(state_dict: dict, cfg: LlamaConfig, out_dir, tokenizer_dir=N
             src = Path(tokenizer_dir) / name
             if src.is_file():
                 atomic_write(out / name, lambda p, s=src: Path(p).write_bytes(s.read_bytes()))
-
-
-def atomic_write(path, write) -> None:
-    """Call write(tmp_path) on a temporary file beside `path`, fsync it, then rename it over `path`: a crash never
-    leaves a half-written file behind, and a failed write leaves no temporary file."""
-    import tempfile
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------------------------

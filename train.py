@@ -51,6 +51,7 @@ import adapters as A
 import data as D
 import eval as E
 import model as M
+from fileio import atomic_write
 
 # ----------------------------------------------------------------------------------------------------------------
 # configuration: one dataclass; the command line is generated from it (every field has a help text)
@@ -252,7 +253,7 @@ def save_checkpoint(out: Path, step: int, net, optimizer, batcher, cfg: TrainCon
                tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    M.atomic_write(ckpt_dir / "latest", lambda p: Path(p).write_text(final.name))
+    atomic_write(ckpt_dir / "latest", lambda p: Path(p).write_text(final.name))
     for old in sorted(ckpt_dir.glob("step-*"))[:-cfg.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -1,0 +1,51 @@
+"""
+Writing files so that a crash never leaves half of one behind.
+
+Every file the project writes (model and adapter weights, configs, checkpoints) goes through `atomic_write`:
+the bytes go to a temporary file beside the target, are flushed to disk, and the temporary file is renamed
+over the target. A reader sees the old file or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def atomic_write(path, write) -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    A failed write leaves no temporary file and the old `path` untouched.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path, obj) -> None:
+    """`obj` as indented JSON with a final newline, atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+    atomic_write(path, write)
+
+
+def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """Tensors (moved to the CPU, made contiguous) as one safetensors file, atomically."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or {"format": "pt"}))
