@@ -25,7 +25,7 @@ Contents, top to bottom:
   5. Hessian products: twice_differentiable, hessian_operator, hvp, hutchinson_trace, hutchinson_diagonal,
      power_iteration, hessian_top_eigenvalue
   6. Whitened gradient SVD for CG-LoRA (SPEC §6): whitened_svd_init (dense), randomized_svd (callables),
-     sketch_svd + WhitenedGradientSketch (single pass, O((d_in + d_out)·r) memory)
+     sketch_svd + WhitenedGradientSketch (one pass, O((d_in + d_out)·r) memory)
 
 Factors are passed around as tensors that are either full (2-D, (d, d)) or diagonal (1-D, (d,)); every function here
 accepts both, so "diagonal first, full for teaching" is one code path.
@@ -82,6 +82,12 @@ def token_rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return t.detach().float()
     raise ValueError(f"token mask of shape {tuple(mask.shape)} does not fit a layer tensor of shape {tuple(t.shape)}; "
                      f"pass the (B, T) mask of the batch that was just run")
+
+
+def positions_up_to_last_label(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: True at every position up to the last label of its row, the positions whose
+    outputs reach a label's prediction under causal attention (those after it are padding)."""
+    return (labels != -100).flip(1).cumsum(1).flip(1) > 0
 
 
 @contextmanager
@@ -157,17 +163,15 @@ class KFACCollector:
 
     stats: any of "full", "diag", "projected" (r×r factors from the layer's adapter factors; `projection(module) ->
     (A, B)` overrides the default `module.lora_factors()`), "grad" (G; keeps this call's x rows until backward).
-    sketches: optional {name: WhitenedGradientSketch}, fed with the same (x, ĝ) rows (see section 6).
     Sums (`sums[name][key]`, fp32 tensors) and token counts (`counts[name]`, ints) are kept apart from the means,
     so under DDP all-reducing both before factors() gives exactly the statistics of the global batch.
     """
 
     def __init__(self, modules: dict[str, nn.Module], stats: Iterable[str] = ("diag",),
-                 projection: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor]] | None = None,
-                 sketches: dict[str, "WhitenedGradientSketch"] | None = None):
+                 projection: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor]] | None = None):
         self.stats = tuple(stats)
         unknown = [s for s in self.stats if s not in STATS]
-        if unknown or not (self.stats or sketches):
+        if unknown or not self.stats:
             raise ValueError(f"unknown or empty stats {list(self.stats)}; choose from {', '.join(STATS)}")
         self.modules = dict(modules)
         self.projection = projection or _lora_projection
@@ -176,7 +180,6 @@ class KFACCollector:
                 if not hasattr(module, "lora_factors"):
                     raise ValueError(f"{name} ({type(module).__name__}) has no lora_factors(); 'projected' statistics "
                                      f"need adapted layers, or pass projection=callable(module) -> (A, B)")
-        self.sketches = dict(sketches or {})
         self.sums: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.modules}
         self.counts: dict[str, int] = {name: 0 for name in self.modules}
         self._handles: list = []
@@ -257,7 +260,7 @@ class KFACCollector:
                     h = x @ A.detach().float().T            # (n, r)        h = A x
                     pending["S_r"] = h.T @ h                # (r, r)        Σ h hᵀ
                     B = B.detach().float()
-            keep_x = x if ("grad" in self.stats or name in self.sketches) else None
+            keep_x = x if "grad" in self.stats else None
             n = x.shape[0]
 
             def grad_hook(grad):                            # runs once, when backward reaches this call's output
@@ -272,8 +275,6 @@ class KFACCollector:
                         pending["Gamma_r"] = u.T @ u
                     if "grad" in self.stats:
                         pending["G"] = g.T @ keep_x         # (d_out, d_in)  Σ ĝ xᵀ
-                    if name in self.sketches:
-                        self.sketches[name].update(keep_x, g)
                     sums = self.sums[name]
                     for key, value in pending.items():
                         sums[key] = sums[key] + value if key in sums else value
@@ -306,7 +307,7 @@ def _logits_at_labels(model: nn.Module, inputs: torch.Tensor, mask: torch.Tensor
 def collect_fisher(model: nn.Module, modules: dict[str, nn.Module],
                    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                    kind: str = "empirical", stats: Iterable[str] = ("diag",), generator: torch.Generator | None = None,
-                   projection=None, sketches=None) -> dict[str, KFACFactors]:
+                   projection=None) -> dict[str, KFACFactors]:
     """K-FAC factors of `modules` over `batches` of (inputs, labels), labels = -100 where there is no loss.
 
     kind "empirical": ĝ_t = ∂ℓ(y_data)/∂y_t — the gradient of the training loss (the "empirical Fisher").
@@ -320,7 +321,7 @@ def collect_fisher(model: nn.Module, modules: dict[str, nn.Module],
     if kind not in ("empirical", "sampled"):
         raise ValueError(f"unknown Fisher kind {kind!r}; use 'empirical' or 'sampled'")
     weights = [m.weight for m in modules.values()]
-    collector = KFACCollector(modules, stats, projection, sketches)
+    collector = KFACCollector(modules, stats, projection)
     with collector, _requires_grad(weights):
         for inputs, labels in batches:
             mask = labels != -100                                          # (B, T) label-carrying positions
@@ -341,7 +342,8 @@ def collect_fisher(model: nn.Module, modules: dict[str, nn.Module],
 # ----------------------------------------------------------------------------------------------------------------
 
 def ema_update(running, new, beta: float):
-    """running ← β·running + (1−β)·new, for a tensor, a KFACFactors or a dict of either; `running` None → `new`.
+    """running ← β·running + (1−β)·new, for a tensor, a KFACFactors, or a dict or list of them;
+    `running` None → `new`.
 
     Starting from the first value (no bias correction) as kfac-pytorch does. n_tokens of KFACFactors is summed.
     """
@@ -349,6 +351,8 @@ def ema_update(running, new, beta: float):
         return new
     if isinstance(new, dict):
         return {k: ema_update(running.get(k), v, beta) for k, v in new.items()}
+    if isinstance(new, (list, tuple)):
+        return [ema_update(r, v, beta) for r, v in zip(running, new)]
     if isinstance(new, KFACFactors):
         mixed = {k: ema_update(getattr(running, k), v, beta) for k, v in new.tensors().items()}
         return replace(new, n_tokens=running.n_tokens + new.n_tokens, **mixed)
@@ -638,34 +642,20 @@ def predicted_step_size(sigma: torch.Tensor, kappa0: float) -> float:
     return math.sqrt(2.0 * kappa0 / energy)
 
 
-CG_SPLITS = ("sqrt", "balanced", "lora")
+def lora_factors_for_step(U, sigma, V, S_inv_sqrt, Gamma_inv_sqrt, eta: float,
+                          lora_scale: float = 1.0):
+    """(B0 (d_out, r), A0 (r, d_in)) with c·B0 A0 = −η Γ^{-½} U_r Σ_r V_rᵀ S^{-½} (SPEC §6; ours):
 
+        B0 = −√(η/c) Γ^{-½} U Σ^{½},   A0 = √(η/c) Σ^{½} Vᵀ S^{-½}
 
-def lora_factors_for_step(U, sigma, V, S_inv_sqrt, Gamma_inv_sqrt, eta: float, lora_scale: float = 1.0,
-                          split: str = "sqrt"):
-    """(B0 (d_out, r), A0 (r, d_in)) with c·B0 A0 = −η Γ^{-½} U_r Σ_r V_rᵀ S^{-½} (SPEC §6; our formulas).
-
-    The product fixes B0 A0 only up to B0 D, D⁻¹ A0 (D diagonal, positive); `split` chooses D per direction i —
-    which matters once Adam trains the factors (each entry moves by about the learning rate, so a factor with a
-    large norm amplifies every step of the other one):
-      sqrt      B0 = −√(η/c) Γ^{-½} U Σ^{½},  A0 = √(η/c) Σ^{½} Vᵀ S^{-½}   (SPEC §6 as written)
-      balanced  column i of B0 and row i of A0 get the same norm  √(η σ_i ‖Γ^{-½}u_i‖ ‖S^{-½}v_i‖ / c)
-      lora      row i of A0 gets the norm of a row of LoRA's Kaiming-uniform A, 1/√3 (U(±1/√d_in), d_in entries);
-                B0 takes the rest — the magnitudes LoRA's own training starts from
-    (balanced and lora are this project's choices; notes/cg_lora.md compares them.) S_inv_sqrt / Gamma_inv_sqrt
-    are full (d, d), diagonal (d,) or None (identity).
+    The product fixes the factors only up to B0 D, D⁻¹ A0; Σ^{½} on each side is SPEC §6's split
+    (notes/cg_lora.md compared two others: neither helped). S_inv_sqrt / Gamma_inv_sqrt are full
+    (d, d), diagonal (d,) or None (identity).
     """
-    if split not in CG_SPLITS:
-        raise ValueError(f"split must be one of {', '.join(CG_SPLITS)}, got {split!r}")
     root = (sigma.clamp_min(0) * eta / lora_scale).sqrt()           # (r,)  √(η/c)·Σ^{½}
     B0 = -_left(Gamma_inv_sqrt, U * root[None, :])                   # (d_out, r)
     A0 = _right(root[:, None] * V.T, S_inv_sqrt)                     # (r, d_in)
-    if split == "sqrt":
-        return B0, A0
-    b, a = B0.norm(dim=0), A0.norm(dim=1)                            # (r,) column / row norms
-    target = (a * b).sqrt() if split == "balanced" else torch.full_like(a, 3 ** -0.5)
-    D = torch.where(a > 0, a / target.clamp_min(1e-30), torch.ones_like(a))   # A0 row i ← row i / D_i
-    return B0 * D[None, :], A0 / D[:, None]
+    return B0, A0
 
 
 def lora_init_from_whitened_svd(U, sigma, V, S_inv_sqrt, Gamma_inv_sqrt, kappa0: float, lora_scale: float = 1.0):
@@ -784,47 +774,69 @@ def sketch_svd(Y: torch.Tensor, W: torch.Tensor, Psi: torch.Tensor, r: int):
 
 
 class WhitenedGradientSketch:
-    """Single-pass sketch of the whitened gradient M = Γ^{-½} G S^{-½} of one layer, fed token by token (ours).
+    """One-pass sketch of the whitened gradient M = D_γ^{-½} G D_s^{-½} of one layer, with diagonal
+    factors (ours; SPEC §6's memory-bounded mode for CG-LoRA).
 
-    G = (1/N) Σ_t ĝ_t x_tᵀ, so with whitened rows x̃_t = S^{-½} x_t and g̃_t = Γ^{-½} ĝ_t:
-        Y = M Ω = (1/N) Σ_t g̃_t (x̃_tᵀ Ω)   (d_out, k)        W = Ψ M = (1/N) Σ_t (Ψ g̃_t) x̃_tᵀ   (l, d_in)
-    Extra memory O((d_in + d_out)·k) with diagonal factors — no d_out×d_in matrix — so it is SPEC §6's memory-bounded
-    mode: collect diagonal factors first (one calibration pass), then pass this object to KFACCollector(sketches=...)
-    or call update() yourself, then init(). k = r + oversample, l = 2k + 1 (Tropp et al. 2017's rule of thumb).
+    The whitening needs s = diag S and γ = diag Γ, known only after the calibration pass. With
+    diagonal factors the whitening commutes with the sketch: sketch G itself, Y = G Ω (d_out, k)
+    and W = Ψ G (l, d_in), accumulating s and γ in the same pass; afterwards
+
+        M (D_s^{½} Ω) = D_γ^{-½} Y        and        (Ψ D_γ^{½}) M = W D_s^{-½},
+
+    exact single-pass sketches of M with the test matrices Ω' = D_s^{½}Ω and Ψ' = Ψ D_γ^{½}, from
+    which sketch_svd recovers M's top-r SVD (Tropp et al. 2017). Memory: Y, W, s, γ, Ω, Ψ, that
+    is O((d_in + d_out)·k) with k = r + oversample, l = 2k + 1; no d_out×d_in matrix. With
+    identity=True, s = γ = 1 and this is a plain gradient sketch. G gets every position (it is
+    ∂L/∂W); s and γ the rows `factor_rows` of each update (K-FAC's label tokens, or all).
     """
 
-    def __init__(self, S: torch.Tensor, Gamma: torch.Tensor, r: int, oversample: int = 10, rel_damping: float = 1e-3,
-                 generator: torch.Generator | None = None):
-        self.S_inv_sqrt = damped_inverse_sqrt(S, rel_damping)         # (d_in,) or (d_in, d_in)
-        self.Gamma_inv_sqrt = damped_inverse_sqrt(Gamma, rel_damping)
-        d_in, d_out = S.shape[0], Gamma.shape[0]
-        self.r = r
+    def __init__(self, d_in: int, d_out: int, r: int, oversample: int = 10, identity: bool = False,
+                 generator: torch.Generator | None = None, device=None):
         k = min(r + oversample, d_in, d_out)
         l = min(2 * k + 1, d_out)
-        device = S.device
-        self.Omega = torch.randn(d_in, k, generator=generator).to(device)    # (d_in, k)
-        self.Psi = torch.randn(l, d_out, generator=generator).to(device)     # (l, d_out)
+        self.r, self.identity = r, identity
+        self.Omega = torch.randn(d_in, k, generator=generator).to(device)      # (d_in, k)
+        self.Psi = torch.randn(l, d_out, generator=generator).to(device)       # (l, d_out)
         self.Y = torch.zeros(d_out, k, device=device)
         self.W = torch.zeros(l, d_in, device=device)
-        self.n_tokens = 0
+        self.s = torch.zeros(d_in, device=device)
+        self.gamma = torch.zeros(d_out, device=device)
+        self.n_loss_tokens = 0                  # N: the label tokens G averages over
+        self.n_tokens = 0                       # the tokens s and γ average over
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, g: torch.Tensor):
-        """Add tokens: x (n, d_in) inputs, g (n, d_out) per-token output gradients ĝ (fp32)."""
-        xw = _right(x.float(), self.S_inv_sqrt)                       # (n, d_in)   rows x̃ᵀ (factors symmetric)
-        gw = _right(g.float(), self.Gamma_inv_sqrt)                   # (n, d_out)  rows g̃ᵀ
-        self.Y += gw.T @ (xw @ self.Omega)
-        self.W += (gw @ self.Psi.T).T @ xw
+    def update(self, x: torch.Tensor, g: torch.Tensor, factor_rows: torch.Tensor | None,
+               n_loss_tokens: int) -> None:
+        """x (n, d_in) inputs and g (n, d_out) = ∂L_b/∂y of every position, L_b the batch's mean
+        loss over its n_loss_tokens label tokens: the per-token gradients are ĝ = N · g (the
+        factor multiplies the small products, not g). factor_rows: rows s and γ average over."""
+        x, g, N = x.float(), g.float(), n_loss_tokens
+        self.Y.addmm_(g.T, x @ self.Omega, alpha=N)             # Σ ĝ (xᵀ Ω)  →  N · G Ω
+        self.W.addmm_((g @ self.Psi.T).T, x, alpha=N)           # Σ (Ψ ĝ) xᵀ  →  N · Ψ G
+        self.n_loss_tokens += N
+        if factor_rows is not None:
+            x, g = x.index_select(0, factor_rows), g.index_select(0, factor_rows)
+        if not self.identity:
+            self.s += (x * x).sum(0)
+            self.gamma.add_((g * g).sum(0), alpha=N ** 2)
         self.n_tokens += x.shape[0]
 
-    def svd(self):
-        """(U (d_out, r), sigma (r,), V (d_in, r)) of the sketched M."""
-        if self.n_tokens == 0:
-            raise RuntimeError("the sketch is empty: feed calibration tokens with update() or a KFACCollector first")
-        return sketch_svd(self.Y / self.n_tokens, self.W / self.n_tokens, self.Psi, self.r)
+    def factors(self, rel_damping: float = 1e-3):
+        """(U, σ, V, S^{-½}, Γ^{-½}) of the whitened gradient, S and Γ diagonal and damped
+        (None, None with identity=True)."""
+        if self.n_loss_tokens == 0:
+            raise RuntimeError("the sketch is empty: feed calibration tokens with update() first")
+        N, n = self.n_loss_tokens, self.n_tokens
+        if self.identity:
+            U, sigma, V = sketch_svd(self.Y / N, self.W / N, self.Psi, self.r)
+            return U, sigma, V, None, None
+        s_is = damped_inverse_sqrt(self.s / n, rel_damping)                     # (d_in,)
+        g_is = damped_inverse_sqrt(self.gamma / n, rel_damping)                 # (d_out,)
+        Y_M = g_is[:, None] * (self.Y / N)                                      # M Ω'
+        W_M = (self.W / N) * s_is[None, :]                                      # Ψ' M
+        U, sigma, V = sketch_svd(Y_M, W_M, self.Psi / g_is[None, :], self.r)   # Ψ' = Ψ D_γ^{½}
+        return U, sigma, V, s_is, g_is
 
-    def init(self, kappa0: float, lora_scale: float = 1.0) -> WhitenedSVD:
-        U, sigma, V = self.svd()
-        B0, A0, eta = lora_init_from_whitened_svd(U, sigma, V, self.S_inv_sqrt, self.Gamma_inv_sqrt, kappa0,
-                                                  lora_scale)
-        return WhitenedSVD(None, U, sigma, V, B0, A0, eta)
+    def bytes(self) -> int:
+        return sum(4 * t.numel() for t in (self.Omega, self.Psi, self.Y, self.W, self.s,
+                                           self.gamma))

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import adapter_io as IO
 import data as D
 import model as M
 
@@ -240,8 +241,7 @@ def plot_rank_heatmap(ranks: dict[str, int], out_png: str | Path, title: str = "
 
 def saved_ranks(adapter_dir) -> dict[str, int]:
     """Per-module ranks recorded in a saved adapter's adapter_config.json."""
-    import adapters as A
-    meta = json.loads((Path(adapter_dir) / A.ADAPTER_CONFIG_NAME).read_text())
+    meta = json.loads((Path(adapter_dir) / IO.ADAPTER_CONFIG_NAME).read_text())
     return meta.get("active_ranks", meta["ranks"])          # masked methods: the ranks in use, not tensor shapes
 
 
@@ -252,17 +252,16 @@ def saved_ranks(adapter_dir) -> dict[str, int]:
 
 def load_tuned(base: str, adapter_dir: str | None, dtype, device):
     """The base model, or the base with an adapter from `adapter_dir`, or a full checkpoint saved there."""
-    import adapters as A
     if adapter_dir is None:
         return M.load_pretrained(base, dtype, device)
     d = Path(adapter_dir)
     if (d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file():
         return M.load_pretrained(d, dtype, device)                      # --method full saves a whole model
-    if not (d / A.ADAPTER_CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{d}: no {A.ADAPTER_CONFIG_NAME} (adapter) or model.safetensors (full model); "
+    if not (d / IO.ADAPTER_CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{d}: no {IO.ADAPTER_CONFIG_NAME} (adapter) or model.safetensors (full model); "
                                 f"pass the --out folder of a train.py run")
     net = M.load_pretrained(base, dtype, device)
-    A.load_adapter(net, str(d))
+    IO.load_adapter(net, str(d))
     return net.to(device).eval()
 
 

@@ -3,7 +3,7 @@ How much memory a fine-tuning run needs, from the model's shape alone (no weight
 
     python memory.py --model llama-7b --method ctr --seq-len 2048 --batch-size 1 --rank 16 --grad-checkpoint
     python memory.py --table        # the Llama-2-7B / Llama-2-13B / Llama-3-8B table of notes/memory.md
-    python memory.py --validate     # estimate vs measured peak RSS of small CPU runs (notes/memory.md)
+    python benchmarks/memory_validation.py   # estimate vs measured peak RSS of small CPU runs (notes/memory.md)
     python train.py ... --dry-run   # the same report for a training command line (dry_run_report)
 
 Every figure is a count of bytes derived from shapes — L layers, width d, MLP width d_ff, vocabulary V, heads H,
@@ -22,24 +22,22 @@ key/value heads n_kv, head size hd, rank r, batch B, sequence T, N = label token
 
 The total is the *peak over the phases of a step* (head backward, block backward, optimizer step; CG-LoRA's
 calibration pass), not the sum of the lines: e.g. the gradients of the logits are gone before the first block is
-recomputed. It is validated against the measured peak RSS of small CPU runs (tests/test_memory.py, notes/memory.md).
+recomputed. It is validated against the measured peak RSS of small CPU runs (benchmarks/memory_validation.py,
+tests/test_memory.py, notes/memory.md).
 
 Read top to bottom: 1. shapes and parameter counts, 2. adapters and method state, 3. the symbolic forward
-(activations), 4. estimate(), 5. the report (train.py --dry-run), 6. measuring a real run, 7. command line.
+(activations), 4. estimate(), 5. the report (train.py --dry-run), 6. command line.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+import adapter_config as AC
 import adapters as A
 import model as M
 
@@ -117,7 +115,7 @@ def triadapt_final_rank(acfg: A.AdapterConfig) -> int:
     blocks of tri_block. Growth is global (the budget is r_ref × modules), so single modules can end above r_ref
     and others below; the estimate budgets the uniform final structure (same total rank, so the same adapter
     parameter count to within the r² core terms)."""
-    init = A.triadapt_init_rank(acfg)
+    init = AC.triadapt_init_rank(acfg)
     return init + acfg.tri_block * ((acfg.r - init) // acfg.tri_block)
 
 
@@ -127,8 +125,8 @@ class AdapterShape:
     kind: str          # "lora" | "svd" | "tri" (structure of the forward)
     r: int             # rank of the stored factors (LoRA r, SVD r₀, TriAdaptLoRA final rank)
     params: int        # trainable entries (fp32)
-    buffers: int       # buffer bytes (mask, CG shift buffers, TriAdaptLoRA's core index)
-    grown: bool = False  # TriAdaptLoRA with more than one block: C is a gather copy in every forward
+    buffers: int       # buffer bytes (mask, CG shift buffers)
+    grown: bool = False  # TriAdaptLoRA with more than one block: A, B, C are concatenated copies
     shift: bool = False  # CG-LoRA "shift": the buffers A₀, B₀ also run in the forward
 
 
@@ -138,12 +136,12 @@ def adapter_shape(method: str, acfg: A.AdapterConfig, d_in: int, d_out: int) -> 
         shift = method == "cg" and acfg.cg_variant == "shift"
         return AdapterShape("lora", r, r * (d_in + d_out), 4 * r * (d_in + d_out) if shift else 0, shift=shift)
     if method in ("adalora", "ctr"):
-        r0 = A.adalora_ranks(acfg)[0]                                # P (d_out×r₀), λ (r₀), Q (r₀×d_in); mask (r₀)
+        r0 = AC.svd_ranks(acfg)[0]                                # P (d_out×r₀), λ (r₀), Q (r₀×d_in); mask (r₀)
         return AdapterShape("svd", r0, r0 * (d_in + d_out + 1), 4 * r0)
     if method == "triadapt":
         r = triadapt_final_rank(acfg)                                # A (r×d_in), B (d_out×r), strips of C: r²
-        grown = r > A.triadapt_init_rank(acfg)
-        return AdapterShape("tri", r, r * (d_in + d_out) + r * r, 8 * r * r if grown else 0, grown=grown)
+        grown = r > AC.triadapt_init_rank(acfg)
+        return AdapterShape("tri", r, r * (d_in + d_out) + r * r, 0, grown=grown)
     raise ValueError(f"unknown adapter method {method!r}")
 
 
@@ -310,12 +308,11 @@ def sym_fused_adapted_linear(ctx: Ctx, x: Sym, rows: int, d_in: int, d_out: int,
             return Sym(numel, 2, True)
         return Sym(numel, 4, True) if copy else None
 
-    if a.kind == "tri" and ctx.autocast:                                 # B' = full_B() @ core(): mm saves its
-        ctx.save(Sym(d_out * r, cd, True))                               # operands, here autocast's bf16 casts
-        ctx.save(Sym(r * r, cd, True))
-    elif a.kind == "tri" and a.grown:                                    # fp32: B is a view of its parameter (free),
-        ctx.save(Sym(r * r, cd, True))                                   # C the gather's copy
-    A_ = factor(r * d_in, a.kind == "svd" or a.shift)                   # λ⊙Q / [A; A₀] (TriAdaptLoRA: A itself)
+    if a.kind == "tri" and (ctx.autocast or a.grown):                   # B' = full_B() @ core(): mm saves its
+        ctx.save(Sym(d_out * r, cd, True))                               # operands, autocast's bf16 casts or the
+        ctx.save(Sym(r * r, cd, True))                                   # fp32 concatenations of the blocks
+    grown_tri = a.kind == "tri" and a.grown                              # A: the concatenated blocks
+    A_ = factor(r * d_in, a.kind == "svd" or a.shift or grown_tri)       # λ⊙Q / [A; A₀] / cat(a_n)
     B_ = factor(d_out * r, a.kind == "tri" or a.shift)                   # B C / [B, −B₀]
     if trainable or xa2 is None:
         ctx.save(x2)
@@ -362,10 +359,10 @@ def sym_adapter(ctx: Ctx, x: Sym, rows: int, d_in: int, d_out: int, a: AdapterSh
         ctx.save(h1)                                                     # (Q x) ⊙ λ saves Q x for ∂λ
         h = Sym(rows * r, 4, True)                                       # ⊙ λ (fp32 λ promotes a bf16 h1)
         mm(h, d_out, d_out * r, False)                                   # P (...)
-    else:                                                                # TriAdaptLoRA: B (C (A x))
-        h = mm(xa, r, r * d_in, False)                                   # A: the parameter
-        z = mm(h, r, r * r, a.grown)                                     # C: gathered once grown
-        mm(z, d_out, d_out * r, False)                                   # B: a view of the parameter Bᵀ
+    else:                                                                # TriAdaptLoRA: B (C (A x)); once grown
+        h = mm(xa, r, r * d_in, a.grown)                                 # A, C and B are concatenations of the
+        z = mm(h, r, r * r, a.grown)                                     # blocks (copies); with one block, the
+        mm(z, d_out, d_out * r, a.grown)                                 # parameters themselves
 
 
 def sym_block(ctx: Ctx, cfg: M.LlamaConfig, x: Sym, B: int, T: int, adapters: dict[str, AdapterShape],
@@ -801,135 +798,7 @@ def _state_note(method: str, acfg) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6. Measuring a real run: peak resident memory of training steps on CPU, in a subprocess
-# ----------------------------------------------------------------------------------------------------------------
-#
-# Method: a fresh Python process with MALLOC_MMAP_THRESHOLD_=65536 (glibc then serves every block above 64 KiB
-# with its own mmap and unmaps it on free, so the resident set follows the live tensors instead of heap
-# fragmentation) and one thread (OMP_NUM_THREADS=1: spin-waiting threads make small ops slow on a busy machine;
-# memory is the same but for per-thread scratch). After the imports, a warm-up run of the first configuration of
-# each model shape (one-time set-up of kernels and BLAS packing buffers — 6 to 16 MiB in our runs — stays in the
-# baseline). Then for each configuration: gc, malloc_trim(0) (else free heap pages left by the previous run stay
-# resident, inflate the baseline and get reused: up to 30 MiB too low), read VmRSS as the baseline, reset the
-# high-water mark (echo 5 > /proc/self/clear_refs), build the model, train (run_steps), report VmHWM − baseline.
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def run_steps(spec: dict) -> None:
-    """Build the spec's model (random weights) and train as train.py does: one step on a short batch (it creates
-    the optimizer state and the methods' statistics, so what follows is the steady state), then spec['steps']
-    steps on the full (batch_size, seq_len) batch."""
-    cfg = M.LlamaConfig(**spec["config"])
-    method, B, T = spec["method"], spec["batch_size"], spec["seq_len"]
-    torch.manual_seed(0)
-    wdtype = getattr(torch, spec.get("weights_dtype", "float32"))
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32 if method == "full" else wdtype)   # parameters born in the storage dtype
-    try:
-        net = M.Llama(cfg)
-    finally:
-        torch.set_default_dtype(default)
-    if spec.get("compute_dtype") and hasattr(net, "compute_dtype"):
-        net.compute_dtype = getattr(torch, spec["compute_dtype"])
-    for p in net.parameters():
-        p.requires_grad_(method == "full")
-    hooks = A.MethodHooks()
-    if method != "full":
-        acfg = A.AdapterConfig(method=method, **spec.get("adapter", {}))
-        A.apply_method(net, method, acfg)
-        for layer in A.adapter_layers(net).values():
-            if isinstance(layer, A.TriAdaptLinear):                            # the budgeted final structure
-                layer.grow_to(triadapt_final_rank(acfg))
-        hooks = A.training_hooks(net, acfg)
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, cfg.vocab_size, (B, T), generator=gen)
-    labels = ids.clone()
-    if hooks.calibration_batches:
-        hooks.calibrate([(ids, labels)] * hooks.calibration_batches)
-    params = A.optimizer_parameters(net)
-    opt = torch.optim.AdamW([{"params": params}], lr=1e-4, fused=True)
-    net.grad_checkpoint = spec["grad_checkpoint"]
-    net.train()
-    import train as T                                   # (train.py imports this module only inside a function)
-    for step in range(1 + spec.get("steps", 1)):
-        x, y = (ids[:1, :8], labels[:1, :8]) if step == 0 else (ids, labels)
-        T.accumulate_gradients(net, [{"input_ids": x, "labels": y}], int((y != -100).sum()), "cpu", method=hooks)
-        T.optimizer_step(opt, params, hooks, step, clip=1.0)
-    hooks.close()
-
-
-def _measure_here(specs: list[dict]) -> list[int]:
-    import gc
-    torch.set_num_threads(1)
-    for spec in {json.dumps(dict(s["config"], B=s["batch_size"], T=s["seq_len"])): s for s in specs}.values():
-        run_steps(spec)                                  # warm-up: the first configuration of each shape, once
-    import ctypes
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", lambda pad: 0)   # glibc; elsewhere a no-op
-    out = []
-    for spec in specs:
-        gc.collect()
-        trim(0)                                          # return freed heap pages of earlier runs to the system
-        base = _status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")                                                       # reset VmHWM to the current RSS
-        run_steps(spec)
-        out.append((_status_kib("VmHWM") - base) * 1024)
-        gc.collect()
-    return out
-
-
-def measure_peaks(specs: list[dict], timeout: float = 600) -> list[int]:
-    """Peak resident bytes above the baseline of each spec's training steps, measured in one fresh subprocess."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(Path(__file__).resolve().parent))
-    res = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--measure-json", json.dumps(specs)],
-                         capture_output=True, text=True, env=env, timeout=timeout)
-    if res.returncode != 0:
-        raise RuntimeError(f"measurement subprocess failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-def estimate_spec(spec: dict) -> dict:
-    """estimate() for a measurement spec (same model, method and settings)."""
-    cfg = M.LlamaConfig(**spec["config"])
-    method = spec["method"]
-    acfg = None if method == "full" else A.AdapterConfig(method=method, **spec.get("adapter", {}))
-    wd = getattr(torch, spec.get("weights_dtype", "float32"))
-    cd = getattr(torch, spec["compute_dtype"]) if spec.get("compute_dtype") else wd
-    return _estimate(cfg, method, acfg, spec["batch_size"], spec["seq_len"], wd, cd, spec["grad_checkpoint"])
-
-
-# The validation model: ~25M parameters, shaped like a shrunken Llama 3 (GQA, untied head, large vocabulary).
-VALIDATION_CONFIG = dict(vocab_size=16000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)
-
-
-def validation_specs(methods=("lora", "full"), batch_size: int = 2, seq_len: int = 512,
-                     config: dict = VALIDATION_CONFIG, weights_dtype: str = "float32", compute_dtype: str = "",
-                     **adapter_options) -> list[dict]:
-    """One spec per (method, checkpointing): r = 16 on all seven linears, schedules short enough to act in the
-    measured steps, CG-LoRA calibrating on one batch; TriAdaptLoRA is grown to its final rank first."""
-    specs = []
-    for method in methods:
-        for ckpt in (False, True):
-            adapter = {} if method == "full" else {"r": 16, "targets": list(A.LLAMA_LINEAR_NAMES), "total_steps": 10,
-                                                  "t_init": 0, "t_final": 0, "tri_warmup": 1, "tri_interval": 1,
-                                                  "tri_final": 9, "cg_batches": 1, **adapter_options}
-            specs.append({"config": config, "method": method, "batch_size": batch_size, "seq_len": seq_len,
-                          "grad_checkpoint": ckpt, "steps": 1, "adapter": adapter, "weights_dtype": weights_dtype,
-                          "compute_dtype": compute_dtype})
-    return specs
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# ----------------------------------------------------------------------------------------------------------------
-# 7. Command line
+# 6. Command line
 # ----------------------------------------------------------------------------------------------------------------
 
 TABLE_MODELS = [("Llama-2-7B", "llama2-7b"), ("Llama-2-13B", "llama2-13b"), ("Llama-3-8B", "llama3-8b")]
@@ -959,32 +828,6 @@ def table(seq_len: int = 2048, batch_size: int = 1, rank: int = 16) -> str:
     return "\n".join(out)
 
 
-VALIDATION_RUNS = [   # (label, specs): notes/memory.md's validation table
-    ("V=16000", lambda: validation_specs(ALL_METHODS)),
-    ("V=16000, CG-LoRA sketch mode", lambda: validation_specs(("cg",), cg_mode="sketch")),
-    ("V=2000", lambda: validation_specs(("lora", "ctr", "full"), config=dict(VALIDATION_CONFIG, vocab_size=2000))),
-    ("V=16000, bf16 weights, fp32 compute", lambda: validation_specs(("lora", "ctr"), weights_dtype="bfloat16",
-                                                                    compute_dtype="float32")),
-]
-
-
-def validate() -> str:
-    """Estimated vs measured peak (markdown rows) for the VALIDATION_RUNS."""
-    rows = ["| model | method | grad ckpt | estimated | measured | error | peak phase (estimate) |",
-            "|---|---|---|---:|---:|---:|---|"]
-    for label, make in VALIDATION_RUNS:
-        if "bf16" in label and not hasattr(M, "call_in_dtype"):
-            continue
-        specs = make()
-        for spec, peak in zip(specs, measure_peaks(specs, timeout=3600)):
-            e = estimate_spec(spec)
-            est = e["bytes"]["total"]
-            rows.append(f"| {label} | {spec['method']} | {'on' if spec['grad_checkpoint'] else 'off'} | {human(est)} | "
-                        f"{human(peak)} | {(est - peak) / peak:+.1%} | {e['peak_phase']} |")
-            print(rows[-1], file=sys.stderr, flush=True)
-    return "\n".join(rows)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Estimate the memory of a fine-tuning run from the model's shape.")
     ap.add_argument("--model", default="llama-7b", help="preset name or checkpoint folder (only config.json is read)")
@@ -997,17 +840,9 @@ def main(argv=None):
     ap.add_argument("--weights-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--grad-checkpoint", action="store_true")
     ap.add_argument("--table", action="store_true", help="print the table of notes/memory.md")
-    ap.add_argument("--validate", action="store_true", help="estimate vs measured peak RSS of small CPU runs")
-    ap.add_argument("--measure-json", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.measure_json:
-        print(json.dumps(_measure_here(json.loads(args.measure_json))))
-        return
     if args.table:
         print(table(args.seq_len, args.batch_size, args.rank))
-        return
-    if args.validate:
-        print(validate())
         return
     from types import SimpleNamespace
     cfg = SimpleNamespace(model=args.model, method=args.method, batch_size=args.batch_size, seq_len=args.seq_len,

@@ -47,9 +47,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+import adapter_io as IO
 import adapters as A
 import data as D
 import eval as E
+import memory
 import model as M
 from fileio import atomic_write
 
@@ -236,7 +238,7 @@ def save_weights(net, cfg: TrainConfig, folder: Path):
     if cfg.method == "full":                          # a complete checkpoint folder, tokenizer included
         M.save_pretrained(net.state_dict(), net.config, folder, tokenizer_dir=M.resolve_checkpoint(cfg.model))
     else:
-        A.save_adapter(net, cfg.adapter_config(), str(folder))
+        IO.save_adapter(net, cfg.adapter_config(), str(folder))
 
 
 def save_checkpoint(out: Path, step: int, net, optimizer, batcher, cfg: TrainConfig, extra: dict):
@@ -340,7 +342,7 @@ def unwrap_ddp(ddp) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the run
+# the run: set-up, the loop, and what it leaves behind
 # ----------------------------------------------------------------------------------------------------------------
 
 class StopFlag:
@@ -409,7 +411,6 @@ def optimizer_step(optimizer, params: list, method, step: int, clip: float):
     """What follows the backward of step `step`: clip, the method's hooks around optimizer.step, zero_grad, and new
     parameters (TriAdaptLoRA growth) joining `optimizer` (a group with fresh warm-up) and `params` (in place).
     Returns (the pre-clip gradient norm as a tensor — no host sync — or None without clipping, the new parameters)."""
-    method.collect_gradients()                          # TriAdaptLoRA: whole-factor gradients -> block windows
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else None
     method.before_optimizer_step(optimizer, step)       # CTR-LoRA: curvature statistics, snapshot
     optimizer.step()
@@ -421,7 +422,104 @@ def optimizer_step(optimizer, params: list, method, step: int, clip: float):
     return grad_norm, new_params
 
 
+def calibrate(method, examples, cfg: TrainConfig, pad_id: int, device) -> dict:
+    """CG-LoRA's data-dependent initialization, on batches drawn apart from the training cursor."""
+    calib = D.Batcher(examples, cfg.batch_size, pad_id, seed=cfg.seed + 1)
+    batches = [next(calib) for _ in range(method.calibration_batches)]
+    return method.calibrate([(b["input_ids"].to(device), b["labels"].to(device)) for b in batches])
+
+
+def resume(out: Path, cfg: TrainConfig, net, optimizer, batcher, method, device, rank: int,
+           world: int) -> tuple[int, int, list]:
+    """Load the latest checkpoint of `out` into the model, optimizer, data cursor and RNGs.
+    Returns (step, non-finite steps so far, the optimizer's parameters)."""
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}; drop --resume to start fresh")
+    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)  # never unpickles code
+    check_resume_config(state["config"], cfg)
+    if cfg.method == "full":
+        M.load_state_into(net, ckpt, torch.float32, device)
+        for p in net.parameters():
+            p.requires_grad_(True)
+        optimizer.param_groups[0]["params"] = list(net.parameters())
+    else:
+        # rebuild grown structure (TriAdaptLoRA) first, so tensors and optimizer groups exist to load into
+        for group_params, group_start in method.restore_structure(state.get("method", {})):
+            optimizer.add_param_group({"params": group_params, "start_step": group_start})
+        IO.load_adapter_weights(net, str(ckpt))
+    optimizer.load_state_dict(state["optimizer"])
+    for g, s in zip(optimizer.param_groups, state["group_starts"]):
+        g["start_step"] = s
+    batcher.load_state_dict(state["data"])
+    set_rng_state(state["rng_ranks"][rank] if world > 1 else state["rng"])
+    if rank == 0:
+        print(f"resumed from {ckpt} at step {state['step']}", file=sys.stderr)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    return state["step"], state.get("nonfinite_total", 0), params
+
+
+class Progress:
+    """The progress line and metrics.jsonl (rank 0 only): loss, lr, grad norm, tokens/s and the method's items,
+    averaged over the steps since the last line."""
+
+    def __init__(self, out: Path, cfg: TrainConfig, start_step: int, main_rank: bool):
+        self.cfg, self.start_step, self.main_rank = cfg, start_step, main_rank
+        self.file = open(out / "metrics.jsonl", "a") if main_rank else open(os.devnull, "w")
+        self.t_start = time.perf_counter()
+        self._reset()
+
+    def _reset(self):
+        self.loss, self.steps, self.tokens, self.t_window = 0.0, 0, 0, time.perf_counter()
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def step_done(self, step: int, loss: float, tokens: int, lr: float, grad_norm, method) -> None:
+        self.loss, self.steps, self.tokens = self.loss + loss, self.steps + 1, self.tokens + tokens
+        if not self.main_rank or (step % self.cfg.log_every and step != self.cfg.steps):
+            return
+        elapsed = time.perf_counter() - self.t_start
+        eta = elapsed / (step - self.start_step) * (self.cfg.steps - step)
+        grad_norm = float("nan") if grad_norm is None else grad_norm.item()
+        row = {"step": step, "loss": self.loss / self.steps, "lr": lr, "grad_norm": grad_norm,
+               "tokens_per_s": self.tokens / (time.perf_counter() - self.t_window),
+               "elapsed_s": round(elapsed, 1), **method.log_items()}
+        print(f"step {step:5d}/{self.cfg.steps} | loss {row['loss']:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
+              f"{row['tokens_per_s']:.0f} tok/s | ETA {eta:.0f}s", file=sys.stderr)
+        self.write(row)
+        self._reset()
+
+    def validation(self, step: int, net, examples, batch_size: int, pad_id: int) -> None:
+        if not self.main_rank:
+            return
+        net.eval()
+        v = E.evaluate_loss(net, examples, batch_size, pad_id)
+        net.train()
+        print(f"step {step:5d} | validation loss {v['loss']:.4f} (ppl {v['ppl']:.2f})", file=sys.stderr)
+        self.write({"step": step, "val_loss": v["loss"], "val_ppl": v["ppl"]})
+
+    def close(self):
+        self.file.close()
+
+
+def write_products(out: Path, net, cfg: TrainConfig, step: int, wall: float) -> None:
+    """The run's products (rank 0): weights, the peft export, the plots."""
+    save_weights(net, cfg, out)
+    if cfg.method != "full":
+        IO.export_peft(net, cfg.adapter_config(), str(out / "peft"), base_model_name_or_path=cfg.model)
+    E.plot_loss_curves({cfg.method: out / "metrics.jsonl"}, out / "loss.png")
+    if cfg.method != "full":
+        E.plot_rank_heatmap(A.adapter_ranks(net), out / "ranks.png", f"{cfg.method} ranks")   # ranks in use
+    if cfg.method == "ctr":
+        E.plot_trust_region(out / "metrics.jsonl", out / "trust_region.png")
+    print(f"done: {step} steps in {wall:.0f}s; wrote {out}/ (weights, peft/, metrics.jsonl, loss.png, ranks.png)",
+          file=sys.stderr)
+
+
 def train(cfg: TrainConfig) -> dict:
+    """The loop of the module docstring. Returns {"steps", "wall_s", "nonfinite_steps", "model"}."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device, rank, world = init_distributed(cfg)
@@ -441,92 +539,49 @@ def train(cfg: TrainConfig) -> dict:
     # checkpointing: on by default on CUDA; always with bf16 storage + fp32 compute on CPU, where otherwise autograd
     # would keep every block's fp32 weight copy (the memory of a whole fp32 model)
     net.grad_checkpoint = cfg.grad_checkpoint or device.type == "cuda" or net.compute_dtype is not None
-    params = A.optimizer_parameters(net)                  # (TriAdaptLoRA: its growth blocks, see adapters.py)
-    counts = A.count_parameters(net) if cfg.method != "full" else {"trainable": sum(p.numel() for p in params)}
+    params = A.optimizer_parameters(net)
     if main_rank:
-        print(f"{cfg.method}: {counts['trainable']:,} trainable parameters"
+        print(f"{cfg.method}: {sum(p.numel() for p in params):,} trainable parameters"
               + (f"; {world} processes, global batch {cfg.batch_size * world} x {cfg.grad_accum} micro-batches"
                  if world > 1 else ""), file=sys.stderr)
-
     train_examples = D.encode_dataset(train_records, tok, cfg.seq_len, cfg.chat, name=cfg.data)
     val_examples = (D.encode_dataset(val_records, tok, cfg.seq_len, cfg.chat, name=cfg.val_data)
                     if val_records else None)
     batcher = D.Batcher(train_examples, cfg.batch_size, tok.pad_id, seed=cfg.seed, rank=rank, world_size=world)
-
-    # AdamW on the trainable parameters only; each group remembers the step it joined (for its warm-up)
-    # (fused: one kernel for all tensors — TriAdaptLoRA has thousands of small ones; same arithmetic as the loop)
+    # AdamW on the trainable parameters; each group remembers the step it joined (for its warm-up).
+    # fused: one kernel for all tensors, the same arithmetic as the loop
     optimizer = torch.optim.AdamW([{"params": params, "start_step": 0}], lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.999), eps=1e-8, fused=device.type in ("cpu", "cuda"))
     method = A.training_hooks(net, cfg.adapter_config()) if cfg.method != "full" else A.MethodHooks()
     if world > 1:                                   # statistics behind rank decisions are summed over the ranks
         method.all_reduce_sum, method.world_size = all_reduce_sum, world
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
-    start_step, nonfinite_total = 0, 0
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
-    if method.calibration_batches and not cfg.resume:       # CG-LoRA: data-dependent init before the first step
-        calib = D.Batcher(train_examples, cfg.batch_size, tok.pad_id, seed=cfg.seed + 1)   # not the training cursor
-        batches = [next(calib) for _ in range(method.calibration_batches)]
-        calibration_info = method.calibrate([(b["input_ids"].to(device), b["labels"].to(device)) for b in batches])
-    else:
-        calibration_info = {}
+    start_step, nonfinite_total, calibration_info = 0, 0, {}
     if cfg.resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}; drop --resume to start fresh")
-        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)  # never unpickles code
-        check_resume_config(state["config"], cfg)
-        if cfg.method == "full":
-            M.load_state_into(net, ckpt, torch.float32, device)
-            for p in net.parameters():
-                p.requires_grad_(True)
-            params = list(net.parameters())
-            optimizer.param_groups[0]["params"] = params
-        else:
-            # rebuild grown structure (TriAdaptLoRA) first, so tensors and optimizer groups exist to load into
-            for group_params, group_start in method.restore_structure(state.get("method", {})):
-                optimizer.add_param_group({"params": group_params, "start_step": group_start})
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            A.load_adapter_weights(net, str(ckpt))
-        optimizer.load_state_dict(state["optimizer"])
-        for g, s in zip(optimizer.param_groups, state["group_starts"]):
-            g["start_step"] = s
-        batcher.load_state_dict(state["data"])
-        set_rng_state(state["rng_ranks"][rank] if world > 1 else state["rng"])
-        start_step, nonfinite_total = state["step"], state.get("nonfinite_total", 0)
+        start_step, nonfinite_total, params = resume(out, cfg, net, optimizer, batcher, method, device, rank, world)
+    else:
+        if method.calibration_batches:                     # CG-LoRA: data-dependent init before the first step
+            calibration_info = calibrate(method, train_examples, cfg, tok.pad_id, device)
         if main_rank:
-            print(f"resumed from {ckpt} at step {start_step}", file=sys.stderr)
-    elif main_rank:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
     if main_rank:
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    metrics = open(out / "metrics.jsonl", "a") if main_rank else open(os.devnull, "w")
     if cfg.compile:                    # after CG-LoRA's calibration (its hooks run eager); compiles at first step
         net.compile_blocks()
         if main_rank:
             print("--compile: the first training step compiles the blocks (tens of seconds on CPU)", file=sys.stderr)
     ddp = wrap_ddp(net, device, world)                     # the model itself in one process
-
+    progress = Progress(out, cfg, start_step, main_rank)
+    if calibration_info:
+        progress.write({"step": 0, **calibration_info})
+    if val_examples and start_step == 0:
+        progress.validation(0, net, val_examples, cfg.batch_size * 2, tok.pad_id)   # the curve's starting point
     stop = StopFlag()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    def validate_now(step):
-        if not main_rank:
-            return
-        net.eval()
-        v = E.evaluate_loss(net, val_examples, cfg.batch_size * 2, tok.pad_id)
-        net.train()
-        print(f"step {step:5d} | validation loss {v['loss']:.4f} (ppl {v['ppl']:.2f})", file=sys.stderr)
-        metrics.write(json.dumps({"step": step, "val_loss": v["loss"], "val_ppl": v["ppl"]}) + "\n")
-        metrics.flush()
-
-    if calibration_info:
-        metrics.write(json.dumps({"step": 0, **calibration_info}) + "\n")
-    if val_examples and start_step == 0:
-        validate_now(0)                                   # the starting point of the validation curve
     net.train()
-    t_start, consecutive_nonfinite = time.perf_counter(), 0
-    window_loss, window_steps, window_tokens, t_window = 0.0, 0, 0, time.perf_counter()
-    step = start_step
+    consecutive_nonfinite, step = 0, start_step
     try:
         while step < cfg.steps:
             # ---- 1. fetch the micro-batches of this step and count their label tokens (the loss normalizer)
@@ -540,21 +595,20 @@ def train(cfg: TrainConfig) -> dict:
 
             # ---- 2. forward/backward: summed token losses / label tokens of the whole step == one big batch,
             #         plus the method's penalty (AdaLoRA/TriAdaptLoRA orthogonality; none for LoRA)
-            loss_total = accumulate_gradients(ddp, micro, n_label, device, autocast, method, world)
+            loss = accumulate_gradients(ddp, micro, n_label, device, autocast, method, world)
             if world > 1:                                  # the global loss; any rank's signal stops every rank
-                shared = torch.tensor([loss_total, float(stop.signal is not None)], device=device)
+                shared = torch.tensor([loss, float(stop.signal is not None)], device=device)
                 all_reduce_sum([shared])
-                loss_total = shared[0].item()
+                loss = shared[0].item()
                 if shared[1].item() > 0 and stop.signal is None:
                     stop.signal = signal.SIGTERM
 
             # ---- 3. skip steps whose loss is NaN/inf (reported, counted; too many in a row aborts)
-            if not math.isfinite(loss_total):
-                # every gradient is still the model's (TriAdaptLoRA's block windows get theirs in optimizer_step)
+            if not math.isfinite(loss):
                 net.zero_grad(set_to_none=True)
                 consecutive_nonfinite += 1
                 nonfinite_total += 1
-                print(f"step {step}: non-finite loss ({loss_total}), step skipped", file=sys.stderr)
+                print(f"step {step}: non-finite loss ({loss}), step skipped", file=sys.stderr)
                 if consecutive_nonfinite >= cfg.max_nonfinite:
                     raise RuntimeError(f"{consecutive_nonfinite} non-finite losses in a row; lower --lr")
                 step += 1
@@ -569,24 +623,10 @@ def train(cfg: TrainConfig) -> dict:
             step += 1
 
             # ---- 5. log, evaluate, checkpoint
-            window_loss += loss_total
-            window_steps += 1
-            window_tokens += sum(b["input_ids"].numel() for b in micro)
-            if main_rank and (step % cfg.log_every == 0 or step == cfg.steps):
-                dt = time.perf_counter() - t_window
-                elapsed = time.perf_counter() - t_start
-                eta = elapsed / (step - start_step) * (cfg.steps - step)
-                grad_norm = float("nan") if grad_norm is None else grad_norm.item()
-                row = {"step": step, "loss": window_loss / window_steps, "lr": optimizer.param_groups[0]["lr"],
-                       "grad_norm": grad_norm, "tokens_per_s": window_tokens / dt, "elapsed_s": round(elapsed, 1),
-                       **method.log_items()}
-                print(f"step {step:5d}/{cfg.steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
-                      f"grad {grad_norm:.3f} | {row['tokens_per_s']:.0f} tok/s | ETA {eta:.0f}s", file=sys.stderr)
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-                window_loss, window_steps, window_tokens, t_window = 0.0, 0, 0, time.perf_counter()
+            tokens = sum(b["input_ids"].numel() for b in micro)
+            progress.step_done(step, loss, tokens, optimizer.param_groups[0]["lr"], grad_norm, method)
             if val_examples and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-                validate_now(step)
+                progress.validation(step, net, val_examples, cfg.batch_size * 2, tok.pad_id)
             if stop.signal is not None or (cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps):
                 rngs = rank_rng_states(world)
                 if main_rank:
@@ -601,31 +641,18 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
-        metrics.close()
+        progress.close()
         method.close()                                     # e.g. remove CTR-LoRA's statistics hooks
 
-    # ---- the run's products: weights, peft export, plot (rank 0)
     net.eval()
-    wall = time.perf_counter() - t_start
-    result = {"steps": step, "wall_s": wall, "nonfinite_steps": nonfinite_total, "model": net}
+    wall = time.perf_counter() - progress.t_start
     rngs = rank_rng_states(world)
-    if not main_rank:
-        finish_distributed(world)
-        return result
-    save_weights(net, cfg, out)
-    if cfg.method != "full":
-        A.export_peft(net, cfg.adapter_config(), str(out / "peft"), base_model_name_or_path=cfg.model)
-    save_checkpoint(out, step, net, optimizer, batcher, cfg,
-                    {"nonfinite_total": nonfinite_total, "method": method.state_dict(), **rngs})
-    E.plot_loss_curves({cfg.method: out / "metrics.jsonl"}, out / "loss.png")
-    if cfg.method != "full":
-        E.plot_rank_heatmap(A.adapter_ranks(net), out / "ranks.png", f"{cfg.method} ranks")   # ranks in use
-    if cfg.method == "ctr":
-        E.plot_trust_region(out / "metrics.jsonl", out / "trust_region.png")
-    print(f"done: {step} steps in {wall:.0f}s; wrote {out}/ (weights, peft/, metrics.jsonl, loss.png, ranks.png)",
-          file=sys.stderr)
+    if main_rank:
+        write_products(out, net, cfg, step, wall)
+        save_checkpoint(out, step, net, optimizer, batcher, cfg,
+                        {"nonfinite_total": nonfinite_total, "method": method.state_dict(), **rngs})
     finish_distributed(world)
-    return result
+    return {"steps": step, "wall_s": wall, "nonfinite_steps": nonfinite_total, "model": net}
 
 
 def finish_distributed(world: int) -> None:
@@ -638,7 +665,6 @@ def finish_distributed(world: int) -> None:
 def main(argv=None):
     cfg = parse_args(argv)
     if cfg.dry_run:
-        import memory                                    # the estimator (memory.py); reads config.json only
         print(memory.dry_run_report(cfg))
         return None
     return train(cfg)

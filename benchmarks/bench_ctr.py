@@ -14,6 +14,7 @@ checks against the tensors a run actually holds). Not a test: prints figures.
 
 from __future__ import annotations
 
+import adapter_config as AC
 import argparse
 import contextlib
 import copy
@@ -63,7 +64,7 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=128, help="tokens per sequence (the last quarter carries labels)")
     ap.add_argument("--rounds", type=int, default=5, help="measured steps per setup")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
-    ap.add_argument("--metric", default="kfac-diag", choices=A.CTR_METRICS, help="CTR-LoRA's curvature proxy")
+    ap.add_argument("--metric", default="kfac-diag", choices=AC.CTR_METRICS, help="CTR-LoRA's curvature proxy")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -96,7 +97,7 @@ def main(argv=None):
         C, I, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.head_dim
         mods = {"q_proj/o_proj": (C, C), "k_proj/v_proj": (C, kv), "gate/up_proj": (C, I), "down_proj": (I, C)}
         for mod, (d_in, d_out) in mods.items():
-            row = {m: A.curvature_state_bytes(d_in, d_out, 12, m) for m in A.CTR_METRICS}
+            row = {m: A.curvature_state_bytes(d_in, d_out, 12, m) for m in AC.CTR_METRICS}
             print(f"  {name:13s} {mod:14s} d_in {d_in:6d} d_out {d_out:6d}: kfac-diag {row['kfac-diag']:>12,} B  "
                   f"kfac-full {row['kfac-full']:>15,} B  hessian {row['hessian']:>12,} B")
 

@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import adapter_config as AC
+import adapter_io as IO
 import adapters as A
 import model as M
 import train as T
@@ -108,7 +110,7 @@ def test_budget_schedule_equals_peft_budget_schedule(base, init_r, target_r, tin
                           total_step=total, target_modules=targets).base_model.rankallocator
     cfg = AdapterConfig(method="adalora", r=target_r, init_rank=init_r, target_rank=target_r, t_init=tinit,
                         t_final=tfinal, delta_t=delta_t, total_steps=total, targets=targets)
-    ours = A.adalora_schedule(cfg, n_modules=2 * len(targets))
+    ours = A.BudgetSchedule.for_svd_layers(cfg, n_modules=2 * len(targets))
     assert (ours.initial, ours.target) == (theirs.init_bgt, theirs.target_bgt)
     for t in range(0, total + 2):
         assert ours(t) == theirs.budget_schedule(t), t
@@ -124,8 +126,8 @@ def test_linear_schedule_falls_linearly_between_the_same_end_points():
 
 def test_defaults_fit_the_100_step_demo():
     cfg = AdapterConfig(method="adalora", r=8, targets=ALL_LINEARS, total_steps=100)
-    schedule = A.adalora_schedule(cfg, n_modules=210)
-    assert A.adalora_ranks(cfg) == (12, 8)  # peft's init_r / target_r
+    schedule = A.BudgetSchedule.for_svd_layers(cfg, n_modules=210)
+    assert AC.svd_ranks(cfg) == (12, 8)  # peft's init_r / target_r
     assert (schedule.t_init, schedule.t_final, schedule.delta_t) == (10, 30, 10)
     assert (schedule.initial, schedule.target) == (12 * 210, 8 * 210)
 
@@ -246,14 +248,14 @@ def test_masked_adalora_saves_loads_and_exports_to_peft_with_our_logits(base, id
     ranks = A.adapter_ranks(model)
     assert len(set(ranks.values())) == 5
 
-    A.save_adapter(model, cfg, str(tmp_path / "ours"))
+    IO.save_adapter(model, cfg, str(tmp_path / "ours"))
     meta = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert meta["active_ranks"] == ranks and set(meta["ranks"].values()) == {6}  # in use vs shape rank r₀
     fresh = copy.deepcopy(base)
-    assert A.load_adapter(fresh, str(tmp_path / "ours")) == cfg
+    assert IO.load_adapter(fresh, str(tmp_path / "ours")) == cfg
     assert A.adapter_ranks(fresh) == ranks and torch.equal(logits(fresh, idx), logits(model, idx))
 
-    A.export_peft(model, cfg, str(tmp_path / "peft"))
+    IO.export_peft(model, cfg, str(tmp_path / "peft"))
     peft_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert {**{n: peft_cfg["r"] for n in ranks}, **peft_cfg["rank_pattern"]} == ranks  # allocated ranks
     with warnings.catch_warnings():
@@ -326,7 +328,7 @@ def test_train_py_adalora_reaches_the_target_budget_and_resumes_exactly(tiny_dir
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step-000003", b_out / "checkpoints" / "step-000003")
     (b_out / "checkpoints" / "latest").write_text("step-000003")
     T.train(tiny_cfg(tiny_dir, b_out, save_every=3, keep_checkpoints=5, dropout=0.1, resume=True))
-    wa, wb = load_file(str(tmp_path / "a" / A.ADAPTER_WEIGHTS_NAME)), load_file(str(b_out / A.ADAPTER_WEIGHTS_NAME))
+    wa, wb = load_file(str(tmp_path / "a" / IO.ADAPTER_WEIGHTS_NAME)), load_file(str(b_out / IO.ADAPTER_WEIGHTS_NAME))
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import adapter_io as IO
 import adapters
 from adapters import AdapterConfig
 
@@ -147,13 +148,13 @@ def test_merging_a_nan_adapter_raises_and_leaves_weights_untouched(base):
     assert "\n" not in str(e.value)
     assert not layer.merged and torch.equal(layer.weight, W_before)
     with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.v_proj.*NaN"):
-        adapters.merged_state_dict(model)
+        IO.merged_state_dict(model)
 
 
 def test_merged_state_dict_is_a_plain_base_checkpoint_with_the_adapter_folded_in(base, idx):
     model = with_lora(base, AdapterConfig(r=4, alpha=8, targets=ALL_LINEARS))
     randomize_B(model)
-    sd = adapters.merged_state_dict(model)
+    sd = IO.merged_state_dict(model)
     assert set(sd) == set(base.state_dict())  # original key names, no adapter keys
     fresh = tiny_llama(seed=99)  # different weights, all overwritten by the load
     fresh.load_state_dict(sd, strict=True)
@@ -196,12 +197,12 @@ def test_save_then_load_into_a_fresh_base_reproduces_logits_exactly(base, idx, t
         n for n, m in base.named_modules() if n.endswith(("q_proj", "k_proj", "up_proj")))}
     model = with_lora(base, cfg, ranks=ranks)
     randomize_B(model)
-    adapters.save_adapter(model, cfg, str(tmp_path))
+    IO.save_adapter(model, cfg, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "adapter_config.json"]  # no temp files left
     assert set(load_file(tmp_path / "adapter.safetensors")) == set(adapters.adapter_state_dict(model))
 
     fresh = copy.deepcopy(base)
-    loaded_cfg = adapters.load_adapter(fresh, str(tmp_path))
+    loaded_cfg = IO.load_adapter(fresh, str(tmp_path))
     assert loaded_cfg == cfg
     assert {n: lay.rank for n, lay in adapters.adapter_layers(fresh).items()} == ranks
     assert torch.equal(logits(fresh, idx), logits(model, idx))
@@ -209,7 +210,7 @@ def test_save_then_load_into_a_fresh_base_reproduces_logits_exactly(base, idx, t
 
     # resume path: weights into a model that already has the same adapters (freshly initialized, B = 0)
     resumed = with_lora(base, cfg, ranks=ranks)
-    adapters.load_adapter_weights(resumed, str(tmp_path))
+    IO.load_adapter_weights(resumed, str(tmp_path))
     assert torch.equal(logits(resumed, idx), logits(model, idx))
 
 
@@ -230,7 +231,7 @@ def test_adapter_config_round_trips_through_json():
 
 
 def _peft_from_export(base, model, cfg, out_dir):
-    adapters.export_peft(model, cfg, str(out_dir), base_model_name_or_path="tiny-random-llama")
+    IO.export_peft(model, cfg, str(out_dir), base_model_name_or_path="tiny-random-llama")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(out_dir)).eval()
@@ -306,17 +307,17 @@ def test_unknown_method_lists_the_known_methods(base):
 
 def test_misshaped_tensor_in_saved_adapter_is_named_and_model_left_plain(base, tmp_path):
     cfg = AdapterConfig(r=4, alpha=8, targets=["q_proj"])
-    adapters.save_adapter(with_lora(base, cfg), cfg, str(tmp_path))
+    IO.save_adapter(with_lora(base, cfg), cfg, str(tmp_path))
     tensors = load_file(tmp_path / "adapter.safetensors")
     bad_key = "model.layers.1.self_attn.q_proj.lora_B"
     tensors[bad_key] = torch.zeros(64, 5)
     save_file(tensors, tmp_path / "adapter.safetensors")
 
     fresh = copy.deepcopy(base)
-    msg = _one_line_error(ValueError, adapters.load_adapter, fresh, str(tmp_path))
+    msg = _one_line_error(ValueError, IO.load_adapter, fresh, str(tmp_path))
     assert "mis-shaped" in msg and bad_key in msg and "[64, 5]" in msg
     assert not adapters.adapter_layers(fresh)
-    msg = _one_line_error(ValueError, adapters.load_adapter_weights, with_lora(base, cfg), str(tmp_path))
+    msg = _one_line_error(ValueError, IO.load_adapter_weights, with_lora(base, cfg), str(tmp_path))
     assert "mis-shaped" in msg and bad_key in msg
     restored = fresh.model.layers[1].self_attn.q_proj
     assert isinstance(restored, torch.nn.Linear)
@@ -325,12 +326,12 @@ def test_misshaped_tensor_in_saved_adapter_is_named_and_model_left_plain(base, t
 
 def test_missing_and_unexpected_tensors_in_saved_adapter_are_listed(base, tmp_path):
     cfg = AdapterConfig(r=4, alpha=8, targets=["q_proj"])
-    adapters.save_adapter(with_lora(base, cfg), cfg, str(tmp_path))
+    IO.save_adapter(with_lora(base, cfg), cfg, str(tmp_path))
     tensors = load_file(tmp_path / "adapter.safetensors")
     del tensors["model.layers.0.self_attn.q_proj.lora_A"]
     tensors["model.layers.0.self_attn.q_proj.lora_C"] = torch.zeros(2)
     save_file(tensors, tmp_path / "adapter.safetensors")
-    msg = _one_line_error(ValueError, adapters.load_adapter, copy.deepcopy(base), str(tmp_path))
+    msg = _one_line_error(ValueError, IO.load_adapter, copy.deepcopy(base), str(tmp_path))
     assert "missing model.layers.0.self_attn.q_proj.lora_A" in msg
     assert "unexpected model.layers.0.self_attn.q_proj.lora_C" in msg
 
@@ -344,11 +345,11 @@ def test_missing_and_unexpected_tensors_in_saved_adapter_are_listed(base, tmp_pa
 ])
 def test_bad_adapter_config_json_is_an_error_naming_the_key(base, tmp_path, edit, named):
     cfg = AdapterConfig(r=4, alpha=8, targets=["q_proj"])
-    adapters.save_adapter(with_lora(base, cfg), cfg, str(tmp_path))
+    IO.save_adapter(with_lora(base, cfg), cfg, str(tmp_path))
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
     edit(meta)
     (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
-    msg = _one_line_error(ValueError, adapters.load_adapter, copy.deepcopy(base), str(tmp_path))
+    msg = _one_line_error(ValueError, IO.load_adapter, copy.deepcopy(base), str(tmp_path))
     assert named in msg
 
 

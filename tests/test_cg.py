@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import adapter_io as IO
 import adapters as A
 import data as D
 import model as M
@@ -185,22 +186,22 @@ def test_step_size_solver_reaches_the_target_kl_of_a_saturating_curve():
         assert got == pytest.approx(1e-3, rel=0.02) and got == kl(eta) and n == len(calls) <= 8, (eta0, calls)
 
 
-@pytest.mark.parametrize("split", ["balanced", "lora"])
-def test_factor_splits_keep_the_step_and_set_the_norms(split):
-    """c·B₀A₀ is the same for every --cg-split; balanced: ‖B₀ e_i‖ = ‖e_iᵀ A₀‖; lora: ‖e_iᵀ A₀‖ = 1/√3, the
-    expected row norm of LoRA's Kaiming-uniform A (U(±1/√d_in), d_in entries)."""
+def test_factors_carry_the_step_and_split_its_singular_values_evenly():
+    """c·B₀A₀ = −η Γ^{-½} U Σ Vᵀ S^{-½}, with Σ^{½} on each side: ‖B₀ e_i‖ = √(ησ_i/c)·‖Γ^{-½}u_i‖ and
+    ‖e_iᵀ A₀‖ = √(ησ_i/c)·‖S^{-½}v_i‖ (SPEC §6's split; the two others of notes/cg_lora.md were removed)."""
     import curvature as C
     g = torch.Generator().manual_seed(0)
-    d_out, d_in, r, c = 12, 9, 3, 2.0
+    d_out, d_in, r, c, eta = 12, 9, 3, 2.0, 0.01
     U, _ = torch.linalg.qr(torch.randn(d_out, r, generator=g))
     V, _ = torch.linalg.qr(torch.randn(d_in, r, generator=g))
     sigma = torch.tensor([3.0, 2.0, 0.5])
     s_is, g_is = torch.rand(d_in, generator=g) + 0.1, 100 * (torch.rand(d_out, generator=g) + 0.1)
-    B, A_ = C.lora_factors_for_step(U, sigma, V, s_is, g_is, 0.01, c, "sqrt")
-    B2, A2 = C.lora_factors_for_step(U, sigma, V, s_is, g_is, 0.01, c, split)
-    torch.testing.assert_close(c * B2 @ A2, c * B @ A_, rtol=1e-5, atol=1e-8)
-    want = B2.norm(dim=0) if split == "balanced" else torch.full((r,), 3 ** -0.5)
-    torch.testing.assert_close(A2.norm(dim=1), want, rtol=1e-5, atol=0)
+    B, A_ = C.lora_factors_for_step(U, sigma, V, s_is, g_is, eta, c)
+    step = -eta * (g_is[:, None] * U) @ torch.diag(sigma) @ (V.T * s_is[None, :])
+    torch.testing.assert_close(c * B @ A_, step, rtol=1e-5, atol=1e-8)
+    root = (eta * sigma / c).sqrt()
+    torch.testing.assert_close(B.norm(dim=0), root * (g_is[:, None] * U).norm(dim=0), rtol=1e-5, atol=0)
+    torch.testing.assert_close(A_.norm(dim=1), root * (s_is[:, None] * V).norm(dim=0), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("factor_tokens", ["labels", "all"])
@@ -232,7 +233,7 @@ def test_shift_adapter_exports_to_peft_and_resumes(small_dir, tmp_path):
     rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     assert rows[0]["cg_init_s"] > 0 and rows[0]["cg_extra_mb"] > 0            # init time and memory are logged
     ours = M.load_pretrained(small_dir, torch.float32, "cpu")
-    A.load_adapter(ours, str(tmp_path / "run"))
+    IO.load_adapter(ours, str(tmp_path / "run"))
     hf = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(small_dir, dtype=torch.float32),
                                    str(tmp_path / "run" / "peft")).eval()
     ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -247,5 +248,5 @@ def test_bad_cg_settings_are_one_line_errors():
         A.AdapterConfig(method="cg", cg_mode="sketch", cg_curvature="kfac-full")
     with pytest.raises(ValueError, match="--cg-kappa-source must be one of"):
         A.AdapterConfig(method="cg", cg_kappa_source="guess")
-    with pytest.raises(ValueError, match="--cg-split must be one of"):
-        A.AdapterConfig(method="cg", cg_split="even")
+    with pytest.raises(ValueError, match="--cg-damping must be >= 0"):
+        A.AdapterConfig(method="cg", cg_damping=-1.0)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import adapter_io as IO
 import adapters as A
 import curvature as C
 import data as D
@@ -241,6 +242,6 @@ def test_ctr_resume_equals_uninterrupted_run(small_dir, tmp_path):
     (b / "checkpoints" / "latest").write_text("step-000004")
     T.train(train_cfg(small_dir, b, method="ctr", steps=8, save_every=4, keep_checkpoints=5, method_options=opts,
                       resume=True))
-    wa, wb = load_file(str(tmp_path / "a" / A.ADAPTER_WEIGHTS_NAME)), load_file(str(b / A.ADAPTER_WEIGHTS_NAME))
+    wa, wb = load_file(str(tmp_path / "a" / IO.ADAPTER_WEIGHTS_NAME)), load_file(str(b / IO.ADAPTER_WEIGHTS_NAME))
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k

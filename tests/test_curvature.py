@@ -52,10 +52,10 @@ def mean_loss(mlp, X, labels):
     return F.cross_entropy(mlp(X)[keep], labels[keep])       # mean over the label tokens
 
 
-def collect_mlp(mlp, X, labels, stats, mask=None, n_loss_tokens=None, sketches=None, autocast=False,
+def collect_mlp(mlp, X, labels, stats, mask=None, n_loss_tokens=None, autocast=False,
                 only=("fc1", "fc2")):
     mods = {k: v for k, v in {"fc1": mlp[0], "fc2": mlp[2]}.items() if k in only}
-    with C.KFACCollector(mods, stats, sketches=sketches) as kfac:
+    with C.KFACCollector(mods, stats) as kfac:
         kfac.set_batch(labels != -100 if mask is None else mask, n_loss_tokens=n_loss_tokens)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = mean_loss(mlp, X, labels)
@@ -495,10 +495,13 @@ def test_sketched_whitened_svd_matches_dense_on_low_rank_plus_noise():
     dense = C.whitened_svd_init(G, s, gamma, r, kappa0)
     ref = dense.B0 @ dense.A0
 
-    sketch = C.WhitenedGradientSketch(s, gamma, r, oversample=8, generator=gen(1))
+    sketch = C.WhitenedGradientSketch(x.shape[1], ghat.shape[1], r, oversample=8, generator=gen(1))
     for xb, gb in zip(x.split(500), ghat.split(500)):          # accumulated over 4 "calibration batches"
-        sketch.update(xb, gb)
-    one_pass = sketch.init(kappa0)
+        n = xb.shape[0]                                         # (the gradient of each batch's mean loss)
+        sketch.update(xb, gb / n, None, n_loss_tokens=n)
+    U, sigma, V, s_is, g_is = sketch.factors(rel_damping=1e-3)
+    B0, A0, _ = C.lora_init_from_whitened_svd(U, sigma, V, s_is, g_is, kappa0)
+    one_pass = C.WhitenedSVD(None, U, sigma, V, B0, A0, 0.0)
     sketch_numbers = sum(t.numel() for t in (sketch.Y, sketch.W, sketch.Omega, sketch.Psi))
     assert sketch_numbers < 0.5 * G.numel()                   # O((d_in + d_out)·k) memory, no d_out×d_in matrix
     rel_err = float((one_pass.B0 @ one_pass.A0 - ref).norm() / ref.norm())
@@ -511,15 +514,19 @@ def test_sketched_whitened_svd_matches_dense_on_low_rank_plus_noise():
                                atol=1e-4 * float(dense.sigma[0]))
 
 
-def test_collector_feeds_the_sketch_and_matches_dense_two_pass_calibration():
+def test_one_pass_sketch_is_exact_when_its_columns_cover_the_matrix():
+    """The sketch accumulates G, s and γ in the same pass; fed with the per-token rows of a real layer, and with
+    k = min(r + oversample, d_in, d_out) covering the whole 4×7 matrix, it equals the dense computation."""
     mlp = make_mlp()
     X, labels = mlp_batch()
-    first = collect_mlp(mlp, X, labels, ("diag", "grad"))["fc2"]           # pass 1: diagonal factors (and G)
-    mlp.zero_grad()
-    sketch = C.WhitenedGradientSketch(first.s, first.gamma, r=2, oversample=10, generator=gen(0))
-    collect_mlp(mlp, X, labels, ("diag",), sketches={"fc2": sketch})       # pass 2: the sketch
+    mask = labels != -100
+    first = collect_mlp(mlp, X, labels, ("diag", "grad"))["fc2"]           # dense: diagonal factors and G
+    x, ghat = per_token_by_hand(mlp, X, labels, mask)["fc2"]
+    n = x.shape[0]
+    sketch = C.WhitenedGradientSketch(x.shape[1], ghat.shape[1], r=2, oversample=10, generator=gen(0))
+    sketch.update(x, ghat / n, None, n_loss_tokens=n)                       # one pass
     assert sketch.n_tokens == first.n_tokens
-    got = sketch.init(kappa0=0.1)
+    U, sigma, V, s_is, g_is = sketch.factors(rel_damping=1e-3)
+    B0, A0, _ = C.lora_init_from_whitened_svd(U, sigma, V, s_is, g_is, kappa0=0.1)
     dense = C.whitened_svd_init(first.G, first.s, first.gamma, 2, kappa0=0.1)
-    # k = min(r + oversample, d_in, d_out) covers the whole 4×7 matrix: the sketch is exact
-    torch.testing.assert_close(got.B0 @ got.A0, dense.B0 @ dense.A0, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(B0 @ A0, dense.B0 @ dense.A0, rtol=1e-4, atol=1e-6)

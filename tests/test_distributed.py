@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import adapter_io as IO
 import adapters as A
 import model as M
 import train as T
@@ -77,7 +78,7 @@ def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(tiny_dir, t
         clipped = [json.loads(l).get("clip_rate", 0) for l in open(tmp_path / "ddp" / "metrics.jsonl")]
         assert max(clipped) > 0                          # steps were shrunk, by a κ from all-reduced curvature
     # rank 0 alone wrote the run folder; its adapter is rank 0's weights; the logged loss is the global one
-    saved = load_file(str(tmp_path / "ddp" / A.ADAPTER_WEIGHTS_NAME))
+    saved = load_file(str(tmp_path / "ddp" / IO.ADAPTER_WEIGHTS_NAME))
     assert saved.keys() and all(torch.equal(saved[k], r0["state"][k]) for k in saved if k in r0["state"])
     ddp_rows = [json.loads(l) for l in open(tmp_path / "ddp" / "metrics.jsonl") if '"loss"' in l]
     one_rows = [json.loads(l) for l in open(tmp_path / "one" / "metrics.jsonl") if '"loss"' in l]

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import adapter_io as IO
 import adapters as A
 import data as D
 import eval as E
@@ -72,7 +73,7 @@ def test_cli_reports_base_and_adapter_side_by_side(tiny, tmp_path):
     A.apply_method(net, "lora", A.AdapterConfig(r=2, targets=["q_proj", "down_proj"]))
     for layer in A.adapter_layers(net).values():
         torch.nn.init.normal_(layer.lora_B, std=0.5)
-    A.save_adapter(net, A.AdapterConfig(r=2, targets=["q_proj", "down_proj"]), str(tmp_path / "ad"))
+    IO.save_adapter(net, A.AdapterConfig(r=2, targets=["q_proj", "down_proj"]), str(tmp_path / "ad"))
     A.remove_adapters(net)
     out = tmp_path / "res.json"
     data = [str(M.REPO_DIR / "data" / f) for f in ("wordnet_val.jsonl", "wordnet_val_choice.jsonl")]

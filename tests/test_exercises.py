@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import adapter_config as AC
 import adapters as A
 import curvature as C
 
@@ -143,7 +144,7 @@ def nu_explicit(layer: A.TriAdaptLinear) -> float:
 def test_score_threshold_mode_grows_what_the_rule_says_and_keeps_the_function():
     torch.manual_seed(0)
     model = Toy().double()
-    student_mode = "score" in A.THRESHOLD_MODES
+    student_mode = "score" in AC.THRESHOLD_MODES
     cfg = A.AdapterConfig(method="triadapt", r=4, tri_init_rank=2, targets=["up", "down"], total_steps=20,
                           tri_warmup=2, tri_interval=2, tri_final=12, tri_threshold="score" if student_mode else "linear")
     A.apply_method(model, "triadapt", cfg)
@@ -158,7 +159,7 @@ def test_score_threshold_mode_grows_what_the_rule_says_and_keeps_the_function():
             for i, layer in enumerate(layers):
                 for R in layer.tri_R:
                     R.add_(0.02 * (i + 1) * torch.randn(R.shape, generator=g, dtype=R.dtype))
-                for Bb in layer.tri_Bt:
+                for Bb in layer.tri_B:
                     Bb.add_(0.1 * torch.randn(Bb.shape, generator=g, dtype=Bb.dtype))
         t = step + 1
         scores = [nu_explicit(m) - hooks.nu_prev[n] for n, m in hooks.layers.items()]

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import adapter_io as IO
 import adapters as A
 import data as D
 import model as M
@@ -136,7 +137,7 @@ def test_small_batch_can_be_overfitted(tiny_dir, tmp_path):
     # eval.exact_match (one teacher-forced pass) agrees with real greedy decoding, example by example
     import eval as E
     net, tok = M.load_model_and_tokenizer(tiny_dir, torch.float32, "cpu")
-    A.load_adapter(net, str(tmp_path / "run"))
+    IO.load_adapter(net, str(tmp_path / "run"))
     records = D.load_jsonl(TRAIN_DATA)[:8]                                   # 4 memorized + 4 unseen
     by_generation = []
     for r in records:
@@ -156,8 +157,8 @@ def test_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step-000003", b_out / "checkpoints" / "step-000003")
     (b_out / "checkpoints" / "latest").write_text("step-000003")
     T.train(tiny_cfg(tiny_dir, b_out, steps=6, save_every=3, keep_checkpoints=5, dropout=0.1, resume=True))
-    wa = load_file(str(tmp_path / "a" / A.ADAPTER_WEIGHTS_NAME))
-    wb = load_file(str(b_out / A.ADAPTER_WEIGHTS_NAME))
+    wa = load_file(str(tmp_path / "a" / IO.ADAPTER_WEIGHTS_NAME))
+    wb = load_file(str(b_out / IO.ADAPTER_WEIGHTS_NAME))
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
@@ -198,7 +199,7 @@ def test_run_folder_holds_the_documented_products_and_peft_gives_our_logits(tiny
                  "peft/adapter_config.json", "metrics.jsonl", "config.json", "loss.png"):
         assert (out / name).is_file(), name
     ours = M.load_pretrained(tiny_dir, torch.float32, "cpu")
-    A.load_adapter(ours, str(out))
+    IO.load_adapter(ours, str(out))
     hf = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32),
                                    str(out / "peft")).eval()
     idx = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -6,7 +6,6 @@ implementation of the exported LoRA). CPU only, tiny random Llamas.
 """
 
 import copy
-import io
 import json
 import shutil
 import warnings
@@ -15,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import adapter_config as AC
+import adapter_io as IO
 import adapters as A
 import model as M
 import train as T
@@ -110,11 +111,10 @@ def test_every_new_tensor_gets_a_gradient_within_two_steps(base, idx):
     hooks = A.training_hooks(model, cfg)
     optimizer = torch.optim.AdamW(A.optimizer_parameters(model), lr=1e-2)
     model.train()
-    first_block = A.optimizer_parameters(model)  # the block windows a_0, b_0ᵀ, R_0 of every module
+    first_block = A.optimizer_parameters(model)  # the first blocks a_0, b_0, R_0 of every module
     got_grad, new = {id(p): False for p in first_block}, []
     for step in range(4):
         model(idx, labels=idx).loss.backward()
-        hooks.collect_gradients()  # the whole factors' gradients -> the windows (train.optimizer_step does this)
         for p in first_block + new:
             got_grad[id(p)] |= bool(p.grad is not None and p.grad.abs().max() > 0)
         if step == 1:  # two steps after init: every first-block tensor (A_0, R_0 too, though B_0 = 0) has learned
@@ -179,7 +179,7 @@ def test_each_threshold_mode_grows_the_expected_modules_on_constructed_scores(ba
     assert nu == hooks.nu_prev
 
 
-@pytest.mark.parametrize("mode", A.THRESHOLD_MODES)
+@pytest.mark.parametrize("mode", AC.THRESHOLD_MODES)
 @pytest.mark.parametrize("init_rank, block", [(2, 1), (2, 3), (1, 2)])
 def test_total_rank_never_exceeds_the_budget(base, mode, init_rank, block):
     model, cfg = with_triadapt(base, tri_init_rank=init_rank, tri_block=block, total_steps=40, tri_warmup=1,
@@ -214,7 +214,7 @@ def grown_model(base, idx):
 
 def test_exported_triadapt_loads_in_peft_and_gives_our_logits(base, idx, tmp_path):
     model, cfg = grown_model(base, idx)
-    A.export_peft(model, cfg, str(tmp_path), base_model_name_or_path="tiny-random-llama")
+    IO.export_peft(model, cfg, str(tmp_path), base_model_name_or_path="tiny-random-llama")
     peft_cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     ranks = A.adapter_ranks(model)
     assert {**{n: peft_cfg["r"] for n in ranks}, **peft_cfg["rank_pattern"]} == ranks
@@ -229,51 +229,51 @@ def test_exported_triadapt_loads_in_peft_and_gives_our_logits(base, idx, tmp_pat
 
 def test_save_then_load_rebuilds_the_grown_blocks(base, idx, tmp_path):
     model, cfg = grown_model(base, idx)
-    A.save_adapter(model, cfg, str(tmp_path))
+    IO.save_adapter(model, cfg, str(tmp_path))
     fresh = copy.deepcopy(base)
-    assert A.load_adapter(fresh, str(tmp_path)) == cfg
+    assert IO.load_adapter(fresh, str(tmp_path)) == cfg
     blocks = {n: m.num_blocks for n, m in A.adapter_layers(model).items()}
     assert {n: m.num_blocks for n, m in A.adapter_layers(fresh).items()} == blocks
     assert torch.equal(logits(fresh, idx), logits(model, idx))
     # load_adapter_weights into freshly built (un-grown) adapters grows them from adapter_config.json first
     ungrown, _ = with_triadapt(base, total_steps=30)
-    A.load_adapter_weights(ungrown, str(tmp_path))
+    IO.load_adapter_weights(ungrown, str(tmp_path))
     assert {n: m.num_blocks for n, m in A.adapter_layers(ungrown).items()} == blocks
     assert torch.equal(logits(ungrown, idx), logits(model, idx))
 
 
-def test_adapter_files_of_the_old_per_block_format_still_load(base, idx, tmp_path):
-    """Files written before the whole-factor storage hold one tensor per block (tri_A.n, tri_B.n = b_n as d_out×k,
-    tri_R.n, tri_K.n = K_{n+1}); load_adapter joins them. The old file is built here from the blocks, not from the
-    whole tensors."""
+def test_adapter_files_hold_one_tensor_per_block_and_a_missing_block_is_a_one_line_error(base, idx, tmp_path):
+    """tri_A.n = a_n (k×d_in), tri_B.n = b_n (d_out×k), tri_R.n = R_n, tri_K.n = K_{n+1}: the layer's own
+    parameters. A file that lost a block does not load, and the message names it."""
     from safetensors.torch import save_file
     model, cfg = grown_model(base, idx)
-    A.save_adapter(model, cfg, str(tmp_path))
-    old = {}
+    IO.save_adapter(model, cfg, str(tmp_path))
+    saved = load_file(str(tmp_path / IO.ADAPTER_WEIGHTS_NAME))
     for name, layer in A.adapter_layers(model).items():
-        for kind, blocks in (("A", layer.tri_A), ("B", [b.t() for b in layer.tri_Bt]), ("R", layer.tri_R),
-                             ("K", layer.tri_K)):
-            old.update({f"{name}.tri_{kind}.{n}": t.detach().contiguous() for n, t in enumerate(blocks)})
-    save_file(old, str(tmp_path / A.ADAPTER_WEIGHTS_NAME))
+        for kind, blocks in (("A", layer.tri_A), ("B", layer.tri_B), ("R", layer.tri_R), ("K", layer.tri_K)):
+            for n, t in enumerate(blocks):
+                assert torch.equal(saved[f"{name}.tri_{kind}.{n}"], t.detach())
     fresh = copy.deepcopy(base)
-    A.load_adapter(fresh, str(tmp_path))
+    IO.load_adapter(fresh, str(tmp_path))
     assert torch.equal(logits(fresh, idx), logits(model, idx))
-    del old[next(k for k in old if ".tri_K." in k)]
-    save_file(old, str(tmp_path / A.ADAPTER_WEIGHTS_NAME))
-    with pytest.raises(ValueError, match="blocks of .* are incomplete"):
-        A.load_adapter(copy.deepcopy(base), str(tmp_path))
+    lost = next(k for k in saved if ".tri_K." in k)
+    del saved[lost]
+    save_file(saved, str(tmp_path / IO.ADAPTER_WEIGHTS_NAME))
+    with pytest.raises(ValueError, match=f"missing {lost}") as e:
+        IO.load_adapter(copy.deepcopy(base), str(tmp_path))
+    assert "\n" not in str(e.value)
 
 
-def test_training_the_windows_equals_training_separate_block_tensors():
-    """The whole-factor storage trains exactly what one tensor per block would: an explicit reimplementation keeps
-    a_n, b_n, R_n, K_n as separate leaves (ΔW built by concatenation and a dense core) with AdamW groups born at
-    growth (their own state and learning rate), and must match our layer, whose optimizer steps windows."""
+def test_training_the_blocks_equals_an_explicit_reimplementation():
+    """An explicit reimplementation keeps a_n, b_n, R_n, K_n as separate leaves, builds ΔW by concatenation and a
+    core filled in entry by entry, with AdamW groups born at growth (their own state and learning rate); our layer
+    trained by a plain loop (backward, step) must match it."""
     torch.manual_seed(0)
     layer = A.TriAdaptLinear(torch.nn.Linear(6, 5, bias=False), r_ref=4, alpha=8.0, init_rank=2, block=1)
     layer.double()
     x, target = torch.randn(7, 6, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
-    ref = [[t.detach().clone().requires_grad_(True) for t in (layer.tri_A[0], layer.tri_Bt[0].t(), layer.tri_R[0])]]
-    opt = torch.optim.AdamW(layer.optimizer_tensors(), lr=0.05, fused=True)
+    ref = [[t.detach().clone().requires_grad_(True) for t in (layer.tri_A[0], layer.tri_B[0], layer.tri_R[0])]]
+    opt = torch.optim.AdamW(A.optimizer_parameters(layer), lr=0.05, fused=True)
     ref_opt = torch.optim.AdamW(ref[0], lr=0.05)
 
     def ref_delta():  # c · B C A with C = L + U filled in from the strips, one block at a time
@@ -291,18 +291,17 @@ def test_training_the_windows_equals_training_separate_block_tensors():
 
     for step in range(8):
         ((layer(x) - target) ** 2).sum().backward()
-        layer.hand_gradients_to_blocks()
         ((x @ (layer.weight + ref_delta()).t() - target) ** 2).sum().backward()
         opt.step(), ref_opt.step()
         opt.zero_grad(set_to_none=True), ref_opt.zero_grad(set_to_none=True)
-        if step in (2, 4):  # growth: new windows / new leaves, each set in a group with a smaller learning rate
+        if step in (2, 4):  # growth: new blocks / new leaves, each set in a group with a smaller learning rate
             new = layer.grow()
             opt.add_param_group({"params": new, "lr": 0.02 * step})
-            blk = [t.detach().clone().requires_grad_(True) for t in (new[0], new[1].t(), new[2], new[3])]
+            blk = [t.detach().clone().requires_grad_(True) for t in new]
             ref.append(blk)
             ref_opt.add_param_group({"params": blk, "lr": 0.02 * step})
         for n, blk in enumerate(ref):
-            mine = (layer.tri_A[n], layer.tri_Bt[n].t(), layer.tri_R[n]) + ((layer.tri_K[n - 1],) if n else ())
+            mine = (layer.tri_A[n], layer.tri_B[n], layer.tri_R[n]) + ((layer.tri_K[n - 1],) if n else ())
             for m, r in zip(mine, blk):
                 torch.testing.assert_close(m.detach(), r.detach(), rtol=1e-10, atol=1e-12)
     assert layer.num_blocks == 3 and float(ref[1][1].detach().abs().sum()) > 0  # the grown blocks did train
@@ -311,47 +310,43 @@ def test_training_the_windows_equals_training_separate_block_tensors():
         torch.testing.assert_close(mine, ref_delta(), rtol=1e-10, atol=1e-12)
 
 
-def test_windows_stay_views_of_the_whole_factors_through_growth_copies_and_moves(base):
-    model, _ = with_triadapt(base, total_steps=30)
-    layer = model.model.layers[0].self_attn.q_proj
-    layer.grow()
-    keep = layer.tri_R[0]
-    layer.grow()
-    assert layer.tri_R[0] is keep  # growth re-points the old windows: same objects, so their optimizer state stays
+def test_a_plain_loop_trains_every_adapter_tensor_before_and_after_growth(base, idx):
+    """The loop a fork writes: AdamW(optimizer_parameters(net)), then backward and step, nothing else. Before
+    growth and after it (the grown blocks added as a group, as after_optimizer_step returns them), every adapter
+    tensor changes within three steps."""
+    model, cfg = with_triadapt(base, total_steps=30, orth_reg=0.0)
+    model.train()
 
-    def aliased(m):
-        return all(w.data_ptr() == getattr(m, m.WHOLE[k]).data_ptr() + off * w.element_size()
-                   for w, k, off in m._windows)
+    def changed_after_three_steps(opt):
+        before = {n: p.detach().clone() for n, p in A.adapter_named_parameters(model).items()}
+        for _ in range(3):
+            model(idx, labels=idx).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        after = A.adapter_named_parameters(model)
+        return {n: not torch.equal(after[n].detach(), before[n]) for n in before}
 
-    assert aliased(layer)
-    clone = copy.deepcopy(model).double()
-    twin = clone.model.layers[0].self_attn.q_proj
-    assert aliased(twin) and twin.tri_A_all.dtype == torch.float64
-    with torch.no_grad():
-        twin.tri_K[1].fill_(7.0)  # writes the copy's storage only
-    assert torch.equal(twin.core()[:3, 3], torch.full((3,), 7.0, dtype=torch.float64))
-    assert not torch.equal(layer.core()[:3, 3], torch.full((3,), 7.0))
-    assert [n for n, _ in layer.named_parameters()] == ["weight", "tri_A_all", "tri_Bt_all", "tri_C_all"]
-    buffer = io.BytesIO()
-    torch.save(layer, buffer)  # pickling (and torch.load) re-points the windows of the copy
-    buffer.seek(0)
-    assert aliased(torch.load(buffer, weights_only=False))
-    layer.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()}, assign=True)  # new tensors
-    assert aliased(layer)
-    layer.requires_grad_(False)
-    assert layer.optimizer_tensors() == [] and all(w.requires_grad for w in layer.grow())  # frozen: nothing to step
-    layer.requires_grad_(True)
-    layer.weight.requires_grad_(False)
-    assert len(layer.optimizer_tensors()) == 3 + 3 * 4 and aliased(layer)
-    layer(torch.randn(3, layer.in_features)).sum().backward()
-    layer.hand_gradients_to_blocks()
-    layer.double()  # gradients handed over but not yet stepped follow a dtype/device move, as parameters' do
-    assert all(w.grad.dtype == torch.float64 for w in layer.optimizer_tensors()) and aliased(layer)
+    opt = torch.optim.AdamW(A.optimizer_parameters(model), lr=1e-2)
+    first = changed_after_three_steps(opt)
+    assert len(first) == 14 * 3 and all(first.values()), [n for n, c in first.items() if not c]
+    grown = [p for layer in A.adapter_layers(model).values() for p in layer.grow()]
+    opt.add_param_group({"params": grown})
+    second = changed_after_three_steps(opt)
+    assert len(second) == 14 * 7 and all(second.values()), [n for n, c in second.items() if not c]
+
+
+def test_a_grown_block_left_out_of_the_optimizer_is_a_loud_error(base):
+    model, cfg = with_triadapt(base, total_steps=30, tri_warmup=3, tri_interval=3, tri_final=20)
+    hooks = A.training_hooks(model, cfg)
+    opt = torch.optim.AdamW(A.optimizer_parameters(model), lr=1e-2)
+    assert hooks.after_optimizer_step(2)  # t = 3: an event; its blocks are returned ...
+    with pytest.raises(RuntimeError, match="add_param_group"):  # ... and never added
+        hooks.before_optimizer_step(opt, 3)
 
 
 def test_a_skipped_non_finite_step_leaves_no_gradient_behind(tiny_dir, tmp_path, monkeypatch):
-    """train.py skips a step whose loss is NaN/inf. Its backward has already filled the whole factors' .grad (the
-    windows get theirs only in optimizer_step): none of it may reach the next step's gradient."""
+    """train.py skips a step whose loss is NaN/inf. Its backward has already filled the adapters' .grad: none of it
+    may reach the next step's gradient."""
     real, calls, clean = T.accumulate_gradients, [], []
 
     def second_loss_is_inf(net, *args, **kwargs):
@@ -378,8 +373,8 @@ def test_restore_replays_growth_in_order_and_refuses_a_changed_schedule(base, id
     other, other_cfg = with_triadapt(base, total_steps=40, tri_warmup=3, tri_interval=3, tri_final=20)
     with pytest.raises(ValueError, match="resume with --steps 30"):
         A.training_hooks(other, other_cfg).restore_structure(state)
-    del state["storage"]  # a checkpoint written when every block was a parameter: its optimizer state does not fit
-    with pytest.raises(ValueError, match="predates the whole-factor storage"):
+    state["storage"] = "whole factors"  # a checkpoint of the window storage: its optimizer state does not fit
+    with pytest.raises(ValueError, match="windows of whole factors"):
         A.training_hooks(with_triadapt(base, total_steps=30)[0], cfg).restore_structure(state)
 
 
@@ -399,7 +394,7 @@ def test_bad_triadapt_options_are_one_line_errors_naming_the_flag(options, named
 
 def test_defaults_fit_the_100_step_demo():
     cfg = AdapterConfig(method="triadapt", r=8, targets=ALL_LINEARS, total_steps=100)
-    assert A.triadapt_events(cfg) == (10, 10, 70) and A.triadapt_init_rank(cfg) == 4
+    assert AC.triadapt_events(cfg) == (10, 10, 70) and AC.triadapt_init_rank(cfg) == 4
 
 
 
@@ -428,9 +423,9 @@ def test_resume_across_a_growth_event_equals_the_uninterrupted_run(tiny_dir, tmp
     shutil.copytree(ckpt, b_out / "checkpoints" / "step-000003")
     (b_out / "checkpoints" / "latest").write_text("step-000003")
     T.train(tiny_cfg(tiny_dir, b_out, resume=True))
-    wa, wb = load_file(str(tmp_path / "a" / A.ADAPTER_WEIGHTS_NAME)), load_file(str(b_out / A.ADAPTER_WEIGHTS_NAME))
+    wa, wb = load_file(str(tmp_path / "a" / IO.ADAPTER_WEIGHTS_NAME)), load_file(str(b_out / IO.ADAPTER_WEIGHTS_NAME))
     assert wa.keys() == wb.keys()
-    assert any(k.endswith("tri_A_all") and v.shape[0] == 4 for k, v in wa.items())  # grew twice: t = 2 and 4
+    assert any(k.endswith("tri_A.2") for k in wa)  # a module grew twice: t = 2 and 4
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     rows = [json.loads(line) for line in open(b_out / "metrics.jsonl")]

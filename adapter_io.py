@@ -1,0 +1,213 @@
+"""
+Adapter files: this project's format (save_adapter / load_adapter), HF peft's (export_peft), and
+the merged weights (merged_state_dict).
+
+This project's format is two files in a folder:
+    adapter.safetensors       the adapter tensors only, keyed by full module name
+    adapter_config.json       {"format_version", "method", "config": AdapterConfig, "ranks",
+                               "active_ranks"}: what load_adapter needs to rebuild the layers
+peft's format (export_peft) is `adapter_model.safetensors` + its own `adapter_config.json`: every
+method exports as a plain LoRA through its layers' lora_factors() (A, B, c), with `rank_pattern`
+where modules differ, so peft and the servers that read peft adapters can load it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+import adapters as A
+from adapter_config import AdapterConfig, has_type
+from fileio import write_json, write_safetensors
+
+ADAPTER_WEIGHTS_NAME = "adapter.safetensors"        # this project's format
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"     # HF peft's (with its own adapter_config.json)
+FORMAT_VERSION = 1
+
+
+def save_adapter(model: nn.Module, cfg: AdapterConfig, out_dir: str) -> None:
+    """Write adapter.safetensors and adapter_config.json, each atomically; the config last, so a
+    folder with a config is complete. "ranks" are the shape ranks load_adapter needs to rebuild the
+    tensors; "active_ranks" the ranks in use (AdaLoRA's kept triplets), for reports."""
+    layers = A.adapter_layers(model)
+    if not layers:
+        raise ValueError("model has no adapters to save; call apply_method first")
+    os.makedirs(out_dir, exist_ok=True)
+    write_safetensors(os.path.join(out_dir, ADAPTER_WEIGHTS_NAME), A.adapter_state_dict(model))
+    write_json(os.path.join(out_dir, ADAPTER_CONFIG_NAME), {
+        "format_version": FORMAT_VERSION,
+        "method": cfg.method,
+        "config": cfg.to_dict(),
+        "ranks": {name: layer.rank for name, layer in layers.items()},
+        "active_ranks": A.adapter_ranks(model),
+    })
+
+
+def read_adapter_config(path: str) -> tuple[AdapterConfig, dict[str, int]]:
+    """Read and validate this project's adapter_config.json -> (config, per-module shape ranks)."""
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG_NAME} at {path}; is this an adapter folder "
+                                f"written by save_adapter?") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    known, optional = ["format_version", "method", "config", "ranks"], ["active_ranks"]
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    unknown = [k for k in meta if k not in known + optional]
+    missing = [k for k in known if k not in meta]
+    if unknown or missing:
+        raise ValueError(f"{path}: unknown key(s) {unknown}, missing key(s) {missing}; "
+                         f"expected {known}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {meta['format_version']!r} is not supported "
+                         f"(expected {FORMAT_VERSION})")
+    try:
+        cfg = AdapterConfig.from_dict(meta["config"])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    if meta["method"] != cfg.method:
+        raise ValueError(f"{path}: 'method' is {meta['method']!r} but config.method is "
+                         f"{cfg.method!r}")
+    for key in ("ranks", "active_ranks"):
+        if key in meta and not has_type(meta[key], dict[str, int]):
+            raise ValueError(f"{path}: {key!r} must map module names to int ranks")
+    return cfg, meta["ranks"]
+
+
+def load_adapter(model: nn.Module, adapter_dir: str) -> AdapterConfig:
+    """Build the adapter described by `adapter_dir` into a base `model` and load its tensors.
+
+    Strict: any missing, unexpected or mis-shaped tensor is an error, and the plain linears are
+    put back. Returns the adapter's config. Only the adapter parameters are left trainable.
+    """
+    cfg, ranks = read_adapter_config(os.path.join(adapter_dir, ADAPTER_CONFIG_NAME))
+    if not os.path.exists(os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME)):
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS_NAME} in {adapter_dir}")
+    A.apply_method(model, cfg.method, cfg, ranks=ranks)
+    try:
+        load_adapter_weights(model, adapter_dir)
+    except ValueError:
+        A.remove_adapters(model)
+        raise
+    return cfg
+
+
+def load_adapter_weights(model: nn.Module, adapter_dir: str) -> None:
+    """Copy adapter_dir/adapter.safetensors into a model that already has matching adapters.
+
+    TriAdaptLoRA layers are first grown to the ranks in adapter_config.json (growth leaves the
+    function unchanged; on resume train.py has already replayed the growth, so the new tensors
+    are in the optimizer, and this is a no-op). Strict, as load_adapter; nothing is copied then.
+    """
+    weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME)
+    layers = A.adapter_layers(model)
+    config_path = os.path.join(adapter_dir, ADAPTER_CONFIG_NAME)
+    if any(isinstance(m, A.TriAdaptLinear) for m in layers.values()) and os.path.exists(config_path):
+        _, saved_ranks = read_adapter_config(config_path)
+        for name, layer in layers.items():
+            if isinstance(layer, A.TriAdaptLinear) and saved_ranks.get(name, 0) > layer.rank:
+                layer.grow_to(saved_ranks[name])
+    expected = A.adapter_state_dict(model)
+    if not expected:
+        raise ValueError("model has no adapters to load weights into; use load_adapter on a base "
+                         "model instead")
+    with safe_open(weights_path, framework="pt") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        problems = state_dict_problems({k: tuple(v.shape) for k, v in expected.items()}, found)
+        if problems:
+            raise ValueError(f"{weights_path} does not fit the model's adapters: {problems}")
+        with torch.no_grad():
+            for key, target in expected.items():
+                target.copy_(f.get_tensor(key))  # casts to the adapter dtype, moves to its device
+
+
+def state_dict_problems(expected: dict[str, tuple], found: dict[str, tuple], show: int = 5) -> str:
+    """One line listing missing / unexpected / mis-shaped keys ("" if none)."""
+    def listing(items):
+        more = f" (+{len(items) - show} more)" if len(items) > show else ""
+        return ", ".join(items[:show]) + more
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = [f"{k} {list(found[k])} != expected {list(expected[k])}"
+                 for k in sorted(set(expected) & set(found)) if found[k] != expected[k]]
+    parts = []
+    if missing:
+        parts.append(f"missing {listing(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {listing(unexpected)}")
+    if misshaped:
+        parts.append(f"mis-shaped {listing(misshaped)}")
+    return "; ".join(parts)
+
+
+def _json_number(x: float) -> int | float:
+    return int(round(x)) if abs(x - round(x)) < 1e-9 else x
+
+
+def export_peft(model: nn.Module, cfg: AdapterConfig, out_dir: str,
+                base_model_name_or_path: str | None = None) -> None:
+    """Write the adapter in HF peft's LoRA format: adapter_model.safetensors + adapter_config.json.
+
+    Keys are `base_model.model.<module>.lora_A.weight` (r, d_in) and `.lora_B.weight` (d_out, r).
+    peft scales by lora_alpha / r per module, so module m is written with rank r_m and
+    alpha_m = c_m · r_m; the most common (r, alpha) become `r` / `lora_alpha`, and modules that
+    differ go into `rank_pattern` / `alpha_pattern` (keyed by full module path).
+    """
+    layers = A.adapter_layers(model)
+    if not layers:
+        raise ValueError("model has no adapters to export; call apply_method first")
+    tensors, ranks, alphas = {}, {}, {}
+    for name, layer in layers.items():
+        lora_A, lora_B, scale = layer.lora_factors()                  # (r, d_in), (d_out, r)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = lora_A
+        tensors[f"base_model.model.{name}.lora_B.weight"] = lora_B
+        ranks[name] = lora_A.shape[0]
+        alphas[name] = _json_number(scale * lora_A.shape[0])
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": sorted(cfg.targets),
+        "rank_pattern": {name: rm for name, rm in ranks.items() if rm != r},
+        "alpha_pattern": {name: am for name, am in alphas.items() if am != alpha},
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    write_safetensors(os.path.join(out_dir, PEFT_WEIGHTS_NAME), tensors)
+    write_json(os.path.join(out_dir, ADAPTER_CONFIG_NAME), peft_config)
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A plain base state dict (original keys and dtypes) with every adapter merged: W0 + ΔW,
+    computed in fp32. Does not modify the model. A NaN/inf merged weight is a ValueError."""
+    adapter_keys = set(A.adapter_state_dict(model))
+    out = {k: v.detach() for k, v in model.state_dict().items() if k not in adapter_keys}
+    for name, layer in A.adapter_layers(model).items():
+        if layer.merged:
+            continue  # self.weight already holds W0 + ΔW
+        merged = layer.weight.float() + layer.delta_weight().to(layer.weight.device)
+        if not torch.isfinite(merged).all():
+            raise ValueError(f"{name}: merged weight has NaN/inf; the adapter is broken")
+        out[f"{name}.weight"] = merged.to(layer.weight.dtype)
+    return out
