@@ -1,5 +1,5 @@
 """
-A Llama-architecture transformer in one file: config, model, checkpoint loading, tokenizer, generation.
+A Llama-architecture transformer in one file: config, model, checkpoint loading, generation.
 
 Covers Llama 2, Llama 3 / 3.1 and SmolLM2 (the embedded default model). Parameter names are Hugging Face's, so an
 HF `model.safetensors` (or a sharded `model.safetensors.index.json`) loads with no renaming, and adapters that
@@ -8,9 +8,9 @@ replace `q_proj`, `v_proj`, ... find the same names that peft uses.
     idx (B, T) -> embed_tokens -> [ RMSNorm -> attention(RoPE, GQA) -> +  ->  RMSNorm -> SwiGLU MLP -> + ] x L
                -> RMSNorm -> lm_head -> logits (B, T, vocab)
 
-Read top to bottom: 1. config and presets, 2. the network, 3. loading and saving checkpoints, 4. the tokenizer,
-5. generation, 6. the embedded default model (GGUF -> HF conversion), 7. synthetic checkpoints of any preset's shape
-(random weights), 8. a small command line.
+Read top to bottom: 1. config and presets, 2. the network, 3. loading and saving checkpoints, 5. generation,
+6. the embedded default model (GGUF -> HF conversion), 7. synthetic checkpoints of any preset's shape (random
+weights), 8. a small command line. The tokenizer is in tokenizer.py.
 """
 
 from __future__ import annotations
@@ -29,14 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fileio import atomic_write
+from fileio import CheckpointError, atomic_write
+from tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
 REPO_DIR = Path(__file__).resolve().parent
 CHECKPOINTS_DIR = REPO_DIR / "checkpoints"
-
-
-class CheckpointError(RuntimeError):
-    """An expected problem with a checkpoint folder (missing file, bad tensor...). The CLI prints it as one line."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -580,118 +577,10 @@ def save_pretrained(state_dict: dict, cfg: LlamaConfig, out_dir, tokenizer_dir=N
                 atomic_write(out / name, lambda p, s=src: Path(p).write_bytes(s.read_bytes()))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 4. Tokenizer
-# ----------------------------------------------------------------------------------------------------------------
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-
-
-class Tokenizer:
-    """A thin wrapper over HF `tokenizers` that makes BOS/EOS explicit.
-
-    encode(text, bos, eos) never relies on the tokenizer's post-processor (Llama 3 adds BOS there), so a sequence
-    gets exactly one BOS when asked for, and none otherwise. `bos_id` is None for models trained without a BOS
-    (SmolLM2): asking for BOS is then a no-op.
-    """
-
-    def __init__(self, path: str | Path):
-        from tokenizers import Tokenizer as HFTokenizer
-        path = Path(path)
-        file = path / "tokenizer.json"
-        if not file.is_file():
-            raise CheckpointError(f"{file}: not found; the checkpoint folder needs the HF tokenizer.json")
-        try:
-            self.tk = HFTokenizer.from_file(str(file))
-        except Exception as e:
-            raise CheckpointError(f"{file}: cannot be read ({str(e).splitlines()[0]}); download it again") from None
-        tcfg = _read_json(path / "tokenizer_config.json")
-        tcfg.update({k: v for k, v in _read_json(path / "special_tokens_map.json").items() if k not in tcfg})
-        mcfg = _read_json(path / "config.json")
-        gcfg = _read_json(path / "generation_config.json")
-
-        def token_id(key):                       # a token given by name in tokenizer_config, else an id in config
-            tok = tcfg.get(key)
-            if isinstance(tok, dict):
-                tok = tok.get("content")
-            if isinstance(tok, str) and self.tk.token_to_id(tok) is not None:
-                return self.tk.token_to_id(tok)
-            i = gcfg.get(f"{key}_id", mcfg.get(f"{key}_id"))
-            return i[0] if isinstance(i, list) else i
-
-        bos = token_id("bos_token")
-        add_bos = tcfg.get("add_bos_token")
-        if add_bos is None:                      # Llama 3: BOS comes from the post-processor template
-            add_bos = bos is not None and bos in self.tk.encode("a", add_special_tokens=True).ids
-        self.bos_id = bos if add_bos else None
-        self.eos_id = token_id("eos_token")
-        if self.eos_id is None:
-            raise CheckpointError(f"{path}: no EOS token in tokenizer_config.json or config.json")
-        pad = token_id("pad_token")
-        self.pad_id = pad if pad is not None else self.eos_id
-        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
-        self.chat_template = tcfg.get("chat_template")
-        self.chat_format = self._detect_chat_format()
-
-    def _detect_chat_format(self):
-        if self.tk.token_to_id("<|im_start|>") is not None and self.tk.token_to_id("<|im_end|>") is not None:
-            return "chatml"                      # SmolLM2, Qwen
-        if self.tk.token_to_id("<|start_header_id|>") is not None:
-            return "llama3"
-        return None
-
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = self.tk.encode(text, add_special_tokens=False).ids
-        if bos and self.bos_id is not None and not (ids and ids[0] == self.bos_id):
-            ids = [self.bos_id] + ids
-        if eos:
-            ids = ids + [self.eos_id]
-        return ids
-
-    def decode(self, ids, skip_special: bool = True) -> str:
-        return self.tk.decode(list(ids), skip_special_tokens=skip_special)
-
-    def chat_prompt(self, user: str, system: str | None = None) -> str | None:
-        """The text of a one-turn conversation up to the assistant's answer, or None for a base model.
-
-        ChatML (SmolLM2): <|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n
-        The answer ends with eos (<|im_end|> for SmolLM2-Instruct). SmolLM2's template inserts its default system
-        message when none is given; we do the same so prompts match what the model was tuned on.
-        """
-        if self.chat_format == "chatml":
-            if system is None and self.chat_template and "You are a helpful AI assistant named SmolLM" in self.chat_template:
-                system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-            head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
-            return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-        if self.chat_format == "llama3":
-            head = f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>" if system else ""
-            return f"{head}<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>" \
-                   f"<|start_header_id|>assistant<|end_header_id|>\n\n"
-        return None
-
-
-def _read_json(p: Path) -> dict:
-    if not p.is_file():
-        return {}
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{p}: invalid JSON ({e}); fix or delete the file") from None
-
-
-def load_tokenizer(path_or_name, vocab_rows: int | None = None) -> Tokenizer:
-    """Tokenizer of a checkpoint. With vocab_rows (the embedding's row count), ids beyond it are an error."""
-    path = resolve_checkpoint(path_or_name)
-    tok = Tokenizer(path)
-    if vocab_rows is not None and tok.vocab_size > vocab_rows:
-        raise CheckpointError(f"{path / 'tokenizer.json'}: tokenizer has {tok.vocab_size} tokens but the model's "
-                              f"embedding has {vocab_rows} rows; use the tokenizer that belongs to this checkpoint")
-    return tok
-
 
 def load_model_and_tokenizer(path_or_name, dtype=None, device=None, compute_dtype=None) -> tuple[Llama, Tokenizer]:
     model = load_pretrained(path_or_name, dtype, device, compute_dtype)
-    return model, load_tokenizer(path_or_name, vocab_rows=model.config.vocab_size)
+    return model, load_tokenizer(resolve_checkpoint(path_or_name), vocab_rows=model.config.vocab_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import model as M
+from tokenizer import load_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # tests never reach a hub: every checkpoint is written locally
 
@@ -66,7 +67,7 @@ def smollm2_dir():
 @pytest.fixture(scope="session")
 def smollm2(smollm2_dir):
     model = M.load_pretrained(smollm2_dir, dtype=torch.float32, device="cpu")
-    return model, M.load_tokenizer(smollm2_dir)
+    return model, load_tokenizer(smollm2_dir)
 
 
 @pytest.fixture(scope="session")

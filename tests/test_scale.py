@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import adapters as A
 import curvature as C
 import model as M
+from tokenizer import load_tokenizer
 
 REPO = M.REPO_DIR
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -149,7 +150,7 @@ def test_synthetic_checkpoint_of_a_preset_loads_with_that_presets_config(tmp_pat
         stored = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"] \
             if (out / "model.safetensors.index.json").is_file() else load_file(str(out / "model.safetensors"))
         assert "lm_head.weight" not in stored and net.lm_head.weight is net.model.embed_tokens.weight
-    tok = M.load_tokenizer(out, vocab_rows=net.config.vocab_size)
+    tok = load_tokenizer(out, vocab_rows=net.config.vocab_size)
     ids = tok.encode("Hello, naïve 東京 🚀", bos=True, eos=True)
     with torch.no_grad():
         logits = net(torch.tensor([ids]))
@@ -173,7 +174,7 @@ def test_synthetic_checkpoint_is_read_by_transformers_and_safetensors(tmp_path):
         assert torch.equal(t, M.synthetic_tensor(name, tuple(t.shape), torch.float32, seed=0)), name
     hf = LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     ours = M.load_pretrained(out, dtype=torch.float32, device="cpu")
-    tok, hf_tok = M.load_tokenizer(out), AutoTokenizer.from_pretrained(str(out))
+    tok, hf_tok = load_tokenizer(out), AutoTokenizer.from_pretrained(str(out))
     text = "The café serves 3 naïve 🚀 rockets.\n\tEnd"
     ids = tok.encode(text, bos=True)
     assert ids == hf_tok(text).input_ids and ids[0] == 1 and tok.eos_id == 2
