@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import adapter_io as IO
 import data as D
 import model as M
+from tokenizer import load_tokenizer
 
 # ----------------------------------------------------------------------------------------------------------------
 # metrics
@@ -312,7 +313,7 @@ def main(argv=None):
         return
     device = torch.device(args.device)
     dtype = M.default_dtype(device)
-    tok = M.load_tokenizer(args.model)
+    tok = load_tokenizer(M.resolve_checkpoint(args.model))
     variants = ([] if args.no_base else [("base", None)]) + ([("adapter", args.adapter)] if args.adapter else [])
     results = {}
     reference = load_tuned(args.model, args.reference, dtype, device) if args.reference else None

@@ -1,9 +1,13 @@
 """
-Writing files so that a crash never leaves half of one behind.
+Files on disk: writing them so that a crash never leaves half of one behind, and the error for a
+checkpoint folder that cannot be used.
 
-Every file the project writes (model and adapter weights, configs, checkpoints) goes through `atomic_write`:
-the bytes go to a temporary file beside the target, are flushed to disk, and the temporary file is renamed
-over the target. A reader sees the old file or the new one, never a mix.
+Every file the project writes (model and adapter weights, configs, checkpoints) goes through
+`atomic_write`: the bytes go to a temporary file beside the target, are flushed to disk, and the
+temporary file is renamed over the target. A reader sees the old file or the new one, never a mix.
+
+`CheckpointError` lives here rather than in model.py so that tokenizer.py and convert_gguf.py can
+raise it without importing the model; model.py re-exports it as `model.CheckpointError`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+
+class CheckpointError(RuntimeError):
+    """An expected problem with a checkpoint folder (missing file, bad tensor...): the command
+    lines (model.cli) print it as one line, without a traceback."""
 
 
 def atomic_write(path, write) -> None:

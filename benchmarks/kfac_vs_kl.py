@@ -21,12 +21,13 @@ import curvature as C  # noqa: E402
 import data as D  # noqa: E402
 import model as M  # noqa: E402
 import train as T  # noqa: E402
+from convert_gguf import ensure_default_model  # noqa: E402
 from tests.conftest import write_hf_tiny_with_tokenizer  # noqa: E402
 
 
 def main():
     out = Path(tempfile.mkdtemp())
-    write_hf_tiny_with_tokenizer(out / "m", 3, M.ensure_default_model())     # the model of tests/test_ctr.py
+    write_hf_tiny_with_tokenizer(out / "m", 3, ensure_default_model())     # the model of tests/test_ctr.py
     T.train(T.TrainConfig(model=str(out / "m"), val_data="", out=str(out / "base"), method="full", lr=3e-3, steps=60,
                           batch_size=8, warmup_steps=5, log_every=60, eval_every=0, save_every=0))
     net, tok = M.load_model_and_tokenizer(out / "base", torch.float32, "cpu")

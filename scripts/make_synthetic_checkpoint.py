@@ -1,6 +1,6 @@
 """
 Write an HF-format checkpoint of a preset's shape with random weights: real-size loading, memory and speed tests
-without downloading anything (model.write_synthetic_checkpoint does the work).
+without downloading anything (synthetic_checkpoint.write_synthetic_checkpoint does the work).
 
     python scripts/make_synthetic_checkpoint.py llama2-7b checkpoints/synthetic-llama2-7b          # 13.5 GB, bf16
     python scripts/make_synthetic_checkpoint.py llama2-13b /tmp/l13 --layers 2 --shard-size 600MB  # 1.9 GB
@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import model as M  # noqa: E402
+from synthetic_checkpoint import write_synthetic_checkpoint  # noqa: E402
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -52,9 +53,10 @@ def main(argv=None):
     if args.layers is not None and args.layers < 1:
         raise ValueError(f"--layers must be >= 1, got {args.layers}")
     t0 = time.perf_counter()
-    out = M.write_synthetic_checkpoint(args.out, args.preset, num_layers=args.layers, dtype=getattr(torch, args.dtype),
-                                       shard_bytes=args.shard_size, seed=args.seed,
-                                       tokenizer_from=args.tokenizer_from, overwrite=args.overwrite)
+    out = write_synthetic_checkpoint(args.out, args.preset, num_layers=args.layers,
+                                     dtype=getattr(torch, args.dtype), shard_bytes=args.shard_size,
+                                     seed=args.seed, tokenizer_from=args.tokenizer_from,
+                                     overwrite=args.overwrite)
     files = sorted(out.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in files)
     print(f"wrote {out}: {len(files)} safetensors file(s), {size / 1e9:.2f} GB, in {time.perf_counter() - t0:.1f}s")

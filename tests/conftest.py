@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import model as M
+from convert_gguf import ensure_default_model
+from tokenizer import load_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # tests never reach a hub: every checkpoint is written locally
 
@@ -60,13 +62,13 @@ def tiny_checkpoint(tmp_path):
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """checkpoints/smollm2-135m, converted from the embedded GGUF on first use."""
-    return M.ensure_default_model()
+    return ensure_default_model()
 
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_dir):
     model = M.load_pretrained(smollm2_dir, dtype=torch.float32, device="cpu")
-    return model, M.load_tokenizer(smollm2_dir)
+    return model, load_tokenizer(smollm2_dir)
 
 
 @pytest.fixture(scope="session")

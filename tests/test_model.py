@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model as M
+from tokenizer import Tokenizer, load_tokenizer
 from tests.conftest import TINY_CONFIGS, hf_tiny_model
 
 REPO = M.REPO_DIR
@@ -219,7 +220,7 @@ def test_tokenizer_larger_than_embedding_is_an_error(smollm2_dir, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / name).write_bytes((smollm2_dir / name).read_bytes())
     with pytest.raises(M.CheckpointError, match="tokenizer has 49152 tokens but the model's embedding has 1000 rows"):
-        M.load_tokenizer(tmp_path, vocab_rows=1000)
+        load_tokenizer(tmp_path, vocab_rows=1000)
 
 
 def test_unknown_checkpoint_name_says_where_to_download():
@@ -257,7 +258,7 @@ def _write_bos_tokenizer(folder, add_bos_token=None):
 def test_exactly_one_bos_with_a_post_processor_that_adds_bos(tmp_path):
     from transformers import PreTrainedTokenizerFast
     folder = _write_bos_tokenizer(tmp_path / "tok")
-    tok = M.Tokenizer(folder)
+    tok = Tokenizer(folder)
     hf = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
     for text in ["hello world", "the cat sat 12", "<s> hello"]:
         ids = tok.encode(text, bos=True)
@@ -268,5 +269,5 @@ def test_exactly_one_bos_with_a_post_processor_that_adds_bos(tmp_path):
 
 
 def test_add_bos_token_false_means_no_bos(tmp_path):
-    tok = M.Tokenizer(_write_bos_tokenizer(tmp_path / "tok", add_bos_token=False))
+    tok = Tokenizer(_write_bos_tokenizer(tmp_path / "tok", add_bos_token=False))
     assert tok.bos_id is None and tok.encode("hello", bos=True) == [3]

@@ -1,5 +1,5 @@
 """Big models on small machines: bf16 weight storage with fp32 compute (model.call_in_dtype), and synthetic
-HF checkpoints of any preset's shape (model.write_synthetic_checkpoint).
+HF checkpoints of any preset's shape (synthetic_checkpoint.write_synthetic_checkpoint).
 
 The oracle for bf16 storage + fp32 compute is an ordinary fp32 model whose weights are the same bf16-rounded values:
 the two must give the same logits and the same adapter gradients. The oracle for the synthetic writer is the
@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 import adapters as A
 import curvature as C
 import model as M
+import synthetic_checkpoint as S
+from tokenizer import load_tokenizer
 
 REPO = M.REPO_DIR
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -141,7 +143,7 @@ def test_weights_dtype_policy():
 
 @pytest.mark.parametrize("preset", ["tiny", "smollm2-135m"])
 def test_synthetic_checkpoint_of_a_preset_loads_with_that_presets_config(tmp_path, preset):
-    out = M.write_synthetic_checkpoint(tmp_path / preset, preset, dtype=torch.bfloat16, shard_bytes=100_000_000)
+    out = S.write_synthetic_checkpoint(tmp_path / preset, preset, dtype=torch.bfloat16, shard_bytes=100_000_000)
     net = M.load_pretrained(out, dtype=torch.bfloat16, device="cpu", compute_dtype=torch.float32)
     assert net.config == M.preset_config(preset)
     assert all(p.dtype == torch.bfloat16 for p in net.parameters())
@@ -149,7 +151,7 @@ def test_synthetic_checkpoint_of_a_preset_loads_with_that_presets_config(tmp_pat
         stored = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"] \
             if (out / "model.safetensors.index.json").is_file() else load_file(str(out / "model.safetensors"))
         assert "lm_head.weight" not in stored and net.lm_head.weight is net.model.embed_tokens.weight
-    tok = M.load_tokenizer(out, vocab_rows=net.config.vocab_size)
+    tok = load_tokenizer(out, vocab_rows=net.config.vocab_size)
     ids = tok.encode("Hello, naïve 東京 🚀", bos=True, eos=True)
     with torch.no_grad():
         logits = net(torch.tensor([ids]))
@@ -159,7 +161,7 @@ def test_synthetic_checkpoint_of_a_preset_loads_with_that_presets_config(tmp_pat
 def test_synthetic_checkpoint_is_read_by_transformers_and_safetensors(tmp_path):
     """transformers loads the folder (config, shards, index, tokenizer) and agrees with model.py token for token."""
     from transformers import AutoTokenizer, LlamaForCausalLM
-    out = M.write_synthetic_checkpoint(tmp_path / "tiny", "tiny", dtype=torch.float32, shard_bytes=60_000)
+    out = S.write_synthetic_checkpoint(tmp_path / "tiny", "tiny", dtype=torch.float32, shard_bytes=60_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
@@ -168,12 +170,12 @@ def test_synthetic_checkpoint_is_read_by_transformers_and_safetensors(tmp_path):
         tensors.update(load_file(str(out / f)))
         assert (out / f).stat().st_size <= 60_000 + 4096 or len(load_file(str(out / f))) == 1
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
-    assert set(tensors) == set(index["weight_map"]) == set(M.checkpoint_shapes(M.preset_config("tiny")))
+    assert set(tensors) == set(index["weight_map"]) == set(S.checkpoint_shapes(M.preset_config("tiny")))
     for name, t in tensors.items():
-        assert torch.equal(t, M.synthetic_tensor(name, tuple(t.shape), torch.float32, seed=0)), name
+        assert torch.equal(t, S.synthetic_tensor(name, tuple(t.shape), torch.float32, seed=0)), name
     hf = LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     ours = M.load_pretrained(out, dtype=torch.float32, device="cpu")
-    tok, hf_tok = M.load_tokenizer(out), AutoTokenizer.from_pretrained(str(out))
+    tok, hf_tok = load_tokenizer(out), AutoTokenizer.from_pretrained(str(out))
     text = "The café serves 3 naïve 🚀 rockets.\n\tEnd"
     ids = tok.encode(text, bos=True)
     assert ids == hf_tok(text).input_ids and ids[0] == 1 and tok.eos_id == 2
@@ -183,21 +185,21 @@ def test_synthetic_checkpoint_is_read_by_transformers_and_safetensors(tmp_path):
 
 
 def test_synthetic_weights_depend_on_seed_and_name_only(tmp_path):
-    one = M.write_synthetic_checkpoint(tmp_path / "one", "tiny", shard_bytes=10**9)
-    many = M.write_synthetic_checkpoint(tmp_path / "many", "tiny", shard_bytes=50_000)
-    other = M.write_synthetic_checkpoint(tmp_path / "other", "tiny", seed=1)
+    one = S.write_synthetic_checkpoint(tmp_path / "one", "tiny", shard_bytes=10**9)
+    many = S.write_synthetic_checkpoint(tmp_path / "many", "tiny", shard_bytes=50_000)
+    other = S.write_synthetic_checkpoint(tmp_path / "other", "tiny", seed=1)
     assert (one / "model.safetensors").is_file() and not (one / "model.safetensors.index.json").exists()
     sd = {k: v for k, v in M.load_pretrained(one, torch.bfloat16, "cpu").state_dict().items()}
     for k, v in M.load_pretrained(many, torch.bfloat16, "cpu").state_dict().items():
         assert torch.equal(v, sd[k]), k
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(M.load_pretrained(other, torch.bfloat16, "cpu").state_dict()[q], sd[q])
-    assert abs(sd[q].float().std().item() - M.SYNTHETIC_INIT_STD) < 0.002
+    assert abs(sd[q].float().std().item() - S.SYNTHETIC_INIT_STD) < 0.002
 
 
 def test_synthetic_writer_never_leaves_a_partial_folder(tmp_path, monkeypatch):
     out = tmp_path / "ckpt"
-    real = M.synthetic_tensor
+    real = S.synthetic_tensor
     calls = {"n": 0}
 
     def failing(*args):
@@ -206,15 +208,15 @@ def test_synthetic_writer_never_leaves_a_partial_folder(tmp_path, monkeypatch):
             raise RuntimeError("disk full (simulated)")
         return real(*args)
 
-    monkeypatch.setattr(M, "synthetic_tensor", failing)
+    monkeypatch.setattr(S, "synthetic_tensor", failing)
     with pytest.raises(RuntimeError, match="simulated"):
-        M.write_synthetic_checkpoint(out, "tiny", shard_bytes=50_000)
+        S.write_synthetic_checkpoint(out, "tiny", shard_bytes=50_000)
     assert list(tmp_path.iterdir()) == []                     # neither the folder nor its temporary twin
-    monkeypatch.setattr(M, "synthetic_tensor", real)
-    M.write_synthetic_checkpoint(out, "tiny")
+    monkeypatch.setattr(S, "synthetic_tensor", real)
+    S.write_synthetic_checkpoint(out, "tiny")
     with pytest.raises(M.CheckpointError, match="already exists"):
-        M.write_synthetic_checkpoint(out, "tiny")
-    M.write_synthetic_checkpoint(out, "tiny", seed=4, overwrite=True)
+        S.write_synthetic_checkpoint(out, "tiny")
+    S.write_synthetic_checkpoint(out, "tiny", seed=4, overwrite=True)
     assert "seed 4" in (out / "SYNTHETIC.txt").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
@@ -222,9 +224,9 @@ def test_synthetic_writer_never_leaves_a_partial_folder(tmp_path, monkeypatch):
 @pytest.mark.smollm2
 def test_synthetic_checkpoint_copies_a_real_tokenizer_only_if_it_fits(tmp_path, smollm2_dir):
     with pytest.raises(ValueError, match="vocab_size is 256"):
-        M.write_synthetic_checkpoint(tmp_path / "tiny", "tiny", tokenizer_from=smollm2_dir)
+        S.write_synthetic_checkpoint(tmp_path / "tiny", "tiny", tokenizer_from=smollm2_dir)
     assert not (tmp_path / "tiny").exists()
-    out = M.write_synthetic_checkpoint(tmp_path / "s", "smollm2-135m", num_layers=1, tokenizer_from=smollm2_dir)
+    out = S.write_synthetic_checkpoint(tmp_path / "s", "smollm2-135m", num_layers=1, tokenizer_from=smollm2_dir)
     assert (out / "tokenizer.json").read_bytes() == (smollm2_dir / "tokenizer.json").read_bytes()
     net, tok = M.load_model_and_tokenizer(out, torch.bfloat16, "cpu", compute_dtype=torch.float32)
     assert tok.chat_format == "chatml" and net.config.num_hidden_layers == 1
@@ -236,12 +238,12 @@ def test_13b_shaped_two_layer_sharded_checkpoint_writes_loads_and_runs(tmp_path)
     cfg = M.preset_config("llama2-13b")
     out = tmp_path / "llama2-13b-2layers"
     t0 = time.perf_counter()
-    M.write_synthetic_checkpoint(out, "llama2-13b", num_layers=2, shard_bytes=600_000_000)
+    S.write_synthetic_checkpoint(out, "llama2-13b", num_layers=2, shard_bytes=600_000_000)
     try:
         index = json.loads((out / "model.safetensors.index.json").read_text())
         files = sorted(set(index["weight_map"].values()))
         assert len(files) == 4 and all((out / f).is_file() for f in files)
-        shapes = M.checkpoint_shapes(M.LlamaConfig(**dict(M.PRESETS["llama2-13b"], num_hidden_layers=2)))
+        shapes = S.checkpoint_shapes(M.LlamaConfig(**dict(M.PRESETS["llama2-13b"], num_hidden_layers=2)))
         assert set(index["weight_map"]) == set(shapes)
         n_params = sum(torch.Size(s).numel() for s in shapes.values())
         assert n_params == 2 * cfg.vocab_size * cfg.hidden_size + cfg.hidden_size + 2 * (

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import model as M
+from convert_gguf import DEFAULT_MODEL_DIR, ensure_default_model, find_default_gguf, gguf_config
 
 pytestmark = pytest.mark.smollm2
 
@@ -20,7 +21,7 @@ STRINGS = [
 def hf_gguf_tokenizer():
     """transformers converts the GGUF tokenizer with its own code: an independent oracle for ours."""
     from transformers import AutoTokenizer
-    g = M.find_default_gguf()
+    g = find_default_gguf()
     return AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
 
 
@@ -30,6 +31,16 @@ def test_config_read_from_gguf_matches_smollm2_preset(smollm2):
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "rope_theta", "rms_norm_eps", "tie_word_embeddings"):
         assert getattr(model.config, key) == getattr(want, key), key
+
+
+def test_gguf_config_is_what_llamaconfig_writes():
+    """convert_gguf.py writes config.json from a plain dict (it does not import model.py): the
+    dict must be what LlamaConfig.to_hf_dict() writes, keys in order, and read back as the preset."""
+    import gguf
+    config = gguf_config(gguf.GGUFReader(str(find_default_gguf())))
+    cfg = M.LlamaConfig.from_dict(config)
+    assert list(cfg.to_hf_dict().items()) == list(config.items())
+    assert cfg == M.preset_config("smollm2-135m")
 
 
 def test_tokenizer_ids_equal_transformers(smollm2, hf_gguf_tokenizer):
@@ -58,11 +69,11 @@ def test_logits_equal_transformers_gguf_loader(smollm2):
     """transformers dequantizes the GGUF and undoes the Q/K permutation itself: our converted weights must agree."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
     model, tok = smollm2
-    g = M.find_default_gguf()
+    g = find_default_gguf()
     ids = torch.tensor([tok.encode("The capital of France is Paris, and the capital of Italy is")])
     with torch.no_grad():
         ours = model(ids)
-        hf_same_file = LlamaForCausalLM.from_pretrained(M.DEFAULT_MODEL_DIR, dtype=torch.float32).eval()
+        hf_same_file = LlamaForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32).eval()
         d_same = (hf_same_file(ids).logits - ours).abs().max().item()
         del hf_same_file
         hf_gguf = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype=torch.float32).eval()
@@ -80,5 +91,5 @@ def test_greedy_answer_names_paris(smollm2):
 
 def test_conversion_is_idempotent(smollm2_dir):
     before = (smollm2_dir / "model.safetensors").stat().st_mtime_ns
-    assert M.ensure_default_model() == smollm2_dir
+    assert ensure_default_model() == smollm2_dir
     assert (smollm2_dir / "model.safetensors").stat().st_mtime_ns == before
