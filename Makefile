@@ -31,6 +31,7 @@ $(VENV)/.runtime: requirements.txt
 
 $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 	$(PIP) install -r requirements-dev.txt
+	$(PIP) install --no-deps curvlinops-for-pytorch==3.0.1   # the curvature oracle (see requirements-dev.txt)
 	touch $@
 
 clean:

@@ -1116,6 +1116,7 @@ class CTRLoRAHooks(MethodHooks):
             self.collector = C.KFACCollector(self.layers, stats,
                                              projection=lambda m: (m.lora_Q, m.lora_P))
             self.collector.__enter__()                   # hooks stay for the run; close() removes
+            self.collector.pause()                       # collecting only inside training steps
         self.curvature: dict[str, dict[str, torch.Tensor]] = {}  # EMA statistics per module
         self.grad_lambda: dict[str, torch.Tensor] = {}           # EMA of ∂L/∂λ per module
         self.hessian_diag: dict[str, list[torch.Tensor]] = {}    # hessian: diag H of (P, λ, Q)
@@ -1161,6 +1162,7 @@ class CTRLoRAHooks(MethodHooks):
         new = {name: f.tensors() for name, f in self.collector.factors().items()}
         self.curvature = C.ema_update(self.curvature, new, self.cfg.ctr_beta)
         self.collector.reset()
+        self.collector.pause()
 
     def _refresh_hessian(self) -> None:
         """Hutchinson estimate of diag H of every (P, λ, Q) on the last micro-batch."""
@@ -1179,7 +1181,7 @@ class CTRLoRAHooks(MethodHooks):
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer, step: int) -> None:
         refresh = step % self.cfg.ctr_refresh == 0 or not (self.curvature or self.hessian_diag)
         if self.collector is not None:
-            self._fold_statistics() if refresh else self.collector.reset()
+            self._fold_statistics() if refresh else (self.collector.reset(), self.collector.pause())
         elif refresh and self._batch is not None:
             self._refresh_hessian()
         with torch.no_grad():

@@ -185,7 +185,7 @@ class KFACCollector:
         self._handles: list = []
         self._mask: torch.Tensor | None = None
         self._scale: float | None = None
-        self._batch_set = False
+        self._batch_set = self._paused = False
 
     # --- what the training loop calls -----------------------------------------------------------------------------
     def set_batch(self, mask: torch.Tensor | None, reduction: str = "mean", n_loss_tokens: int | None = None):
@@ -201,7 +201,7 @@ class KFACCollector:
             self._scale = None if mask is None else per_token_grad_scale("mean", int(mask.sum()))
         else:
             self._scale = per_token_grad_scale(reduction, n_loss_tokens or 0)
-        self._batch_set = True
+        self._batch_set, self._paused = True, False
 
     def factors(self) -> dict[str, KFACFactors]:
         """{name: KFACFactors} with every sum divided by that layer's token count."""
@@ -228,6 +228,11 @@ class KFACCollector:
         self.sums = {name: {} for name in self.modules}
         self.counts = {name: 0 for name in self.modules}
 
+    def pause(self):
+        """Collect nothing until the next set_batch: forwards and backwards in between (evaluation,
+        generation, a user's own passes) leave the statistics alone."""
+        self._batch_set, self._paused = False, True
+
     def __enter__(self):
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_hook(self._forward_hook(name)))
@@ -243,6 +248,8 @@ class KFACCollector:
         def hook(module, inputs, output):
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
                 return                                      # no backward will come for this call
+            if self._paused:
+                return                                      # outside a training step
             if not self._batch_set:
                 raise RuntimeError("KFACCollector: call set_batch(mask, ...) before the forward pass")
             mask = self._mask                               # captured: the batch may change before this backward
