@@ -35,7 +35,8 @@ CG_FACTOR_TOKENS = ("labels", "all")
 CG_DENSE_SVDS = ("exact", "randomized")
 # fields older adapter files may hold that no longer change anything a saved adapter needs:
 # cg_split only shaped CG-LoRA's initial factors (notes/cg_lora.md: no split helped)
-RETIRED_FIELDS = ("cg_split",)
+# ctr_rho_warmup grew ρ over the first steps when ρ bounded a K-FAC prediction
+RETIRED_FIELDS = ("cg_split", "ctr_rho_warmup")
 
 
 def option(default, help_text: str):
@@ -103,14 +104,14 @@ class AdapterConfig:
                                           "models) or hessian (Hutchinson)")
     ctr_schedule: bool = option(True, "CTR-LoRA: marginal-utility rank scheduling (off: every "
                                       "triplet stays active, an ablation)")
-    ctr_trust_region: bool = option(True, "CTR-LoRA: scale steps whose predicted KL exceeds the "
-                                          "radius (off: an ablation)")
-    ctr_rho: float = option(0.01, "CTR-LoRA: trust radius ρ, the largest K-FAC-predicted KL "
-                                  "(nats per token) one step may cause")
-    ctr_rho_warmup: int = option(-1, "CTR-LoRA: steps over which ρ grows from ρ/10 to ρ "
-                                     "(-1 = 10%% of --steps, 0 = none)")
+    ctr_trust_region: bool = option(True, "CTR-LoRA: shrink every step until its measured KL "
+                                          "is at most --ctr-rho (off: an ablation)")
+    ctr_rho: float = option(0.01, "CTR-LoRA: trust radius ρ: every applied step's measured "
+                                  "KL(p_before ‖ p_after), averaged over the label tokens of the "
+                                  "step's batch, is at most ρ nats")
     ctr_beta: float = option(0.95, "CTR-LoRA: EMA factor of the curvature statistics and of ∂L/∂λ")
-    ctr_refresh: int = option(1, "CTR-LoRA: fold new curvature statistics every N steps")
+    ctr_refresh: int = option(1, "CTR-LoRA: collect curvature statistics on every N-th step only "
+                                 "(the others skip the statistics hooks' work)")
     ctr_probes: int = option(1, "CTR-LoRA: Hutchinson probes per refresh with --ctr-metric hessian")
     ctr_hysteresis: float = option(0.1, "CTR-LoRA: a masked triplet replaces an active one only if "
                                         "its utility is higher by this factor + 1")

@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import torch
@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 import curvature as C
 from adapter_config import (LLAMA_LINEAR_NAMES, METHOD_NAMES, SVD_INIT_STD,  # noqa: F401
-                            AdapterConfig, check_budget_schedule, steps_or_fraction, svd_ranks,
+                            AdapterConfig, check_budget_schedule, svd_ranks,
                             svd_schedule_steps, targeted_linears, triadapt_events,
                             triadapt_init_rank)
 
@@ -362,12 +362,14 @@ class MethodHooks:
 
     Under torchrun, train.py sets all_reduce_sum (sums a list of tensors over the ranks in place)
     and world_size; a method whose decisions use per-rank statistics reduces them with it, so that
-    every rank decides the same.
+    every rank decides the same. train.py also sets autocast (bf16 on CUDA) for the forwards a
+    method runs itself (CTR-LoRA's KL check).
     """
 
     calibration_batches = 0  # > 0: train.py calls calibrate() with that many batches first
     all_reduce_sum: Callable[[list[torch.Tensor]], None] | None = None
     world_size = 1
+    autocast = None          # the loop's autocast context, for forwards a method runs itself
 
     def __init__(self, model: nn.Module | None = None, cfg: AdapterConfig | None = None):
         self.model, self.cfg = model, cfg
@@ -1047,11 +1049,15 @@ class TriAdaptHooks(MethodHooks):
 #    not available: the equations below are this project's formulation (SPEC §5).
 #
 #    ΔW = c · P diag(λ) Q                     AdaLoRA's SVD form (ranks change by masking)
-#    S̃ = mean_t h hᵀ, h = Q x;  Γ̃ = mean_t u uᵀ, u = Pᵀ ĝ;  s = diag S, γ = diag Γ   (K-FAC)
+#    s, γ, S̃ = mean h hᵀ (h = Q x), Γ̃ = mean u uᵀ (u = Pᵀ ĝ)   K-FAC statistics over every
+#                                              position up to the last label (running average β)
 #    H_i = c² Γ̃_ii S̃_ii                      Gauss-Newton curvature along λ_i
-#    u_i = |½ H_i λ_i² − g_i λ_i| (active),  g_i² / (2H_i + ε) (masked)    marginal utility
-#    keep the top-b(t) triplets by u_i / (d_in + d_out + 1), with hysteresis 1 + η
-#    κ = ½ Σ_ℓ tr(Γ_ℓ δW_ℓ S_ℓ δW_ℓᵀ) ≤ ρ(t)  trust region on AdamW's proposed step δθ
+#    u_i = |½ H_i λ_i² − g_i λ_i| (active),  g_i² / (2H_i + ε) (masked)   marginal utility
+#    keep the b(t) triplets of highest u_i (budget and utility both per triplet), hysteresis 1 + η
+#    trust region: every applied step has measured KL(p_before ‖ p_after) ≤ ρ, in nats per label
+#    token of the step's batch. κ = c_cal · ½ Σ_ℓ (n/N) tr(Γ_ℓ δW_ℓ S_ℓ δW_ℓᵀ) proposes the shrink
+#    a·δθ; a no-grad forward measures the KL; a ← a·√(0.9ρ/KL) until KL ≤ ρ (a = 0 at worst).
+#    c_cal is the running ratio measured / predicted: K-FAC alone is off by 10–10³ here.
 # ===============================================================================================
 
 
@@ -1087,19 +1093,22 @@ def select_with_hysteresis(scores: dict[str, torch.Tensor], budget: int,
 class CTRLoRAHooks(MethodHooks):
     """CTR-LoRA around the optimizer step (each part switchable for ablations):
 
-        before_micro_batch     tell the K-FAC collector which tokens carry a loss
+        before_micro_batch     statistics on for this step (every --ctr-refresh steps); keep the
+                               micro-batch and its logits (the training forward's) as p_before
         regularizer()          γ · R(P, Q)                                         (as AdaLoRA)
-        before_optimizer_step  fold the step's statistics into the curvature EMA (β), keep the
-                               EMA of ∂L/∂λ, snapshot (P, λ, Q)              [curvature proxy]
-        after_optimizer_step   δθ = AdamW's step; if κ(δθ) > ρ(t) shrink it to a·δθ, κ(a) ≤ ρ
+        before_optimizer_step  fold the statistics into their running average; EMA of ∂L/∂λ;
+                               snapshot (P, λ, Q)                            [curvature proxy]
+        after_optimizer_step   δθ = AdamW's step; shrink it until its measured KL ≤ ρ
                                                                               [trust region]
                                allocation steps: keep the top-b(t) triplets by utility
                                                                              [rank scheduler]
 
-    State per module (kfac-diag): s (d_in), γ (d_out), S̃ and Γ̃ (r₀×r₀), EMA of ∂L/∂λ (r₀):
-    no d×d matrix at any scale. kfac-full adds S and Γ (small models); hessian replaces the
-    metric by a Hutchinson estimate of the Hessian diagonal of (P, λ, Q).
+    Statistics are collected inside training steps only: a forward or backward between steps
+    (evaluation, generation) adds nothing. State per module (kfac-diag): s (d_in), γ (d_out),
+    S̃ and Γ̃ (r₀×r₀), EMA of ∂L/∂λ (r₀): no d×d matrix at any scale.
     """
+
+    max_forwards = 6             # check forwards per step; the step is dropped if none passes
 
     def __init__(self, model: nn.Module, cfg: AdapterConfig):
         super().__init__(model, cfg)
@@ -1116,37 +1125,67 @@ class CTRLoRAHooks(MethodHooks):
             self.collector = C.KFACCollector(self.layers, stats,
                                              projection=lambda m: (m.lora_Q, m.lora_P))
             self.collector.__enter__()                   # hooks stay for the run; close() removes
-            self.collector.pause()                       # collecting only inside training steps
+            self.collector.pause()                       # they collect inside training steps only
         self.curvature: dict[str, dict[str, torch.Tensor]] = {}  # EMA statistics per module
         self.grad_lambda: dict[str, torch.Tensor] = {}           # EMA of ∂L/∂λ per module
         self.hessian_diag: dict[str, list[torch.Tensor]] = {}    # hessian: diag H of (P, λ, Q)
-        self._batch = None                               # last micro-batch (Hutchinson's loss)
+        self.log_ratio = 0.0                # running mean of log(measured KL / proxy κ)
+        self._micro: list = []              # this step's [ids, labels, logits before the step]
+        self._rows = self._labels = 0       # this step's statistics rows and label tokens
+        self._capture = None
+        if cfg.ctr_trust_region:
+            if not hasattr(model, "label_logits"):
+                raise ValueError("CTR-LoRA's trust region measures the KL with model.py's "
+                                 "Llama.label_logits; use model.load_pretrained, or "
+                                 "ctr_trust_region=False")
+            self._capture = model.lm_head.register_forward_hook(self._keep_logits)
         self._snapshot: dict[str, tuple[torch.Tensor, ...]] | None = None
-        self.kappa = 0.0                                 # predicted KL of the last proposed step
-        self.steps_seen = self.steps_clipped = 0         # since the last log line
-        self._unlogged_ranks: dict[str, int] | None = None
         self.t = 0                                       # completed optimizer steps
-
-    def rho(self, t: int) -> float:
-        """The radius: a linear warm-up from ρ/10 to ρ over --ctr-rho-warmup steps (ours)."""
-        warm = steps_or_fraction(self.cfg, "ctr_rho_warmup", 0.1)
-        return self.cfg.ctr_rho * (1.0 if warm == 0 else min(1.0, 0.1 + 0.9 * t / warm))
+        self._log = {"kappa": 0.0, "kl": 0.0, "shrink": 1.0}
+        self.steps_seen = self.steps_clipped = self.forwards = 0
+        self._unlogged_ranks: dict[str, int] | None = None
 
     def close(self):
         if self.collector is not None:
             self.collector.__exit__(None, None, None)
+        if self._capture is not None:
+            self._capture.remove()
 
     @staticmethod
     def _params(layer: SVDLinear) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter]:
         return layer.lora_P, layer.lora_lambda, layer.lora_Q
 
     # --- the curvature proxy ------------------------------------------------------------------
+    def _collecting(self) -> bool:
+        return self.t % self.cfg.ctr_refresh == 0 or not (self.curvature or self.hessian_diag)
+
     def before_micro_batch(self, input_ids, labels, n_label_tokens) -> None:
-        # the loop's loss is Σ CE / n_label_tokens: per-token ĝ = n_label_tokens · ∂L/∂y
-        if self.collector is not None:
-            self.collector.set_batch(labels != -100, reduction="mean",
-                                     n_loss_tokens=n_label_tokens)
-        self._batch = (input_ids, labels)
+        if not self._micro:                              # the step's first micro-batch
+            self._rows = self._labels = 0
+        rows = C.positions_up_to_last_label(labels)      # every position that carries gradient
+        self._rows += int(rows.sum())
+        self._labels += int((labels != -100).sum())
+        if self.collector is not None and self._collecting():
+            # the loop's loss is Σ CE / n_label_tokens: per-token ĝ = n_label_tokens · ∂L/∂y
+            self.collector.set_batch(rows, reduction="mean", n_loss_tokens=n_label_tokens)
+        self._micro.append([input_ids, labels, None])
+
+    def _keep_logits(self, module, inputs, output) -> None:
+        """The training forward's (N, vocab) label logits: p_before of the trust region. With
+        dropout they are noisy, and before_optimizer_step recomputes them in eval mode."""
+        if self._micro and self._micro[-1][2] is None and torch.is_grad_enabled():
+            self._micro[-1][2] = output.detach().float()
+
+    @torch.no_grad()
+    def _label_logits(self, ids, labels) -> torch.Tensor:
+        """(N, vocab) fp32 logits at the label positions, eval mode, the loop's autocast."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.autocast or nullcontext():
+                return self.model.label_logits(ids, labels != -100).float()
+        finally:
+            self.model.train(was_training)
 
     def regularizer(self) -> torch.Tensor | None:
         if self.cfg.orth_reg == 0:
@@ -1156,17 +1195,18 @@ class CTRLoRAHooks(MethodHooks):
 
     @torch.no_grad()
     def _fold_statistics(self) -> None:
-        """EMA(β) of this step's K-FAC statistics (the first ones are taken as they are)."""
+        """Running average (β) of the step's K-FAC statistics; rows/labels converts their means
+        into the mean over label tokens that the KL is."""
         if self.all_reduce_sum is not None:              # DDP: the statistics of the global batch
             self.collector.all_reduce(self.all_reduce_sum)
-        new = {name: f.tensors() for name, f in self.collector.factors().items()}
+        rows_per_label = torch.tensor(self._rows / max(1, self._labels))
+        new = {name: {**f.tensors(), "rows_per_label": rows_per_label}
+               for name, f in self.collector.factors().items()}
         self.curvature = C.ema_update(self.curvature, new, self.cfg.ctr_beta)
-        self.collector.reset()
-        self.collector.pause()
 
     def _refresh_hessian(self) -> None:
-        """Hutchinson estimate of diag H of every (P, λ, Q) on the last micro-batch."""
-        ids, labels = self._batch
+        """Hutchinson estimate of diag H of every (P, λ, Q) on the step's first micro-batch."""
+        ids, labels, _ = self._micro[0]
         params = [p for layer in self.layers.values() for p in self._params(layer)]
         with torch.enable_grad():
             diag = C.hutchinson_diagonal(lambda: self.model(ids, labels=labels), params,
@@ -1179,22 +1219,29 @@ class CTRLoRAHooks(MethodHooks):
         self.hessian_diag = C.ema_update(self.hessian_diag, new, self.cfg.ctr_beta)
 
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer, step: int) -> None:
-        refresh = step % self.cfg.ctr_refresh == 0 or not (self.curvature or self.hessian_diag)
+        if self._collecting():
+            if self.collector is not None:
+                self._fold_statistics()
+            elif self._micro:
+                self._refresh_hessian()
         if self.collector is not None:
-            self._fold_statistics() if refresh else (self.collector.reset(), self.collector.pause())
-        elif refresh and self._batch is not None:
-            self._refresh_hessian()
+            self.collector.reset()
+            self.collector.pause()                       # nothing more until the next step
         with torch.no_grad():
             grads = {n: m.lora_lambda.grad.detach().float().clone()
                      for n, m in self.layers.items() if m.lora_lambda.grad is not None}
             self.grad_lambda.update(C.ema_update(self.grad_lambda, grads, self.cfg.ctr_beta))
             self._snapshot = {n: tuple(p.detach().clone() for p in self._params(m))
                               for n, m in self.layers.items()}
+        if self.cfg.ctr_trust_region:
+            for micro in self._micro:                    # p_before in eval mode, if not captured
+                if micro[2] is None or self.cfg.dropout > 0:
+                    micro[2] = self._label_logits(micro[0], micro[1])
 
     # --- the trust region ---------------------------------------------------------------------
     @torch.no_grad()
     def step_metric(self, name: str, old: tuple, delta: tuple) -> torch.Tensor:
-        """tr(Γ δW S δWᵀ) of one module's step (Σ_p h_p δp² with the Hessian metric).
+        """(n/N) tr(Γ δW S δWᵀ) of one module's step (Σ_p h_p δp² with the Hessian metric).
 
         δW is the exact change c(B′A′ − BA) of the SVD form, c(δB·A′ + B·δA) with B = P diag(λ),
         δB = B′ − B, A′ = Q′, δA = Q′ − Q: three r×r trace terms (curvature.
@@ -1207,46 +1254,73 @@ class CTRLoRAHooks(MethodHooks):
         B = P * lam                                                  # (d_out, r₀)  P diag(λ)
         dB = (P + dP) * (lam + dlam) - B                             # (d_out, r₀)  B′ − B
         f = self.curvature[name]
-        S, Gamma = (f["S"], f["Gamma"]) if self.cfg.ctr_metric == "kfac-full" else (f["s"],
-                                                                                     f["gamma"])
-        return C.low_rank_metric_norm_sq(B, Q + dQ, dB, dQ, S, Gamma, self.layers[name].scale)
+        full = self.cfg.ctr_metric == "kfac-full"
+        S, Gamma = (f["S"], f["Gamma"]) if full else (f["s"], f["gamma"])
+        scale = self.layers[name].scale
+        return f["rows_per_label"] * C.low_rank_metric_norm_sq(B, Q + dQ, dB, dQ, S, Gamma, scale)
 
     def predicted_kl_of(self, deltas: dict, shrink: float = 1.0) -> float:
-        """κ = ½ Σ_ℓ tr(Γ_ℓ δW_ℓ S_ℓ δW_ℓᵀ) of the step shrink · δθ."""
+        """κ = ½ Σ_ℓ (n/N) tr(Γ_ℓ δW_ℓ S_ℓ δW_ℓᵀ) of the step shrink · δθ, before calibration."""
         return 0.5 * float(sum(self.step_metric(n, self._snapshot[n], tuple(shrink * x for x in d))
                                for n, d in deltas.items()))
 
     @torch.no_grad()
-    def trust_region(self, t: int) -> None:
-        """Shrink AdamW's step δθ to a·δθ, a ∈ (0, 1], so that κ(a) ≤ ρ(t) (ours).
+    def _set_step(self, deltas: dict, shrink: float) -> None:
+        for name, layer in self.layers.items():
+            for p, o, d in zip(self._params(layer), self._snapshot[name], deltas[name]):
+                p.copy_(o + shrink * d)
 
-        κ(a) is quadratic in a to leading order, so a = √(ρ/κ) is the first guess; the exact δW
-        has higher-order terms, so a ← a·√(ρ/κ(a)) until κ(a) ≤ ρ.
+    @torch.no_grad()
+    def measured_kl(self) -> float:
+        """Mean KL(p_before ‖ p_now) over the label tokens of the step's micro-batches (all ranks):
+        one no-grad forward per micro-batch."""
+        total = torch.zeros(2, dtype=torch.float64)
+        for ids, labels, logits_before in self._micro:
+            total[0] += float(C.kl_divergence(logits_before, self._label_logits(ids, labels)).sum())
+            total[1] += int((labels != -100).sum())
+        if self.all_reduce_sum is not None:              # DDP: the mean over every rank's tokens
+            self.all_reduce_sum([total])
+        kl = float(total[0] / total[1])
+        return kl if math.isfinite(kl) else math.inf
+
+    @torch.no_grad()
+    def trust_region(self, t: int) -> None:
+        """Shrink AdamW's step δθ to a·δθ, a ∈ [0, 1], until its measured KL ≤ ρ (ours).
+
+        The calibrated proxy proposes a (κ(a) ≈ a² κ(1) for small steps); each proposal is
+        checked by measuring; a measured KL above ρ gives the next a = a·√(0.9 ρ / KL). After
+        max_forwards failed checks, or a non-finite step, the step is dropped (a = 0).
         """
         for layer in self.layers.values():
             layer.apply_mask()                                       # masked λ are not part of δ
         deltas = {n: tuple(p - o for p, o in zip(self._params(m), self._snapshot[n]))
                   for n, m in self.layers.items()}
-        self.kappa = self.predicted_kl_of(deltas)
-        rho = self.rho(t)
-        self.steps_seen += 1
-        if self.kappa <= rho:
-            return
-        self.steps_clipped += 1
-        shrink, kappa = 1.0, self.kappa
-        for _ in range(30):
-            shrink *= math.sqrt(rho / kappa) * (1 - 1e-6)
-            kappa = self.predicted_kl_of(deltas, shrink)
-            if kappa <= rho:
+        rho, self.steps_seen = self.cfg.ctr_rho, self.steps_seen + 1
+        finite = all(bool(torch.isfinite(d).all()) for ds in deltas.values() for d in ds)
+        kappa = self.predicted_kl_of(deltas) if finite else math.inf
+        calibrated = math.exp(self.log_ratio) * kappa
+        shrink = 1.0 if calibrated <= rho else math.sqrt(0.9 * rho / calibrated)
+        kl = math.inf
+        for _ in range(self.max_forwards if finite and math.isfinite(kappa) else 0):
+            self._set_step(deltas, shrink)
+            kl = self.measured_kl()
+            self.forwards += 1
+            predicted = self.predicted_kl_of(deltas, shrink)
+            if math.isfinite(kl) and kl > 1e-7 and predicted > 0:   # calibrate on what is seen
+                self.log_ratio += 0.3 * (math.log(kl / predicted) - self.log_ratio)
+            if kl <= rho:
                 break
-        for name, layer in self.layers.items():
-            for p, o, d in zip(self._params(layer), self._snapshot[name], deltas[name]):
-                p.copy_(o + shrink * d)
+            shrink *= math.sqrt(0.9 * rho / kl) if math.isfinite(kl) else 0.1
+        if not kl <= rho:                                            # nothing passed: no step
+            shrink, kl = 0.0, 0.0
+            self._set_step(deltas, 0.0)
+        self.steps_clipped += shrink < 1.0
+        self._log = {"kappa": calibrated, "kl": kl, "shrink": shrink}
 
     # --- the rank scheduler -------------------------------------------------------------------
     @torch.no_grad()
     def utility_scores(self) -> dict[str, torch.Tensor]:
-        """Marginal utility per parameter of every triplet: u_i / (d_in + d_out + 1)."""
+        """Marginal utility u_i of every triplet (loss units per triplet, as the budget counts)."""
         out = {}
         for name, layer in self.layers.items():
             g = self.grad_lambda.get(name, torch.zeros_like(layer.lora_lambda))
@@ -1255,8 +1329,7 @@ class CTRLoRAHooks(MethodHooks):
             else:
                 f = self.curvature[name]
                 H = gauss_newton_curvature(f["S_r"], f["Gamma_r"], layer.scale)
-            u = marginal_utility(layer.lora_lambda.float(), g, H, layer.lora_mask.bool())
-            out[name] = u / (layer.in_features + layer.out_features + 1)
+            out[name] = marginal_utility(layer.lora_lambda.float(), g, H, layer.lora_mask.bool())
         return out
 
     def _select(self, scores: dict[str, torch.Tensor], budget: int) -> dict[str, torch.Tensor]:
@@ -1278,14 +1351,15 @@ class CTRLoRAHooks(MethodHooks):
         else:
             for layer in self.layers.values():
                 layer.apply_mask()
-        self._snapshot = None
+        self._snapshot, self._micro = None, []
         return []
 
     def log_items(self) -> dict:
-        items = {"kappa": self.kappa, "rho": self.rho(self.t), "budget": self.budget,
+        items = {**self._log, "rho": self.cfg.ctr_rho, "budget": self.budget,
                  "total_rank": sum(m.active_rank for m in self.layers.values()),
-                 "clip_rate": self.steps_clipped / max(1, self.steps_seen)}
-        self.steps_clipped = self.steps_seen = 0
+                 "clip_rate": self.steps_clipped / max(1, self.steps_seen),
+                 "check_forwards": self.forwards}
+        self.steps_clipped = self.steps_seen = self.forwards = 0
         if self._unlogged_ranks is not None:
             items["ranks"], self._unlogged_ranks = self._unlogged_ranks, None
         return items
@@ -1293,7 +1367,7 @@ class CTRLoRAHooks(MethodHooks):
     def state_dict(self) -> dict:
         return {"curvature": self.curvature, "grad_lambda": self.grad_lambda,
                 "hessian_diag": self.hessian_diag, "budget": self.budget,
-                "total_steps": self.cfg.total_steps}
+                "log_ratio": self.log_ratio, "total_steps": self.cfg.total_steps}
 
     def restore_structure(self, state: dict) -> list[tuple[list[nn.Parameter], int]]:
         if self.schedule is not None:
@@ -1302,6 +1376,7 @@ class CTRLoRAHooks(MethodHooks):
         self.grad_lambda = state.get("grad_lambda", {})
         self.hessian_diag = state.get("hessian_diag", {})
         self.budget = state.get("budget", self.budget)
+        self.log_ratio = state.get("log_ratio", 0.0)
         return []
 
 
@@ -1311,7 +1386,7 @@ def curvature_state_bytes(d_in: int, d_out: int, r: int, metric: str = "kfac-dia
     if metric == "hessian":
         n = d_out * r + r + r * d_in + r                   # diag H of (P, λ, Q), EMA ∂L/∂λ
     else:
-        n = d_in + d_out + 2 * r * r + r                   # s, γ, S̃, Γ̃, EMA ∂L/∂λ
+        n = d_in + d_out + 2 * r * r + r + 1               # s, γ, S̃, Γ̃, EMA ∂L/∂λ, rows/labels
         if metric == "kfac-full":
             n += d_in * d_in + d_out * d_out               # S, Γ
     return n * bytes_per

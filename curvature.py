@@ -90,6 +90,20 @@ def positions_up_to_last_label(labels: torch.Tensor) -> torch.Tensor:
     return (labels != -100).flip(1).cumsum(1).flip(1) > 0
 
 
+def sequence_rows(t: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    """One fp32 row per sequence of `t` (B, T, d) for K-FAC "reduce" (Eschenhagen et al. 2023):
+    the mean ("mean", inputs) or the sum ("sum", output gradients) over the positions where mask
+    (B, T) is True; sequences without such positions are dropped."""
+    if t.dim() != 3:
+        raise ValueError(f"K-FAC reduce needs the (batch, positions, features) layout, got a layer "
+                         f"tensor of shape {tuple(t.shape)}")
+    w = (torch.ones(t.shape[:2], dtype=torch.bool, device=t.device) if mask is None else mask)
+    keep = w.any(1)
+    w = w[keep].unsqueeze(-1).float()                                       # (B', T, 1)
+    summed = (t.detach()[keep].float() * w).sum(1)                          # (B', d)
+    return summed / w.sum(1) if how == "mean" else summed
+
+
 @contextmanager
 def _fp32_statistics(device: torch.device):
     """Statistics are accumulated in fp32 even inside an autocast region (bf16 sums of x xᵀ lose the small entries)."""
@@ -168,7 +182,11 @@ class KFACCollector:
     """
 
     def __init__(self, modules: dict[str, nn.Module], stats: Iterable[str] = ("diag",),
-                 projection: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor]] | None = None):
+                 projection: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 approx: str = "expand"):
+        if approx not in ("expand", "reduce"):
+            raise ValueError(f"K-FAC approx must be expand or reduce, got {approx!r}")
+        self.approx = approx
         self.stats = tuple(stats)
         unknown = [s for s in self.stats if s not in STATS]
         if unknown or not self.stats:
@@ -254,7 +272,8 @@ class KFACCollector:
                 raise RuntimeError("KFACCollector: call set_batch(mask, ...) before the forward pass")
             mask = self._mask                               # captured: the batch may change before this backward
             with _fp32_statistics(output.device):
-                x = token_rows(inputs[0], mask)             # (n, d_in) fp32
+                x = (token_rows(inputs[0], mask) if self.approx == "expand"  # (n, d_in) fp32
+                     else sequence_rows(inputs[0], mask, "mean"))                # (B', d_in)
                 scale = self._scale if self._scale is not None else per_token_grad_scale("mean", x.shape[0])
                 pending = {}
                 if "full" in self.stats:
@@ -272,7 +291,8 @@ class KFACCollector:
 
             def grad_hook(grad):                            # runs once, when backward reaches this call's output
                 with _fp32_statistics(grad.device):
-                    g = token_rows(grad, mask) * scale      # (n, d_out)  per-token ĝ_t = ∂ℓ_t/∂y_t
+                    g = (token_rows(grad, mask) if self.approx == "expand"
+                         else sequence_rows(grad, mask, "sum")) * scale   # per-token ĝ_t = ∂ℓ_t/∂y_t
                     if "full" in self.stats:
                         pending["Gamma"] = g.T @ g          # (d_out, d_out)
                     if "diag" in self.stats:
@@ -460,6 +480,17 @@ def low_rank_metric_norm_sq(B: torch.Tensor, A: torch.Tensor, dB: torch.Tensor |
         if dB is not None:
             total = total + 2 * ((dB.T @ GB) * (dAS @ A.T).T).sum()             # 2 tr((δBᵀΓB)(δASAᵀ))
     return scale ** 2 * total
+
+
+def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) per row (N,) of two (N, vocab) logit matrices, in fp32: Σ_v p_v (log p_v − log q_v).
+
+    What the CTR-LoRA trust region measures (p before the step, q after it), and what every
+    proxy of this file predicts to second order: KL(p_θ ‖ p_θ+δ) = ½ δᵀ F δ + O(‖δ‖³), F the
+    Fisher (= GGN for softmax cross-entropy). Rounding of the vocabulary sum is about 1e-7.
+    """
+    logp, logq = F.log_softmax(logits_p.float(), -1), F.log_softmax(logits_q.float(), -1)
+    return (logp.exp() * (logp - logq)).sum(-1)
 
 
 def predicted_kl(B, A, dB, dA, S, Gamma, scale: float = 1.0) -> torch.Tensor:

@@ -556,6 +556,7 @@ def train(cfg: TrainConfig) -> dict:
     if world > 1:                                   # statistics behind rank decisions are summed over the ranks
         method.all_reduce_sum, method.world_size = all_reduce_sum, world
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    method.autocast = autocast                      # (CTR-LoRA's KL check runs its own forwards)
 
     start_step, nonfinite_total, calibration_info = 0, 0, {}
     if cfg.resume:

@@ -360,6 +360,9 @@ def run_model(model_name: str, args, rec: Recorder):
                     preds.update({f"{k} {kind}": v for k, v in ema.items()})
                 rec.add(f"{model_name} {method} lr={lr:g}", kl, preds)
             hooks.close()
+            rec.ema.clear()                                 # (full factors: ~1 GB per run on SmolLM2)
+            if args.json:
+                Path(args.json).write_text(json.dumps(rec.records))
             print(f"{model_name} {method} lr={lr:g}: {time.perf_counter() - t0:.0f}s", file=sys.stderr,
                   flush=True)
 

@@ -115,7 +115,7 @@ def test_step_metric_equals_dense_metric_of_the_exact_step(small_dir, metric):
             f = hooks.curvature[name]
             S, Gamma = (f["S"], f["Gamma"]) if metric == "kfac-full" else (torch.diag(f["s"]), torch.diag(f["gamma"]))
             got = hooks.step_metric(name, before[name], (dP, dlam, dQ))
-            want = C.metric_norm_sq(dW1, S, Gamma)
+            want = f["rows_per_label"] * C.metric_norm_sq(dW1, S, Gamma)   # (n/N) tr(Γ δW S δWᵀ)
             assert got.item() == pytest.approx(want.item(), rel=1e-3, abs=1e-12)
             seen.append(want.item())
 
@@ -124,22 +124,91 @@ def test_step_metric_equals_dense_metric_of_the_exact_step(small_dir, metric):
     assert max(seen) > 0
 
 
-def test_trust_region_keeps_every_step_within_rho(small_dir):
-    cfg = ctr_cfg(ctr_rho=5e-6, ctr_rho_warmup=0, ctr_schedule=False)         # κ of these steps: 1e-8 … 1e-4
-    net, tok, hooks = ctr_model(small_dir, cfg)
-    kappas, clipped = [], []
+def measured_run(model_dir, method, lr, steps=8, rho=0.05, mutate=None):
+    """A plain loop (train.py's step functions) that measures, independently of the method, the KL of every
+    applied step on the step's own batch: mean over its label tokens of KL(p_before ‖ p_after), in float64.
+    Returns (per-step KLs, per-step training losses, hooks)."""
+    cfg = ctr_cfg(ctr_rho=rho, ctr_schedule=False, orth_reg=0.0) if method == "ctr" else \
+        A.AdapterConfig(method="lora", r=4, alpha=8.0, targets=["q_proj", "v_proj", "down_proj"])
+    net, tok = M.load_model_and_tokenizer(model_dir, torch.float32, "cpu")
+    torch.manual_seed(0)
+    A.apply_method(net, method, cfg)
+    hooks = A.training_hooks(net, cfg)
+    if mutate is not None:
+        mutate(hooks)
+    params = A.optimizer_parameters(net)
+    opt = torch.optim.AdamW(params, lr=lr)
+    kls, losses = [], []
+    for step, b in enumerate(batches(tok, steps, batch_size=8, seed=3)):
+        ids, labels = b["input_ids"], b["labels"]
+        mask = labels != -100
+        with torch.no_grad():
+            before = torch.log_softmax(net.label_logits(ids, mask).double(), -1)
+        net.train()
+        losses.append(T.accumulate_gradients(net, [b], D.count_label_tokens(b), "cpu", method=hooks))
+        T.optimizer_step(opt, params, hooks, step, clip=0.0)
+        net.eval()
+        with torch.no_grad():
+            after = torch.log_softmax(net.label_logits(ids, mask).double(), -1)
+        kls.append(float((before.exp() * (before - after)).sum(-1).mean()))
+    hooks.close()
+    return kls, losses, hooks
 
-    def check(step, before):
-        applied = {n: tuple(p.detach() - o for p, o in zip(hooks._params(l), before[n]))
-                   for n, l in hooks.layers.items()}
-        kappa = 0.5 * sum(hooks.step_metric(n, before[n], d).item() for n, d in applied.items())
-        assert kappa <= cfg.ctr_rho * (1 + 1e-4), (step, kappa)
-        kappas.append(kappa)
-        clipped.append(hooks.kappa > cfg.ctr_rho)
 
-    run_steps(net, hooks, batches(tok, 6), lr=5e-2, check=check)
-    assert sum(clipped) >= 3                                              # the radius was actually binding
-    assert max(kappas) > 0.5 * cfg.ctr_rho                                # shrunk to the radius, not far below
+def test_every_applied_step_measures_at_most_rho_while_lora_spikes(trained_dir):
+    """The trust region's guarantee, measured from outside: on the pre-trained tiny model at lr 1.0 (no clipping),
+    every step CTR-LoRA applies moves the predictions by at most 1.1 ρ nats per label token on its batch, and the
+    training loss stays below 1.5× its start, while plain LoRA's steps move them by nats and its loss spikes."""
+    rho = 0.05
+    kls, losses, _ = measured_run(trained_dir, "ctr", lr=1.0, rho=rho)
+    assert max(kls) <= 1.1 * rho, kls
+    assert max(kls) > 0.3 * rho, kls                  # the steps were shrunk to the radius, not far below it
+    assert max(losses) < 1.5 * losses[0], losses
+    lora_kls, lora_losses, _ = measured_run(trained_dir, "lora", lr=1.0)
+    assert max(lora_kls) > 20 * rho and max(lora_losses) > 2 * lora_losses[0], (lora_kls, lora_losses)
+
+
+def test_a_trust_region_that_skips_its_check_fails_the_bound(trained_dir):
+    """The mutant: a trust region whose measurement always reports 0 accepts AdamW's steps as they are, and the
+    outside measurement of the test above catches it."""
+    def skip_check(hooks):
+        hooks.measured_kl = lambda: 0.0
+    kls, _, _ = measured_run(trained_dir, "ctr", lr=1.0, mutate=skip_check)
+    assert max(kls) > 1.1 * 0.05, kls
+
+
+def test_at_a_normal_learning_rate_the_trust_region_clips_no_step(trained_dir):
+    clipped = []
+
+    def record(hooks):
+        real = hooks.trust_region
+
+        def trust_region(t):
+            real(t)
+            clipped.append(hooks._log["shrink"] < 1.0)
+        hooks.trust_region = trust_region
+    kls, _, hooks = measured_run(trained_dir, "ctr", lr=1e-3, rho=A.AdapterConfig().ctr_rho, mutate=record)
+    assert len(clipped) == 8 and not any(clipped), (clipped, kls)
+
+
+def test_statistics_are_collected_inside_training_steps_only(small_dir):
+    """A forward and backward between steps (a user's own pass, an evaluation with gradients) neither raises nor
+    changes the next step's statistics."""
+    def run(extra_pass):
+        net, tok, hooks = ctr_model(small_dir, ctr_cfg(ctr_schedule=False))
+        bs = batches(tok, 3)
+
+        def between(step, before):
+            if extra_pass and step == 0:
+                b = bs[2]
+                net(b["input_ids"], labels=b["labels"]).backward()    # outside any step
+                net.zero_grad(set_to_none=True)
+        run_steps(net, hooks, bs[:2], check=between)
+        return hooks.curvature
+    plain, disturbed = run(False), run(True)
+    for name in plain:
+        for key in plain[name]:
+            torch.testing.assert_close(disturbed[name][key], plain[name][key], rtol=1e-5, atol=1e-8)
 
 
 def test_allocator_keeps_exactly_the_budget(small_dir):
@@ -179,7 +248,7 @@ def test_hessian_metric_runs_on_the_math_path_and_restores_sdpa(small_dir):
     assert net.attention_impl == "sdpa"
     run_steps(net, hooks, batches(tok, 2))
     assert net.attention_impl == "sdpa"
-    assert math.isfinite(hooks.kappa) and hooks.kappa > 0
+    assert math.isfinite(hooks._log["kappa"]) and hooks._log["kappa"] > 0
     assert all(all((h >= 0).all() for h in hs) for hs in hooks.hessian_diag.values())
 
 
