@@ -166,7 +166,8 @@ def method_state_bytes(cfg: M.LlamaConfig, method: str, acfg, per_block: dict[st
     adalora: SensitivityScores keeps Ī and Ū for every adapter entry: 2 × 4 bytes per adapter parameter.
     ctr:     per module adapters.curvature_state_bytes (EMA s, γ, S̃, Γ̃, ∂L/∂λ) and as much again for the
              KFACCollector's running sums (kfac-diag/-full; the hessian metric keeps its diagonal only); during
-             the step the trust region holds a snapshot of (P, λ, Q) and the proposed step δθ: 2 × 4 per parameter.
+             the step the trust region holds a snapshot of (P, λ, Q) and the proposed step δθ: 2 × 4 per parameter
+             (its logits and its check forward: _estimate's "trust-region check" phase).
     others:  nothing (TriAdaptLoRA's importance is one float per module; CG-LoRA is plain LoRA after calibration).
     """
     L = cfg.num_hidden_layers
@@ -597,6 +598,16 @@ def _estimate(cfg: M.LlamaConfig, method: str, acfg, B: int, T: int, weights_dty
                 static + fm.embed + ckpt_inputs + fm.head + 2 * (n_weights - V * d) + fm.logprobs + N * V * 6)
     step = static + grads + ms["step_extra"]                             # clip, trust region, AdamW
     phases_no["optimizer step"] = phases_ck["optimizer step"] = step
+    if method == "ctr" and acfg.ctr_trust_region:
+        # the trust region keeps the training forward's (N, V) logits as p_before (the same storage as the
+        # forward's fp32 logits until backward frees those; an fp32 copy of autocast's bf16 ones), then checks
+        # the step with a no-grad forward: its logits and kl_divergence's log-probabilities, 4 × (N, V) fp32
+        held = 4 * N * V
+        for phases in (phases_no, phases_ck):
+            for name in phases:
+                if name != "head backward (log-softmax gradients)" or autocast:
+                    phases[name] += held
+            phases["trust-region check"] = step + held + 4 * 4 * N * V
 
     # --- CG-LoRA's calibration pass (before the first step: no optimizer state yet)
     calibration = 0
