@@ -3,28 +3,30 @@ Dataset formats and batching, shared by train.py and eval.py.
 
 A dataset is a JSONL file: one JSON object per line, all lines in the same format.
 
-    {"text": "..."}                                      language modelling: every token after BOS is a target
-    {"prompt": "...", "completion": "..."}               loss on the completion (+ EOS) only
+    {"text": "..."}
+        language modelling: every token after BOS is a target
+    {"prompt": "...", "completion": "..."}
+        loss on the completion (+ EOS) only
     {"instruction": "...", "input": "...", "output": "..."}
-                                                         rendered with INSTRUCTION_TEMPLATE; loss on output (+ EOS);
-                                                         "input" may be "" or missing
+        rendered with INSTRUCTION_TEMPLATE; loss on output (+ EOS); "input" may be "" or missing
     {"question": "...", "choices": ["...", ...], "answer": 2}
-                                                         multiple choice for eval; answer is an index into choices
-                                                         or the text of the right choice
+        multiple choice for eval; answer is an index into choices or the text of the right choice
 
-An encoded example is a pair (ids, target_mask) of equal length. target_mask[i] is True iff ids[i] is a token the
-model must predict from ids[:i], so BOS and every prompt token are False. Prompt and completion are tokenized
-separately and concatenated, so where the completion starts is known by position, never guessed from token values.
+An encoded example is a pair (ids, target_mask) of equal length. target_mask[i] is True iff ids[i]
+is a token the model must predict from ids[:i], so BOS and every prompt token are False. Prompt
+and completion are tokenized separately and concatenated, so where the completion starts is known
+by position, never guessed from token values.
 
 collate() turns examples into next-token training tensors, again purely by position:
 
-    ids          =  BOS   p1    p2    c1    c2    EOS         (p = prompt tokens, c = completion tokens)
+    ids          =  BOS   p1    p2    c1    c2    EOS   (p = prompt tokens, c = completion tokens)
     target_mask  =  F     F     F     T     T     T
-    input_ids    =  BOS   p1    p2    c1    c2                (last token dropped: nothing follows it)
-    labels       = -100  -100   c1    c2    EOS               labels[t] = ids[t+1] if target_mask[t+1] else -100
+    input_ids    =  BOS   p1    p2    c1    c2          (last token dropped: nothing follows it)
+    labels       = -100  -100   c1    c2    EOS
 
-so the model's logits at position t are scored against labels[:, t] (no shift left to do), and padding positions
-get -100 whatever value pad_id has.
+labels[t] = ids[t+1] if target_mask[t+1] else -100, so the model's logits at position t are
+scored against labels[:, t] (no shift left to do), and padding positions get -100 whatever value
+pad_id has.
 """
 
 import json
@@ -32,7 +34,8 @@ import warnings
 
 import torch
 
-IGNORE_INDEX = -100  # label value meaning "no loss here" (the default ignore_index of F.cross_entropy)
+# label value meaning "no loss here" (the default ignore_index of F.cross_entropy)
+IGNORE_INDEX = -100
 
 # format name -> (required keys, optional keys)
 FORMATS = {
@@ -42,9 +45,11 @@ FORMATS = {
     "choice": ({"question", "choices", "answer"}, set()),
 }
 
-# A small fixed Alpaca-style template for {"instruction","input","output"} records when no chat format is used.
+# A small fixed Alpaca-style template for {"instruction","input","output"} records when no chat
+# format is used.
 INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
-INSTRUCTION_WITH_INPUT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+INSTRUCTION_WITH_INPUT_TEMPLATE = ("### Instruction:\n{instruction}\n\n"
+                                   "### Input:\n{input}\n\n### Response:\n")
 
 
 class DataError(ValueError):
@@ -56,7 +61,8 @@ class DataError(ValueError):
 
 def record_format(record):
     """Name of the format of one record ("text", "prompt_completion", "instruction", "choice").
-    Raises DataError (without a location; load_jsonl adds it) if the keys or value types are wrong."""
+    Raises DataError (without a location; load_jsonl adds it) if the keys or value types are
+    wrong."""
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {type(record).__name__}")
     keys = set(record)
@@ -71,8 +77,10 @@ def record_format(record):
         raise DataError(f"keys {sorted(keys)} match no format; use text | prompt, completion | "
                         f"instruction, input, output | question, choices, answer")
     if required - keys:
-        raise DataError(f"missing key {sorted(required - keys)[0]!r} (keys for this format: {expected})")
-    raise DataError(f"unknown key {sorted(keys - required - optional)[0]!r} (keys for this format: {expected})")
+        raise DataError(f"missing key {sorted(required - keys)[0]!r} "
+                        f"(keys for this format: {expected})")
+    raise DataError(f"unknown key {sorted(keys - required - optional)[0]!r} "
+                    f"(keys for this format: {expected})")
 
 
 def _check_types(name, record):
@@ -103,21 +111,26 @@ def _check_types(name, record):
 
 
 def answer_index(record):
-    """Index of the right choice of a multiple-choice record ("answer" is an index or the choice's text)."""
+    """Index of the right choice of a multiple-choice record ("answer" is an index or the choice's
+    text)."""
     answer, choices = record["answer"], record["choices"]
     if isinstance(answer, int) and not isinstance(answer, bool):
         if not 0 <= answer < len(choices):
-            raise DataError(f"'answer' {answer} is out of range for {len(choices)} choices (indices start at 0)")
+            raise DataError(f"'answer' {answer} is out of range for {len(choices)} choices "
+                            f"(indices start at 0)")
         return answer
     if isinstance(answer, str):
         if answer not in choices:
-            raise DataError(f"'answer' {answer!r} is not one of the choices; give its index or its exact text")
+            raise DataError(f"'answer' {answer!r} is not one of the choices; "
+                            f"give its index or its exact text")
         return choices.index(answer)
-    raise DataError(f"'answer' must be an index or the text of a choice, got {type(answer).__name__}")
+    raise DataError(f"'answer' must be an index or the text of a choice, "
+                    f"got {type(answer).__name__}")
 
 
 def load_jsonl(path):
-    """Read and validate a JSONL dataset -> list of record dicts, all of one format (see record_format).
+    """Read and validate a JSONL dataset -> list of record dicts, all of one format (see
+    record_format).
     Blank lines are skipped. Every problem is a DataError naming the file and line."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -125,7 +138,8 @@ def load_jsonl(path):
     except FileNotFoundError:
         raise DataError(f"{path}: no such file; check the data path") from None
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") from None
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                        f"save the file as UTF-8") from None
     records, first_format, first_line = [], None, None
     for line_number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -134,7 +148,8 @@ def load_jsonl(path):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
+            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
+                            f"fix or remove the line") from None
         try:
             fmt = record_format(record)
         except DataError as e:
@@ -142,11 +157,12 @@ def load_jsonl(path):
         if first_format is None:
             first_format, first_line = fmt, line_number
         elif fmt != first_format:
-            raise DataError(f"{where}: a {fmt} record in a file of {first_format} records (line {first_line}); "
-                            f"use one format per file")
+            raise DataError(f"{where}: a {fmt} record in a file of {first_format} records "
+                            f"(line {first_line}); use one format per file")
         records.append(record)
     if not records:
-        raise DataError(f"{path}: no records (the file is empty or blank); write one JSON object per line")
+        raise DataError(f"{path}: no records (the file is empty or blank); "
+                        f"write one JSON object per line")
     return records
 
 
@@ -159,9 +175,10 @@ def dataset_format(records):
 # rendering and tokenizing
 
 def render(record, tok, chat=False):
-    """(prompt_text, target_text) of a record: the text the model is given and the text it must produce.
-    For "text" records the prompt is empty; for "choice" records the target is the right choice.
-    With chat=True the prompt is wrapped in the model's chat format (tok.chat_prompt), if it has one."""
+    """(prompt_text, target_text) of a record: the text the model is given and the text it must
+    produce. For "text" records the prompt is empty; for "choice" records the target is the right
+    choice. With chat=True the prompt is wrapped in the model's chat format (tok.chat_prompt), if
+    it has one."""
     fmt = record_format(record)
     if fmt == "text":
         return "", record["text"]
@@ -182,7 +199,8 @@ def render(record, tok, chat=False):
 
 
 def _prepend_bos(ids, mask, tok):
-    # exactly one BOS: add it unless the text already starts with it (e.g. a chat prompt that opens with BOS)
+    # exactly one BOS: add it unless the text already starts with it (e.g. a chat prompt that
+    # opens with BOS)
     if tok.bos_id is not None and ids[:1] != [tok.bos_id]:
         return [tok.bos_id] + ids, [False] + mask
     return ids, mask
@@ -191,10 +209,11 @@ def _prepend_bos(ids, mask, tok):
 def encode_example(record, tok, max_len=None, chat=False):
     """record -> (ids, target_mask), two lists of the same length.
 
-    ids = [BOS] + tokens(prompt) + tokens(target) + [EOS]; target_mask is True on the target tokens and EOS
-    (the model must learn to stop). BOS only if tok.bos_id is not None. target_mask[0] is always False: the first
-    token has nothing before it to be predicted from. With max_len the pair is cut to max_len tokens from the
-    right, silently (so the EOS may be lost, and all targets may be); encode_dataset counts and reports that."""
+    ids = [BOS] + tokens(prompt) + tokens(target) + [EOS]; target_mask is True on the target
+    tokens and EOS (the model must learn to stop). BOS only if tok.bos_id is not None.
+    target_mask[0] is always False: the first token has nothing before it to be predicted from.
+    With max_len the pair is cut to max_len tokens from the right, silently (so the EOS may be
+    lost, and all targets may be); encode_dataset counts and reports that."""
     prompt_text, target_text = render(record, tok, chat)
     prompt_ids = tok.encode(prompt_text) if prompt_text else []
     target_ids = tok.encode(target_text) + [tok.eos_id]
@@ -221,34 +240,39 @@ def encode_dataset(records, tok, max_len, chat=False, name="dataset"):
             continue
         examples.append((ids, mask))
     if n_truncated:
-        warnings.warn(f"{name}: {n_truncated} of {len(records)} examples are longer than max_len={max_len} "
-                      f"tokens and were cut from the right; {n_dropped} had no target token left and were "
-                      f"dropped (raise max_len or shorten the examples)", stacklevel=2)
+        warnings.warn(f"{name}: {n_truncated} of {len(records)} examples are longer than "
+                      f"max_len={max_len} tokens and were cut from the right; {n_dropped} had no "
+                      f"target token left and were dropped (raise max_len or shorten the examples)",
+                      stacklevel=2)
     if not examples:
-        raise DataError(f"{name}: no example has a target token within max_len={max_len}; raise max_len")
+        raise DataError(f"{name}: no example has a target token within max_len={max_len}; "
+                        f"raise max_len")
     return examples
 
 
 def encode_choices(record, tok, max_len, chat=False):
     """Multiple-choice record -> ([(ids, target_mask) for each choice], index of the right choice).
 
-    Each candidate is [BOS] + tokens(question) + tokens(choice), with the choice tokens as targets and no EOS
-    (the usual log-likelihood scoring: sum of log p(choice tokens | question)). If a candidate is longer than
-    max_len, the question is cut from the left (after BOS) so that every choice token is still scored."""
+    Each candidate is [BOS] + tokens(question) + tokens(choice), with the choice tokens as targets
+    and no EOS (the usual log-likelihood scoring: sum of log p(choice tokens | question)). If a
+    candidate is longer than max_len, the question is cut from the left (after BOS) so that every
+    choice token is still scored."""
     prompt_text, _ = render(record, tok, chat)
     prompt_ids = tok.encode(prompt_text) if prompt_text else []
     candidates = []
     for choice in record["choices"]:
         choice_ids = tok.encode(choice)
-        ids, mask = _prepend_bos(prompt_ids + choice_ids, [False] * len(prompt_ids) + [True] * len(choice_ids), tok)
+        ids, mask = _prepend_bos(prompt_ids + choice_ids,
+                                 [False] * len(prompt_ids) + [True] * len(choice_ids), tok)
         if len(ids) > max_len:
             head = 1 if tok.bos_id is not None else 0  # keep the BOS
             if len(choice_ids) + head >= max_len:
-                raise DataError(f"choice {choice[:40]!r} alone is {len(choice_ids)} tokens, not less than "
-                                f"max_len={max_len}; raise max_len")
+                raise DataError(f"choice {choice[:40]!r} alone is {len(choice_ids)} tokens, "
+                                f"not less than max_len={max_len}; raise max_len")
             keep = max_len - head
             ids, mask = ids[:head] + ids[-keep:], mask[:head] + mask[-keep:]
-            warnings.warn(f"multiple-choice questions longer than max_len={max_len} are cut from the left")
+            warnings.warn(f"multiple-choice questions longer than max_len={max_len} "
+                          f"are cut from the left")
         mask[0] = False
         candidates.append((ids, mask))
     return candidates, answer_index(record)
@@ -260,16 +284,18 @@ def encode_choices(record, tok, max_len, chat=False):
 def collate(examples, pad_id):
     """List of (ids, target_mask) -> {"input_ids": LongTensor [B, T], "labels": LongTensor [B, T]}.
 
-    T = (longest example in the batch) - 1: the last token of an example is never an input, since nothing
-    follows it. Row b holds ids[:-1] then pad_id; labels[b, t] = ids[t + 1] where target_mask[t + 1], else -100
-    (prompt, padding, and anything past the example). Logits at position t are compared with labels[:, t].
-    Right padding is safe with a causal model: real tokens never attend to the padding after them."""
+    T = (longest example in the batch) - 1: the last token of an example is never an input, since
+    nothing follows it. Row b holds ids[:-1] then pad_id; labels[b, t] = ids[t + 1] where
+    target_mask[t + 1], else -100 (prompt, padding, and anything past the example). Logits at
+    position t are compared with labels[:, t]. Right padding is safe with a causal model: real
+    tokens never attend to the padding after them."""
     if not examples:
         raise DataError("collate got an empty list of examples")
     B = len(examples)
     T = max(len(ids) for ids, _ in examples) - 1
     if T < 1:
-        raise DataError("every example in the batch is a single token; there is nothing to predict")
+        raise DataError("every example in the batch is a single token; "
+                        "there is nothing to predict")
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
     for b, (ids, mask) in enumerate(examples):
@@ -284,8 +310,8 @@ def collate(examples, pad_id):
 
 
 def count_label_tokens(batch):
-    """Number of positions that carry a loss in a collated batch (train.py divides the summed loss of an
-    optimizer step by the total over its micro-batches)."""
+    """Number of positions that carry a loss in a collated batch (train.py divides the summed loss
+    of an optimizer step by the total over its micro-batches)."""
     return int((batch["labels"] != IGNORE_INDEX).sum())
 
 
@@ -298,24 +324,29 @@ def iter_batches(examples, batch_size, pad_id):
 class Batcher:
     """Endless shuffled micro-batches with a cursor that makes resume exact.
 
-    Epoch e visits the examples in the order torch.randperm(n) drawn from a generator seeded with seed + e, so the
-    order depends only on (seed, epoch) and the cursor (epoch, position) is all a checkpoint needs: a Batcher
-    restored with load_state_dict() yields exactly the batches the saved one would have yielded next.
+    Epoch e visits the examples in the order torch.randperm(n) drawn from a generator seeded with
+    seed + e, so the order depends only on (seed, epoch) and the cursor (epoch, position) is all a
+    checkpoint needs: a Batcher restored with load_state_dict() yields exactly the batches the
+    saved one would have yielded next.
 
-    Each step consumes batch_size * world_size examples of the epoch's order; rank r gets the r-th slice of
-    batch_size. The leftover examples at the end of an epoch (fewer than one step) are skipped, a different
-    leftover each epoch, so every micro-batch on every rank has exactly batch_size examples."""
+    Each step consumes batch_size * world_size examples of the epoch's order; rank r gets the r-th
+    slice of batch_size. The leftover examples at the end of an epoch (fewer than one step) are
+    skipped, a different leftover each epoch, so every micro-batch on every rank has exactly
+    batch_size examples."""
 
     def __init__(self, examples, batch_size, pad_id, seed=0, shuffle=True, rank=0, world_size=1):
         step_size = batch_size * world_size
         if batch_size < 1 or not 0 <= rank < world_size:
-            raise DataError(f"bad batching: batch_size={batch_size}, rank={rank}, world_size={world_size}")
+            raise DataError(f"bad batching: batch_size={batch_size}, rank={rank}, "
+                            f"world_size={world_size}")
         if len(examples) < step_size:
             raise DataError(f"the dataset has {len(examples)} examples, fewer than one step needs "
-                            f"(batch_size {batch_size} x world_size {world_size}); lower the batch size")
+                            f"(batch_size {batch_size} x world_size {world_size}); "
+                            f"lower the batch size")
         self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
-        self.epoch, self.position = 0, 0  # the cursor: position = examples of this epoch's order already used
+        # the cursor: position = examples of this epoch's order already used
+        self.epoch, self.position = 0, 0
         self._order, self._order_epoch = None, None
 
     @property
@@ -331,7 +362,8 @@ class Batcher:
 
     def next_batch(self):
         step_size = self.batch_size * self.world_size
-        if self.position + step_size > len(self.examples):  # not enough left for a full step: next epoch
+        # not enough left for a full step: next epoch
+        if self.position + step_size > len(self.examples):
             self.epoch, self.position = self.epoch + 1, 0
         if self._order_epoch != self.epoch:
             self._order, self._order_epoch = self.epoch_order(self.epoch), self.epoch
@@ -347,14 +379,17 @@ class Batcher:
         return self.next_batch()
 
     def state_dict(self):
-        # plain ints only: safe to save with torch.save and read back with torch.load(weights_only=True), or JSON
+        # plain ints only: safe to save with torch.save and read back with
+        # torch.load(weights_only=True), or JSON
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "num_examples": len(self.examples), "batch_size": self.batch_size, "world_size": self.world_size}
+                "num_examples": len(self.examples), "batch_size": self.batch_size,
+                "world_size": self.world_size}
 
     def load_state_dict(self, state):
         for key in ("seed", "num_examples", "batch_size", "world_size"):
             mine = len(self.examples) if key == "num_examples" else getattr(self, key)
             if state[key] != mine:
-                raise DataError(f"the data cursor was saved with {key}={state[key]} but this run has {key}={mine}; "
+                raise DataError(f"the data cursor was saved with {key}={state[key]} "
+                                f"but this run has {key}={mine}; "
                                 f"resume with the same data, seed and batch settings")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

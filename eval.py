@@ -1,16 +1,17 @@
 """
-Evaluate a base model and, side by side, the same model with an adapter (or a fully fine-tuned checkpoint).
+Evaluate a base model and, side by side, the same model with an adapter (or a fully fine-tuned
+checkpoint).
 
-    python eval.py --model smollm2-135m --adapter runs/demo --data data/wordnet_val.jsonl data/wordnet_val_choice.jsonl
+    python eval.py --adapter runs/demo --data data/wordnet_val.jsonl data/wordnet_val_choice.jsonl
 
 Per data file, by its format (see data.py):
-  {"text"} / {"prompt","completion"} / {"instruction",...}  ->  loss and perplexity over the target tokens, and for
-                                                                prompt/completion data the exact match of greedy
-                                                                generations
-  {"question","choices","answer"}                            ->  accuracy by log-likelihood of each choice (summed,
-                                                                and per token)
-Results print as a table and are written as JSON (--out). `--plot-metrics` draws loss curves from runs'
-metrics.jsonl files.
+  {"text"} / {"prompt","completion"} / {"instruction",...}
+      ->  loss and perplexity over the target tokens, and for prompt/completion data the exact
+          match of greedy generations
+  {"question","choices","answer"}
+      ->  accuracy by log-likelihood of each choice (summed, and per token)
+Results print as a table and are written as JSON (--out). `--plot-metrics` draws loss curves from
+runs' metrics.jsonl files.
 """
 
 from __future__ import annotations
@@ -30,18 +31,19 @@ import data as D
 import model as M
 from tokenizer import load_tokenizer
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # metrics
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def _positions_logprobs(model, input_ids, labels):
-    """log p(label) at every labelled position, and the row each belongs to. Head applied only where labels exist."""
+    """log p(label) at every labelled position, and the row each belongs to. Head applied only
+    where labels exist."""
     h = model.hidden_states(input_ids)                                   # (B, T, C)
     keep = labels != D.IGNORE_INDEX                                       # (B, T)
     logits = model.lm_head(h[keep]).float()                               # (N, vocab)
     logp = logits.log_softmax(-1).gather(-1, labels[keep][:, None])[:, 0] # (N,)
-    rows = keep.nonzero()[:, 0]                                           # (N,) batch row of each position
+    rows = keep.nonzero()[:, 0]                                           # (N,) row of each label
     return logp, rows
 
 
@@ -55,13 +57,16 @@ def evaluate_loss(model, examples, batch_size: int, pad_id: int) -> dict:
         total += model(ids, labels=labels, reduction="sum").item()
         n += D.count_label_tokens(batch)
     loss = total / max(n, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": n}   # (700: avoid float overflow)
+    # (700: avoid float overflow)
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": n}
 
 
 @torch.no_grad()
-def choice_accuracy(model, tok, records, max_len: int, chat: bool = False, batch_size: int = 16) -> dict:
-    """Pick the choice with the highest log-likelihood given the question. 'acc' sums log-probs over the choice's
-    tokens; 'acc_per_token' averages them (less biased towards short choices)."""
+def choice_accuracy(model, tok, records, max_len: int, chat: bool = False,
+                    batch_size: int = 16) -> dict:
+    """Pick the choice with the highest log-likelihood given the question. 'acc' sums log-probs
+    over the choice's tokens; 'acc_per_token' averages them (less biased towards short
+    choices)."""
     device = model.inv_freq.device
     correct = correct_norm = 0
     for start in range(0, len(records), batch_size):
@@ -84,52 +89,55 @@ def choice_accuracy(model, tok, records, max_len: int, chat: bool = False, batch
 
 
 @torch.no_grad()
-def exact_match(model, tok, records, chat: bool = False, max_len: int = 256, batch_size: int = 16,
-                n_samples: int = 3) -> dict:
-    """Fraction of prompts whose greedy continuation is exactly the completion's tokens followed by EOS.
+def exact_match(model, tok, records, chat: bool = False, max_len: int = 256,
+                batch_size: int = 16, n_samples: int = 3) -> dict:
+    """Fraction of prompts whose greedy continuation is exactly the completion's tokens followed by
+    EOS.
 
-    Computed in one teacher-forced pass per batch, which is exact for greedy decoding: the greedy output equals
-    target+EOS iff, at every target position, the argmax given the previous target tokens is the next target
-    token. (Matching is on tokens: a different tokenization of the same text counts as a miss.) A few real
-    generations are kept as samples to look at.
+    Computed in one teacher-forced pass per batch, which is exact for greedy decoding: the greedy
+    output equals target+EOS iff, at every target position, the argmax given the previous target
+    tokens is the next target token. (Matching is on tokens: a different tokenization of the same
+    text counts as a miss.) A few real generations are kept as samples to look at.
     """
     device = model.inv_freq.device
     examples = D.encode_dataset(records, tok, max_len, chat, name="exact match")
     hits = 0
     for batch in D.iter_batches(examples, batch_size, tok.pad_id):
         ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-        h = model.hidden_states(ids)                                            # (B, T, C)
+        h = model.hidden_states(ids)                                  # (B, T, C)
         keep = labels != D.IGNORE_INDEX
-        wrong = model.lm_head(h[keep]).argmax(-1) != labels[keep]               # (N,) one per target token
+        wrong = model.lm_head(h[keep]).argmax(-1) != labels[keep]     # (N,) one per target token
         rows = keep.nonzero()[:, 0]
         misses = torch.zeros(ids.shape[0], device=device).index_add_(0, rows, wrong.float())
         hits += int((misses == 0).sum())
     samples = []
     for r in records[:n_samples]:
         prompt, target = D.render(r, tok, chat)
-        out = M.generate(model, tok.encode(prompt, bos=True), len(tok.encode(target)) + 4, eos_id=tok.eos_id)
+        out = M.generate(model, tok.encode(prompt, bos=True), len(tok.encode(target)) + 4,
+                         eos_id=tok.eos_id)
         samples.append({"prompt": prompt[-60:], "target": target, "generated": tok.decode(out)})
     return {"exact_match": hits / len(examples), "examples": len(examples), "samples": samples}
 
 
 @torch.no_grad()
 def prediction_kl(model, reference, examples, batch_size: int, pad_id: int) -> dict:
-    """Prediction alignment (CG-LoRA's target): mean over target tokens of KL(p_reference ‖ p_model) between the
-    next-token distributions of a reference (e.g. a --method full run) and the evaluated model, in nats."""
+    """Prediction alignment (CG-LoRA's target): mean over target tokens of KL(p_reference ‖
+    p_model) between the next-token distributions of a reference (e.g. a --method full run) and
+    the evaluated model, in nats."""
     device = model.inv_freq.device
     total, n = 0.0, 0
     for batch in D.iter_batches(examples, batch_size, pad_id):
         ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
         keep = labels != D.IGNORE_INDEX
-        logp = model.label_logits(ids, keep).float().log_softmax(-1)                            # (N, vocab)
-        logq = reference.label_logits(ids, keep).float().log_softmax(-1)                        # (N, vocab)
+        logp = model.label_logits(ids, keep).float().log_softmax(-1)        # (N, vocab)
+        logq = reference.label_logits(ids, keep).float().log_softmax(-1)    # (N, vocab)
         total += (logq.exp() * (logq - logp)).sum().item()
         n += int(keep.sum())
     return {"kl_to_reference": total / max(n, 1), "tokens": n}
 
 
-def evaluate_file(model, tok, path, max_len: int, batch_size: int, chat: bool, max_examples: int | None,
-                  generate: bool, reference=None) -> dict:
+def evaluate_file(model, tok, path, max_len: int, batch_size: int, chat: bool,
+                  max_examples: int | None, generate: bool, reference=None) -> dict:
     records = D.load_jsonl(path)[:max_examples]
     fmt = D.dataset_format(records)
     if fmt == "choice":
@@ -137,15 +145,16 @@ def evaluate_file(model, tok, path, max_len: int, batch_size: int, chat: bool, m
     examples = D.encode_dataset(records, tok, max_len, chat, name=str(path))
     result = evaluate_loss(model, examples, batch_size, tok.pad_id)
     if reference is not None:
-        result["kl_to_reference"] = prediction_kl(model, reference, examples, batch_size, tok.pad_id)["kl_to_reference"]
+        result["kl_to_reference"] = prediction_kl(model, reference, examples, batch_size,
+                                                  tok.pad_id)["kl_to_reference"]
     if generate and fmt in ("prompt_completion", "instruction"):
         result.update(exact_match(model, tok, records, chat, max_len, batch_size))
     return result
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # plots
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def _pyplot():
@@ -189,14 +198,16 @@ def plot_loss_curves(runs: dict[str, str | Path], out_png: str | Path) -> Path:
 
 
 def plot_trust_region(metrics_path: str | Path, out_png: str | Path) -> Path:
-    """CTR-LoRA's trust region over a run: predicted KL κ of each logged step, the radius ρ, and the clip rate."""
+    """CTR-LoRA's trust region over a run: predicted KL κ of each logged step, the radius ρ, and the
+    clip rate."""
     plt = _pyplot()
     rows = [r for r in read_metrics(metrics_path) if "kappa" in r]
     if not rows:
         raise ValueError(f"{metrics_path}: no 'kappa' entries (only --method ctr logs them)")
     steps = [r["step"] for r in rows]
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(6.5, 5), sharex=True, height_ratios=[2, 1])
-    ax.semilogy(steps, [max(r["kappa"], 1e-12) for r in rows], label="κ (predicted KL of the proposed step)")
+    ax.semilogy(steps, [max(r["kappa"], 1e-12) for r in rows],
+                label="κ (predicted KL of the proposed step)")
     ax.semilogy(steps, [r["rho"] for r in rows], "--", label="ρ (trust radius)")
     ax.set_ylabel("nats per token (K-FAC)")
     ax.legend(fontsize=8)
@@ -213,7 +224,8 @@ MODULE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def rank_grid(ranks: dict[str, int]):
-    """{'model.layers.3.self_attn.q_proj': 6, ...} -> (grid[layer][module type], layer ids, module types)."""
+    """{'model.layers.3.self_attn.q_proj': 6, ...} -> (grid[layer][module type], layer ids, module
+    types)."""
     cells = {}
     for name, r in ranks.items():
         parts = name.split(".")
@@ -226,8 +238,10 @@ def rank_grid(ranks: dict[str, int]):
     return grid, layers, kinds
 
 
-def plot_rank_heatmap(ranks: dict[str, int], out_png: str | Path, title: str = "rank per module") -> Path:
-    """Heatmap of adapter ranks, layers (rows) x module types (columns), as in TriAdaptLoRA's rank figures."""
+def plot_rank_heatmap(ranks: dict[str, int], out_png: str | Path,
+                      title: str = "rank per module") -> Path:
+    """Heatmap of adapter ranks, layers (rows) x module types (columns), as in TriAdaptLoRA's rank
+    figures."""
     plt = _pyplot()
     grid, layers, kinds = rank_grid(ranks)
     fig, ax = plt.subplots(figsize=(1.1 * len(kinds) + 2, 0.28 * len(layers) + 1.6))
@@ -243,24 +257,26 @@ def plot_rank_heatmap(ranks: dict[str, int], out_png: str | Path, title: str = "
 def saved_ranks(adapter_dir) -> dict[str, int]:
     """Per-module ranks recorded in a saved adapter's adapter_config.json."""
     meta = json.loads((Path(adapter_dir) / IO.ADAPTER_CONFIG_NAME).read_text())
-    return meta.get("active_ranks", meta["ranks"])          # masked methods: the ranks in use, not tensor shapes
+    # masked methods: the ranks in use, not tensor shapes
+    return meta.get("active_ranks", meta["ranks"])
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # command line
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def load_tuned(base: str, adapter_dir: str | None, dtype, device):
-    """The base model, or the base with an adapter from `adapter_dir`, or a full checkpoint saved there."""
+    """The base model, or the base with an adapter from `adapter_dir`, or a full checkpoint saved
+    there."""
     if adapter_dir is None:
         return M.load_pretrained(base, dtype, device)
     d = Path(adapter_dir)
     if (d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file():
-        return M.load_pretrained(d, dtype, device)                      # --method full saves a whole model
+        return M.load_pretrained(d, dtype, device)          # --method full saves a whole model
     if not (d / IO.ADAPTER_CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{d}: no {IO.ADAPTER_CONFIG_NAME} (adapter) or model.safetensors (full model); "
-                                f"pass the --out folder of a train.py run")
+        raise FileNotFoundError(f"{d}: no {IO.ADAPTER_CONFIG_NAME} (adapter) or model.safetensors "
+                                f"(full model); pass the --out folder of a train.py run")
     net = M.load_pretrained(base, dtype, device)
     IO.load_adapter(net, str(d))
     return net.to(device).eval()
@@ -268,25 +284,34 @@ def load_tuned(base: str, adapter_dir: str | None, dtype, device):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Evaluate a base model and an adapter side by side.")
-    ap.add_argument("--model", default="smollm2-135m", help="base checkpoint folder or name (default: smollm2-135m)")
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="base checkpoint folder or name (default: smollm2-135m)")
     ap.add_argument("--adapter", default=None,
-                    help="a train.py --out folder (adapter, or full model for --method full); omit for base only")
-    ap.add_argument("--data", nargs="*", default=[], help="JSONL files to evaluate (format detected per file)")
-    ap.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N records of each file")
+                    help="a train.py --out folder (adapter, or full model for --method full); "
+                         "omit for base only")
+    ap.add_argument("--data", nargs="*", default=[],
+                    help="JSONL files to evaluate (format detected per file)")
+    ap.add_argument("--max-examples", type=int, default=None,
+                    help="evaluate only the first N records of each file")
     ap.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     ap.add_argument("--seq-len", type=int, default=256, help="maximum tokens per example")
     ap.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat format")
-    ap.add_argument("--no-generate", action="store_true", help="skip greedy generation (exact match)")
-    ap.add_argument("--no-base", action="store_true", help="evaluate only the adapter, not the base model")
+    ap.add_argument("--no-generate", action="store_true",
+                    help="skip greedy generation (exact match)")
+    ap.add_argument("--no-base", action="store_true",
+                    help="evaluate only the adapter, not the base model")
     ap.add_argument("--out", default=None, help="write the results as JSON to this file")
     ap.add_argument("--plot-metrics", nargs="*", default=[],
-                    help="metrics.jsonl files (or run folders) to draw as loss curves into --plot-out")
+                    help="metrics.jsonl files (or run folders) to draw as loss curves "
+                         "into --plot-out")
     ap.add_argument("--plot-out", default="loss_curves.png", help="PNG file for --plot-metrics")
     ap.add_argument("--trust-region-plot", default=None,
-                    help="draw κ, ρ and the clip rate of a CTR-LoRA run (--adapter folder) into this PNG file")
+                    help="draw κ, ρ and the clip rate of a CTR-LoRA run (--adapter folder) "
+                         "into this PNG file")
     ap.add_argument("--reference", default=None,
-                    help="a run folder (adapter or full model) whose predictions are the target: reports the mean "
-                         "KL(reference ‖ model) per target token (prediction alignment)")
+                    help="a run folder (adapter or full model) whose predictions are the target: "
+                         "reports the mean KL(reference ‖ model) per target token "
+                         "(prediction alignment)")
     ap.add_argument("--rank-heatmap", default=None,
                     help="draw the per-module ranks of --adapter as a heatmap into this PNG file")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -295,11 +320,14 @@ def main(argv=None):
     if args.trust_region_plot:
         if not args.adapter:
             ap.error("--trust-region-plot needs --adapter (a CTR-LoRA run folder)")
-        print(f"wrote {plot_trust_region(Path(args.adapter) / 'metrics.jsonl', args.trust_region_plot)}")
+        print(f"wrote "
+              f"{plot_trust_region(Path(args.adapter) / 'metrics.jsonl', args.trust_region_plot)}")
     if args.rank_heatmap:
         if not args.adapter:
             ap.error("--rank-heatmap needs --adapter")
-        print(f"wrote {plot_rank_heatmap(saved_ranks(args.adapter), args.rank_heatmap, Path(args.adapter).name)}")
+        png = plot_rank_heatmap(saved_ranks(args.adapter), args.rank_heatmap,
+                                Path(args.adapter).name)
+        print(f"wrote {png}")
 
     if args.plot_metrics:
         runs = {}
@@ -309,24 +337,27 @@ def main(argv=None):
         print(f"wrote {plot_loss_curves(runs, args.plot_out)}")
     if not args.data:
         if not (args.plot_metrics or args.rank_heatmap or args.trust_region_plot):
-            ap.error("nothing to do: give --data files (and --adapter), --plot-metrics or --rank-heatmap")
+            ap.error("nothing to do: give --data files (and --adapter), --plot-metrics "
+                     "or --rank-heatmap")
         return
     device = torch.device(args.device)
     dtype = M.default_dtype(device)
     tok = load_tokenizer(M.resolve_checkpoint(args.model))
-    variants = ([] if args.no_base else [("base", None)]) + ([("adapter", args.adapter)] if args.adapter else [])
+    variants = (([] if args.no_base else [("base", None)])
+                + ([("adapter", args.adapter)] if args.adapter else []))
     results = {}
     reference = load_tuned(args.model, args.reference, dtype, device) if args.reference else None
     for label, adapter_dir in variants:
         net = load_tuned(args.model, adapter_dir, dtype, device)
         for path in args.data:
             t0 = time.perf_counter()
-            r = evaluate_file(net, tok, path, args.seq_len, args.batch_size, args.chat, args.max_examples,
-                              not args.no_generate, reference)
+            r = evaluate_file(net, tok, path, args.seq_len, args.batch_size, args.chat,
+                              args.max_examples, not args.no_generate, reference)
             r["seconds"] = round(time.perf_counter() - t0, 2)
             results.setdefault(Path(path).name, {})[label] = r
             print(f"[{label}] {Path(path).name}: " + ", ".join(
-                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if k != "samples"),
+                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in r.items() if k != "samples"),
                   file=sys.stderr)
         del net
     print_table(results)

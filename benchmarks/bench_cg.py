@@ -1,19 +1,23 @@
 """
-CG-LoRA's initialization cost: the memory-bounded sketch mode against the dense gradient-SVD initialization.
+CG-LoRA's initialization cost: the memory-bounded sketch mode against the dense gradient-SVD
+initialization.
 
-    python benchmarks/bench_cg.py                 # SmolLM2-135M, all 7 linear types, r = 8, 8 batches of 4 x 128
+    python benchmarks/bench_cg.py       # SmolLM2-135M, all 7 linears, r = 8, 8 batches of 4 x 128
 
 Setups (same calibration batches, same model, alternated, medians over --rounds):
-    dense identity   G = ∂L/∂W per layer kept in fp32, then a full SVD each, top r kept (the LoRA-GA / LoRA-One
-                     family's gradient-SVD initialization: CG-LoRA's own identity-curvature ablation)
-    dense randomized the same G, top-r by a randomized SVD with 4r columns and 4 power iterations (what LoRA-GA's code
-                     computes, torch.svd_lowrank(q=4r, niter=4)): the same gradients, a much cheaper SVD
-    sketch kfac-diag one pass; per layer a diagonal-whitened randomized sketch, O((d_in + d_out)·r) memory
-All three run CG-LoRA's calibrate() with the predicted η (the measured-KL step size adds a few forwards to every
-setup alike and is timed separately by train.py's cg_init_s). Reported: wall time of the calibration and the
-bytes of calibration statistics it holds (G or sketches + factors, counted from tensor sizes). The paper reports
-0.51× time and 0.39× memory against LoRA-GA on RoBERTa-base; the goal here is at least as good a ratio. Not a
-test: prints figures.
+    dense identity   G = ∂L/∂W per layer kept in fp32, then a full SVD each, top r kept (the
+                     LoRA-GA / LoRA-One family's gradient-SVD initialization: CG-LoRA's own
+                     identity-curvature ablation)
+    dense randomized the same G, top-r by a randomized SVD with 4r columns and 4 power iterations
+                     (what LoRA-GA's code computes, torch.svd_lowrank(q=4r, niter=4)): the same
+                     gradients, a much cheaper SVD
+    sketch kfac-diag one pass; per layer a diagonal-whitened randomized sketch,
+                     O((d_in + d_out)·r) memory
+All three run CG-LoRA's calibrate() with the predicted η (the measured-KL step size adds a few
+forwards to every setup alike and is timed separately by train.py's cg_init_s). Reported: wall
+time of the calibration and the bytes of calibration statistics it holds (G or sketches +
+factors, counted from tensor sizes). The paper reports 0.51× time and 0.39× memory against
+LoRA-GA on RoBERTa-base; the goal here is at least as good a ratio. Not a test: prints figures.
 """
 
 import argparse
@@ -52,16 +56,17 @@ def main(argv=None):
         labels[:, -1] = -100
         batches.append((ids, labels))
     setups = {"dense identity": dict(cg_mode="dense", cg_curvature="identity"),
-              "dense randomized": dict(cg_mode="dense", cg_curvature="identity", cg_dense_svd="randomized"),
+              "dense randomized": dict(cg_mode="dense", cg_curvature="identity",
+                                       cg_dense_svd="randomized"),
               "sketch kfac-diag": dict(cg_mode="sketch", cg_curvature="kfac-diag")}
     results = {k: [] for k in setups}
-    print(f"load average before: {os.getloadavg()[0]:.2f}; {args.model}, {args.batches} x {args.batch} x {args.seq} "
-          f"tokens, r = {args.rank}")
+    print(f"load average before: {os.getloadavg()[0]:.2f}; {args.model}, "
+          f"{args.batches} x {args.batch} x {args.seq} tokens, r = {args.rank}")
     for _ in range(args.rounds):
         for name, opts in setups.items():                      # alternate
             net = copy.deepcopy(base)
-            cfg = A.AdapterConfig(method="cg", r=args.rank, targets=A.LLAMA_LINEAR_NAMES, cg_batches=args.batches,
-                                  cg_kappa_source="predicted", **opts)
+            cfg = A.AdapterConfig(method="cg", r=args.rank, targets=A.LLAMA_LINEAR_NAMES,
+                                  cg_batches=args.batches, cg_kappa_source="predicted", **opts)
             A.apply_method(net, "cg", cfg)
             with contextlib.redirect_stderr(io.StringIO()):
                 info = A.training_hooks(net, cfg).calibrate(batches)
@@ -76,7 +81,8 @@ def main(argv=None):
     for dense in ("dense identity", "dense randomized"):
         t_ratio = med["sketch kfac-diag"][0] / med[dense][0]
         m_ratio = med["sketch kfac-diag"][1] / med[dense][1]
-        print(f"sketch / {dense}: time {t_ratio:.2f}x, memory {m_ratio:.3f}x (paper vs LoRA-GA: 0.51x, 0.39x)")
+        print(f"sketch / {dense}: time {t_ratio:.2f}x, memory {m_ratio:.3f}x "
+              f"(paper vs LoRA-GA: 0.51x, 0.39x)")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

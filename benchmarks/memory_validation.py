@@ -1,7 +1,8 @@
 """
-The memory estimate (memory.py) against the measured peak resident memory of real training steps.
+The memory estimate (memory.py) against the measured peak resident memory of real training
+steps.
 
-    python benchmarks/memory_validation.py        # the validation table of notes/memory.md (minutes)
+    python benchmarks/memory_validation.py    # the validation table of notes/memory.md (minutes)
 
 Each configuration trains a few steps of a small random Llama on CPU, as train.py does (its
 accumulate_gradients and optimizer_step), in a fresh subprocess, and reports the peak resident
@@ -28,14 +29,16 @@ import memory  # noqa: E402
 import model as M  # noqa: E402
 import train  # noqa: E402
 
-# Method: a fresh Python process with MALLOC_MMAP_THRESHOLD_=65536 (glibc then serves every block above 64 KiB
-# with its own mmap and unmaps it on free, so the resident set follows the live tensors instead of heap
-# fragmentation) and one thread (OMP_NUM_THREADS=1: spin-waiting threads make small ops slow on a busy machine;
-# memory is the same but for per-thread scratch). After the imports, a warm-up run of the first configuration of
-# each model shape (one-time set-up of kernels and BLAS packing buffers — 6 to 16 MiB in our runs — stays in the
-# baseline). Then for each configuration: gc, malloc_trim(0) (else free heap pages left by the previous run stay
-# resident, inflate the baseline and get reused: up to 30 MiB too low), read VmRSS as the baseline, reset the
-# high-water mark (echo 5 > /proc/self/clear_refs), build the model, train (run_steps), report VmHWM − baseline.
+# Method: a fresh Python process with MALLOC_MMAP_THRESHOLD_=65536 (glibc then serves every block
+# above 64 KiB with its own mmap and unmaps it on free, so the resident set follows the live
+# tensors instead of heap fragmentation) and one thread (OMP_NUM_THREADS=1: spin-waiting threads
+# make small ops slow on a busy machine; memory is the same but for per-thread scratch). After the
+# imports, a warm-up run of the first configuration of each model shape (one-time set-up of
+# kernels and BLAS packing buffers — 6 to 16 MiB in our runs — stays in the baseline). Then for
+# each configuration: gc, malloc_trim(0) (else free heap pages left by the previous run stay
+# resident, inflate the baseline and get reused: up to 30 MiB too low), read VmRSS as the
+# baseline, reset the high-water mark (echo 5 > /proc/self/clear_refs), build the model, train
+# (run_steps), report VmHWM − baseline.
 
 def _status_kib(key: str) -> int:
     with open("/proc/self/status") as f:
@@ -46,15 +49,16 @@ def _status_kib(key: str) -> int:
 
 
 def run_steps(spec: dict) -> None:
-    """Build the spec's model (random weights) and train as train.py does: one step on a short batch (it creates
-    the optimizer state and the methods' statistics, so what follows is the steady state), then spec['steps']
-    steps on the full (batch_size, seq_len) batch."""
+    """Build the spec's model (random weights) and train as train.py does: one step on a short
+    batch (it creates the optimizer state and the methods' statistics, so what follows is the
+    steady state), then spec['steps'] steps on the full (batch_size, seq_len) batch."""
     cfg = M.LlamaConfig(**spec["config"])
     method, B, T = spec["method"], spec["batch_size"], spec["seq_len"]
     torch.manual_seed(0)
     wdtype = getattr(torch, spec.get("weights_dtype", "float32"))
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32 if method == "full" else wdtype)   # parameters born in the storage dtype
+    # parameters born in the storage dtype
+    torch.set_default_dtype(torch.float32 if method == "full" else wdtype)
     try:
         net = M.Llama(cfg)
     finally:
@@ -68,7 +72,7 @@ def run_steps(spec: dict) -> None:
         acfg = A.AdapterConfig(method=method, **spec.get("adapter", {}))
         A.apply_method(net, method, acfg)
         for layer in A.adapter_layers(net).values():
-            if isinstance(layer, A.TriAdaptLinear):                            # the budgeted final structure
+            if isinstance(layer, A.TriAdaptLinear):                # the budgeted final structure
                 layer.grow_to(memory.triadapt_final_rank(acfg))
         hooks = A.training_hooks(net, acfg)
     gen = torch.Generator().manual_seed(1)
@@ -82,7 +86,8 @@ def run_steps(spec: dict) -> None:
     net.train()
     for step in range(1 + spec.get("steps", 1)):
         x, y = (ids[:1, :8], labels[:1, :8]) if step == 0 else (ids, labels)
-        train.accumulate_gradients(net, [{"input_ids": x, "labels": y}], int((y != -100).sum()), "cpu", method=hooks)
+        train.accumulate_gradients(net, [{"input_ids": x, "labels": y}], int((y != -100).sum()),
+                                   "cpu", method=hooks)
         train.optimizer_step(opt, params, hooks, step, clip=1.0)
     hooks.close()
 
@@ -90,17 +95,19 @@ def run_steps(spec: dict) -> None:
 def _measure_here(specs: list[dict]) -> list[int]:
     import gc
     torch.set_num_threads(1)
-    for spec in {json.dumps(dict(s["config"], B=s["batch_size"], T=s["seq_len"])): s for s in specs}.values():
-        run_steps(spec)                                  # warm-up: the first configuration of each shape, once
+    # warm-up: the first configuration of each shape, once
+    for spec in {json.dumps(dict(s["config"], B=s["batch_size"], T=s["seq_len"])): s
+                 for s in specs}.values():
+        run_steps(spec)
     import ctypes
     trim = getattr(ctypes.CDLL(None), "malloc_trim", lambda pad: 0)   # glibc; elsewhere a no-op
     out = []
     for spec in specs:
         gc.collect()
-        trim(0)                                          # return freed heap pages of earlier runs to the system
+        trim(0)                            # return freed heap pages of earlier runs to the system
         base = _status_kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")                                                       # reset VmHWM to the current RSS
+            f.write("5")                                   # reset VmHWM to the current RSS
         run_steps(spec)
         out.append((_status_kib("VmHWM") - base) * 1024)
         gc.collect()
@@ -108,10 +115,12 @@ def _measure_here(specs: list[dict]) -> list[int]:
 
 
 def measure_peaks(specs: list[dict], timeout: float = 600) -> list[int]:
-    """Peak resident bytes above the baseline of each spec's training steps, measured in one fresh subprocess."""
+    """Peak resident bytes above the baseline of each spec's training steps, measured in one fresh
+    subprocess."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1",
                PYTHONPATH=str(REPO))
-    res = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--measure-json", json.dumps(specs)],
+    res = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--measure-json",
+                          json.dumps(specs)],
                          capture_output=True, text=True, env=env, timeout=timeout)
     if res.returncode != 0:
         raise RuntimeError(f"measurement subprocess failed:\n{res.stderr[-3000:]}")
@@ -125,27 +134,33 @@ def estimate_spec(spec: dict) -> dict:
     acfg = None if method == "full" else A.AdapterConfig(method=method, **spec.get("adapter", {}))
     wd = getattr(torch, spec.get("weights_dtype", "float32"))
     cd = getattr(torch, spec["compute_dtype"]) if spec.get("compute_dtype") else wd
-    return memory._estimate(cfg, method, acfg, spec["batch_size"], spec["seq_len"], wd, cd, spec["grad_checkpoint"])
+    return memory._estimate(cfg, method, acfg, spec["batch_size"], spec["seq_len"], wd, cd,
+                            spec["grad_checkpoint"])
 
 
-# The validation model: ~25M parameters, shaped like a shrunken Llama 3 (GQA, untied head, large vocabulary).
-VALIDATION_CONFIG = dict(vocab_size=16000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)
+# The validation model: ~25M parameters, shaped like a shrunken Llama 3 (GQA, untied head, large
+# vocabulary).
+VALIDATION_CONFIG = dict(vocab_size=16000, hidden_size=512, intermediate_size=1408,
+                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                         max_position_embeddings=1024)
 
 
 def validation_specs(methods=("lora", "full"), batch_size: int = 2, seq_len: int = 512,
-                     config: dict = VALIDATION_CONFIG, weights_dtype: str = "float32", compute_dtype: str = "",
-                     **adapter_options) -> list[dict]:
-    """One spec per (method, checkpointing): r = 16 on all seven linears, schedules short enough to act in the
-    measured steps, CG-LoRA calibrating on one batch; TriAdaptLoRA is grown to its final rank first."""
+                     config: dict = VALIDATION_CONFIG, weights_dtype: str = "float32",
+                     compute_dtype: str = "", **adapter_options) -> list[dict]:
+    """One spec per (method, checkpointing): r = 16 on all seven linears, schedules short enough to
+    act in the measured steps, CG-LoRA calibrating on one batch; TriAdaptLoRA is grown to its final
+    rank first."""
     specs = []
     for method in methods:
         for ckpt in (False, True):
-            adapter = {} if method == "full" else {"r": 16, "targets": list(A.LLAMA_LINEAR_NAMES), "total_steps": 10,
-                                                  "t_init": 0, "t_final": 0, "tri_warmup": 1, "tri_interval": 1,
-                                                  "tri_final": 9, "cg_batches": 1, **adapter_options}
-            specs.append({"config": config, "method": method, "batch_size": batch_size, "seq_len": seq_len,
-                          "grad_checkpoint": ckpt, "steps": 1, "adapter": adapter, "weights_dtype": weights_dtype,
+            adapter = {} if method == "full" else {
+                "r": 16, "targets": list(A.LLAMA_LINEAR_NAMES), "total_steps": 10, "t_init": 0,
+                "t_final": 0, "tri_warmup": 1, "tri_interval": 1, "tri_final": 9, "cg_batches": 1,
+                **adapter_options}
+            specs.append({"config": config, "method": method, "batch_size": batch_size,
+                          "seq_len": seq_len, "grad_checkpoint": ckpt, "steps": 1,
+                          "adapter": adapter, "weights_dtype": weights_dtype,
                           "compute_dtype": compute_dtype})
     return specs
 
@@ -155,9 +170,10 @@ def validation_specs(methods=("lora", "full"), batch_size: int = 2, seq_len: int
 VALIDATION_RUNS = [   # (label, specs): notes/memory.md's validation table
     ("V=16000", lambda: validation_specs(memory.ALL_METHODS)),
     ("V=16000, CG-LoRA sketch mode", lambda: validation_specs(("cg",), cg_mode="sketch")),
-    ("V=2000", lambda: validation_specs(("lora", "ctr", "full"), config=dict(VALIDATION_CONFIG, vocab_size=2000))),
-    ("V=16000, bf16 weights, fp32 compute", lambda: validation_specs(("lora", "ctr"), weights_dtype="bfloat16",
-                                                                    compute_dtype="float32")),
+    ("V=2000", lambda: validation_specs(("lora", "ctr", "full"),
+                                        config=dict(VALIDATION_CONFIG, vocab_size=2000))),
+    ("V=16000, bf16 weights, fp32 compute", lambda: validation_specs(
+        ("lora", "ctr"), weights_dtype="bfloat16", compute_dtype="float32")),
 ]
 
 
@@ -172,7 +188,8 @@ def validate() -> str:
         for spec, peak in zip(specs, measure_peaks(specs, timeout=3600)):
             e = estimate_spec(spec)
             est = e["bytes"]["total"]
-            rows.append(f"| {label} | {spec['method']} | {'on' if spec['grad_checkpoint'] else 'off'} | {memory.human(est)} | "
+            rows.append(f"| {label} | {spec['method']} | "
+                        f"{'on' if spec['grad_checkpoint'] else 'off'} | {memory.human(est)} | "
                         f"{memory.human(peak)} | {(est - peak) / peak:+.1%} | {e['peak_phase']} |")
             print(rows[-1], file=sys.stderr, flush=True)
     return "\n".join(rows)

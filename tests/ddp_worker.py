@@ -1,9 +1,10 @@
-"""One torchrun process of tests/test_distributed.py: run train.py's train() and save what this rank ends with.
+"""One torchrun process of tests/test_distributed.py: run train.py's train() and save what this
+rank ends with.
 
     torchrun --nproc_per_node 2 tests/ddp_worker.py OUT_PATTERN [train.py flags...]
 
-OUT_PATTERN holds "{rank}"; each rank writes its adapter tensors (parameters and mask buffers) and ranks there, so
-the test sees every rank's weights directly, not only rank 0's saved adapter.
+OUT_PATTERN holds "{rank}"; each rank writes its adapter tensors (parameters and mask buffers) and
+ranks there, so the test sees every rank's weights directly, not only rank 0's saved adapter.
 """
 import os
 import sys
@@ -18,7 +19,8 @@ def main():
     pattern, argv = sys.argv[1], sys.argv[2:]
     rank = int(os.environ.get("RANK", "0"))
     net = T.train(T.parse_args(argv))["model"]
-    state = {k: v.detach().clone() for k, v in net.state_dict().items() if ".lora_" in k or ".tri_" in k}
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()
+             if ".lora_" in k or ".tri_" in k}
     torch.save({"state": state, "ranks": A.adapter_ranks(net)}, pattern.format(rank=rank))
 
 

@@ -1,8 +1,10 @@
-"""Tests for AdaLoRA (adapters.py: SVDLinear, BudgetSchedule, SensitivityScores, MaskAllocator, AdaLoRAHooks).
+"""Tests for AdaLoRA (adapters.py: SVDLinear, BudgetSchedule, SensitivityScores, MaskAllocator,
+AdaLoRAHooks).
 
-The oracle is HF peft's AdaLoRA: its RankAllocator.budget_schedule for the schedule, its update_ipt + mask_to_budget
-for which triplets are kept, its forward for the orthogonality penalty. Everything runs on CPU with a tiny random
-transformers LlamaForCausalLM (hidden 64, 2 layers) or a tiny Llama checkpoint trained through train.py.
+The oracle is HF peft's AdaLoRA: its RankAllocator.budget_schedule for the schedule, its
+update_ipt + mask_to_budget for which triplets are kept, its forward for the orthogonality penalty.
+Everything runs on CPU with a tiny random transformers LlamaForCausalLM (hidden 64, 2 layers) or a
+tiny Llama checkpoint trained through train.py.
 """
 
 import copy
@@ -43,7 +45,8 @@ def with_adalora(base, **kw):
 def peft_adalora(base, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(task_type="CAUSAL_LM", **kw))
+        return peft.get_peft_model(copy.deepcopy(base),
+                                   peft.AdaLoraConfig(task_type="CAUSAL_LM", **kw))
 
 
 @torch.no_grad()
@@ -62,7 +65,8 @@ def test_adalora_at_init_leaves_logits_unchanged(base, idx):
     assert torch.equal(logits(model, idx), logits(base, idx))  # λ = 0 -> ΔW = 0 exactly
     layer = model.model.layers[0].mlp.up_proj
     assert layer.lora_P.shape == (128, 6) and layer.lora_Q.shape == (6, 64)  # r₀ = ⌈1.5 · 4⌉
-    assert torch.count_nonzero(layer.lora_lambda) == 0 and torch.equal(layer.lora_mask, torch.ones(6))
+    assert (torch.count_nonzero(layer.lora_lambda) == 0
+            and torch.equal(layer.lora_mask, torch.ones(6)))
     assert 0.015 < layer.lora_Q.std() < 0.025 and 0.015 < layer.lora_P.std() < 0.025  # N(0, 0.02²)
     assert layer.scale == 16 / 6  # c = α / r₀
     randomize_lambda(model)
@@ -76,7 +80,8 @@ def test_masked_lambda_still_gets_a_gradient(base, idx):
     layer = model.model.layers[1].self_attn.v_proj
     layer.lora_mask[[1, 4]] = 0
     layer.apply_mask()
-    assert torch.all(layer.lora_lambda[[1, 4]] == 0) and torch.all(layer.lora_lambda[[0, 2, 3, 5]] != 0)
+    assert (torch.all(layer.lora_lambda[[1, 4]] == 0)
+            and torch.all(layer.lora_lambda[[0, 2, 3, 5]] != 0))
     model(idx, labels=idx).loss.backward()
     assert torch.all(layer.lora_lambda.grad[[1, 4]] != 0)
 
@@ -88,8 +93,10 @@ def test_lora_factors_are_the_exact_form_of_the_kept_triplets(base):
     layer.lora_mask[[0, 3]] = 0
     layer.apply_mask()
     A_, B_, scale = layer.lora_factors()
-    assert A_.shape == (4, 64) and B_.shape == (64, 4) and layer.active_rank == 4 and layer.rank == 6
-    dense = layer.scale * layer.lora_P @ torch.diag(layer.lora_lambda) @ layer.lora_Q  # c · P diag(λ) Q
+    assert (A_.shape == (4, 64) and B_.shape == (64, 4) and layer.active_rank == 4
+            and layer.rank == 6)
+    # c · P diag(λ) Q
+    dense = layer.scale * layer.lora_P @ torch.diag(layer.lora_lambda) @ layer.lora_Q
     assert torch.allclose(scale * B_ @ A_, dense, atol=1e-7)
 
 
@@ -104,12 +111,15 @@ def test_lora_factors_are_the_exact_form_of_the_kept_triplets(base):
     (5, 5, 2, 3, 1, 12),  # target = initial: a constant budget
     (9, 1, 7, 1, 3, 40),
 ])
-def test_budget_schedule_equals_peft_budget_schedule(base, init_r, target_r, tinit, tfinal, delta_t, total):
+def test_budget_schedule_equals_peft_budget_schedule(base, init_r, target_r, tinit, tfinal,
+                                                     delta_t, total):
     targets = ["q_proj", "v_proj", "down_proj"]
-    theirs = peft_adalora(base, init_r=init_r, target_r=target_r, tinit=tinit, tfinal=tfinal, deltaT=delta_t,
-                          total_step=total, target_modules=targets).base_model.rankallocator
-    cfg = AdapterConfig(method="adalora", r=target_r, init_rank=init_r, target_rank=target_r, t_init=tinit,
-                        t_final=tfinal, delta_t=delta_t, total_steps=total, targets=targets)
+    theirs = peft_adalora(base, init_r=init_r, target_r=target_r, tinit=tinit, tfinal=tfinal,
+                          deltaT=delta_t, total_step=total,
+                          target_modules=targets).base_model.rankallocator
+    cfg = AdapterConfig(method="adalora", r=target_r, init_rank=init_r, target_rank=target_r,
+                        t_init=tinit, t_final=tfinal, delta_t=delta_t, total_steps=total,
+                        targets=targets)
     ours = A.BudgetSchedule.for_svd_layers(cfg, n_modules=2 * len(targets))
     assert (ours.initial, ours.target) == (theirs.init_bgt, theirs.target_bgt)
     for t in range(0, total + 2):
@@ -137,7 +147,8 @@ def test_defaults_fit_the_100_step_demo():
 
 
 def test_mask_selection_matches_peft_mask_to_budget(base):
-    """Same weights and gradients -> peft's update_ipt + mask_to_budget keep the same triplets as ours."""
+    """Same weights and gradients -> peft's update_ipt + mask_to_budget keep the same triplets as
+    ours."""
     targets = ["q_proj", "v_proj", "gate_proj"]
     ours, cfg = with_adalora(base, targets=targets, total_steps=50)
     theirs = peft_adalora(base, init_r=6, target_r=4, tinit=2, tfinal=5, deltaT=1, total_step=50,
@@ -169,11 +180,13 @@ def test_mask_selection_matches_peft_mask_to_budget(base):
     assert sum(int(m.sum()) for m in masks.values()) == budget
     for name in layers:
         assert masks[name].bool().tolist() == pattern[f"{name}.lora_E.default"], name
-    assert len({int(m.sum()) for m in masks.values()}) > 1  # ranks differ across modules: the test means something
+    # ranks differ across modules: the test means something
+    assert len({int(m.sum()) for m in masks.values()}) > 1
 
 
 def train_steps(model, cfg, hooks, steps, idx, check):
-    """A train.py-like loop on the tiny model: backward (+ penalty), AdamW step, hooks, then `check(t)`."""
+    """A train.py-like loop on the tiny model: backward (+ penalty), AdamW step, hooks, then
+    `check(t)`."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     for step in range(steps):
@@ -195,7 +208,8 @@ def test_every_allocation_keeps_exactly_the_budget_and_masked_lambda_are_zero(ba
     def check(t):
         budget, _ = hooks.schedule(t)
         kept = sum(layer.active_rank for layer in layers.values())
-        if (t > 2 and t % 2 == 0 and t < 12) or t == 12:  # allocation steps; 12 = T − t_f forces b_T
+        # allocation steps; 12 = T − t_f forces b_T
+        if (t > 2 and t % 2 == 0 and t < 12) or t == 12:
             allocations.append(t)
             assert kept == budget, (t, kept, budget)
         for layer in layers.values():
@@ -218,8 +232,8 @@ def test_every_allocation_keeps_exactly_the_budget_and_masked_lambda_are_zero(ba
 def test_orthogonality_penalty_equals_peft(base, idx):
     targets = ["q_proj", "up_proj", "down_proj"]
     ours, cfg = with_adalora(base, targets=targets, total_steps=50, orth_reg=0.3)
-    theirs = peft_adalora(base, init_r=6, target_r=4, tinit=2, tfinal=5, total_step=50, target_modules=targets,
-                          orth_reg_weight=0.3)
+    theirs = peft_adalora(base, init_r=6, target_r=4, tinit=2, tfinal=5, total_step=50,
+                          target_modules=targets, orth_reg_weight=0.3)
     with torch.no_grad():
         for name, layer in A.adapter_layers(ours).items():
             layer.lora_P.normal_(0, 0.3)  # far from orthonormal, so the penalty is large
@@ -250,14 +264,16 @@ def test_masked_adalora_saves_loads_and_exports_to_peft_with_our_logits(base, id
 
     IO.save_adapter(model, cfg, str(tmp_path / "ours"))
     meta = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert meta["active_ranks"] == ranks and set(meta["ranks"].values()) == {6}  # in use vs shape rank r₀
+    # in use vs shape rank r₀
+    assert meta["active_ranks"] == ranks and set(meta["ranks"].values()) == {6}
     fresh = copy.deepcopy(base)
     assert IO.load_adapter(fresh, str(tmp_path / "ours")) == cfg
     assert A.adapter_ranks(fresh) == ranks and torch.equal(logits(fresh, idx), logits(model, idx))
 
     IO.export_peft(model, cfg, str(tmp_path / "peft"))
     peft_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert {**{n: peft_cfg["r"] for n in ranks}, **peft_cfg["rank_pattern"]} == ranks  # allocated ranks
+    # allocated ranks
+    assert {**{n: peft_cfg["r"] for n in ranks}, **peft_cfg["rank_pattern"]} == ranks
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft")).eval()
@@ -285,14 +301,16 @@ def test_impossible_schedule_or_budget_is_a_one_line_error_naming_the_flag(optio
 
 
 def test_hooks_without_total_steps_say_how_to_fix_it(base):
-    model, cfg = with_adalora(base)  # total_steps = 0: fine for building / loading, not for training
+    # total_steps = 0: fine for building / loading, not for training
+    model, cfg = with_adalora(base)
     with pytest.raises(ValueError, match="set total_steps"):
         A.training_hooks(model, cfg)
 
 
 def test_train_cli_rejects_an_impossible_schedule_in_one_line(tmp_path):
-    r = subprocess.run([sys.executable, str(M.REPO_DIR / "train.py"), "--method", "adalora", "--steps", "10",
-                        "--t-init", "8", "--t-final", "5", "--out", str(tmp_path / "o")],
+    r = subprocess.run([sys.executable, str(M.REPO_DIR / "train.py"), "--method", "adalora",
+                        "--steps", "10", "--t-init", "8", "--t-final", "5",
+                        "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1, r.stderr
@@ -306,9 +324,10 @@ def test_train_cli_rejects_an_impossible_schedule_in_one_line(tmp_path):
 
 
 def tiny_cfg(tiny_dir, out, **kw):
-    base = dict(model=str(tiny_dir), data=TRAIN_DATA, val_data="", out=str(out), steps=6, batch_size=4,
-                log_every=1, eval_every=0, save_every=0, lr=5e-3, rank=4, targets="q_proj,v_proj,down_proj",
-                method="adalora", method_options=dict(t_init=1, t_final=2, delta_t=1))
+    base = dict(model=str(tiny_dir), data=TRAIN_DATA, val_data="", out=str(out), steps=6,
+                batch_size=4, log_every=1, eval_every=0, save_every=0, lr=5e-3, rank=4,
+                targets="q_proj,v_proj,down_proj", method="adalora",
+                method_options=dict(t_init=1, t_final=2, delta_t=1))
     base.update(kw)
     cfg = T.TrainConfig(**base)
     T.validate(cfg)
@@ -316,8 +335,8 @@ def tiny_cfg(tiny_dir, out, **kw):
 
 
 def test_train_py_adalora_reaches_the_target_budget_and_resumes_exactly(tiny_dir, tmp_path):
-    """6 steps in one go == 3 steps, checkpoint, resume, 3 more: the sensitivity EMAs travel in the checkpoint
-    (allocations at t = 2, 3 and the final one at t = T − t_f = 4, after the resume)."""
+    """6 steps in one go == 3 steps, checkpoint, resume, 3 more: the sensitivity EMAs travel in the
+    checkpoint (allocations at t = 2, 3 and the final one at t = T − t_f = 4, after the resume)."""
     T.train(tiny_cfg(tiny_dir, tmp_path / "a", save_every=3, keep_checkpoints=5, dropout=0.1))
     rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
     assert rows[-1]["total_rank"] == rows[-1]["budget"] == 4 * 6
@@ -325,10 +344,12 @@ def test_train_py_adalora_reaches_the_target_budget_and_resumes_exactly(tiny_dir
 
     b_out = tmp_path / "b"
     (b_out / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-000003", b_out / "checkpoints" / "step-000003")
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-000003",
+                    b_out / "checkpoints" / "step-000003")
     (b_out / "checkpoints" / "latest").write_text("step-000003")
     T.train(tiny_cfg(tiny_dir, b_out, save_every=3, keep_checkpoints=5, dropout=0.1, resume=True))
-    wa, wb = load_file(str(tmp_path / "a" / IO.ADAPTER_WEIGHTS_NAME)), load_file(str(b_out / IO.ADAPTER_WEIGHTS_NAME))
+    wa, wb = (load_file(str(tmp_path / "a" / IO.ADAPTER_WEIGHTS_NAME)),
+              load_file(str(b_out / IO.ADAPTER_WEIGHTS_NAME)))
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k

@@ -1,7 +1,9 @@
-"""Tests for adapters.py (LoRA core): parity with HF peft on transformers' Llama, merge/unmerge, save/load, export.
+"""Tests for adapters.py (LoRA core): parity with HF peft on transformers' Llama, merge/unmerge,
+save/load, export.
 
-Everything runs on CPU with a tiny random LlamaForCausalLM (hidden 64, 2 layers, 4 heads, 2 KV heads, vocab 128).
-The oracle for LoRA is peft (an independent implementation); merged weights are checked against a dense W0 + c·B·A.
+Everything runs on CPU with a tiny random LlamaForCausalLM (hidden 64, 2 layers, 4 heads, 2 KV
+heads, vocab 128). The oracle for LoRA is peft (an independent implementation); merged weights are
+checked against a dense W0 + c·B·A.
 """
 
 import copy
@@ -35,7 +37,8 @@ def with_lora(base, cfg, ranks=None):
 
 @torch.no_grad()
 def randomize_B(model, std: float = 0.2, seed: int = 1):
-    """B = 0 at init makes every LoRA a no-op; give B random values so the adapter actually does something."""
+    """B = 0 at init makes every LoRA a no-op; give B random values so the adapter actually does
+    something."""
     g = torch.Generator().manual_seed(seed)
     for layer in adapters.adapter_layers(model).values():
         layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * std)
@@ -56,14 +59,16 @@ def test_lora_at_init_leaves_logits_unchanged_and_nonzero_B_changes_them(base, i
 def test_lora_A_is_kaiming_uniform_and_B_zero(base):
     model = with_lora(base, AdapterConfig(r=16, alpha=16, targets=["up_proj"]))
     layer = model.model.layers[0].mlp.up_proj
-    bound = 1 / 64 ** 0.5  # kaiming_uniform_(a=sqrt(5)) on (r, d_in) gives U(-1/sqrt(d_in), 1/sqrt(d_in))
+    # kaiming_uniform_(a=sqrt(5)) on (r, d_in) gives U(-1/sqrt(d_in), 1/sqrt(d_in))
+    bound = 1 / 64 ** 0.5
     assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > 0.8 * bound
     assert torch.count_nonzero(layer.lora_B) == 0
 
 
 def test_lora_forward_matches_peft_lora_on_transformers_llama(base, idx):
     targets = ["q_proj", "v_proj", "gate_proj", "down_proj"]
-    cfg = AdapterConfig(r=4, alpha=6, dropout=0.1, targets=targets)  # scale 1.5 ≠ 1; eval mode -> no dropout
+    # scale 1.5 ≠ 1; eval mode -> no dropout
+    cfg = AdapterConfig(r=4, alpha=6, dropout=0.1, targets=targets)
     ours = with_lora(base, cfg).eval()
     randomize_B(ours)
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
@@ -75,7 +80,8 @@ def test_lora_forward_matches_peft_lora_on_transformers_llama(base, idx):
             peft_layer.lora_A["default"].weight.copy_(layer.lora_A)
             peft_layer.lora_B["default"].weight.copy_(layer.lora_B)
     ours_logits, peft_logits = logits(ours, idx), logits(theirs, idx)
-    assert (ours_logits - logits(base, idx)).abs().max() > 1e-2  # the adapter matters, so the check means something
+    # the adapter matters, so the check means something
+    assert (ours_logits - logits(base, idx)).abs().max() > 1e-2
     assert (ours_logits - peft_logits).abs().max() <= 1e-5
 
 
@@ -83,7 +89,8 @@ def test_adapter_params_stay_fp32_with_bf16_base_and_output_is_bf16(idx):
     model = tiny_llama(dtype=torch.bfloat16)
     adapters.apply_method(model, "lora", AdapterConfig(r=4, alpha=8, targets=["q_proj"]))
     layer = model.model.layers[0].self_attn.q_proj
-    assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    assert (layer.weight.dtype == torch.bfloat16
+            and layer.lora_A.dtype == layer.lora_B.dtype == torch.float32)
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     assert layer(x).dtype == torch.bfloat16
 
@@ -97,7 +104,8 @@ def test_merge_then_unmerge_restores_weights_and_merged_logits_match_fp32(base, 
     randomize_B(model)
     layer = model.model.layers[1].mlp.down_proj
     W0 = layer.weight.detach().clone()
-    dense = W0 + layer.scale * layer.lora_B.detach() @ layer.lora_A.detach()  # independent dense W0 + c·B·A
+    # independent dense W0 + c·B·A
+    dense = W0 + layer.scale * layer.lora_B.detach() @ layer.lora_A.detach()
     unmerged_logits = logits(model, idx)
 
     adapters.merge_adapters(model)
@@ -115,20 +123,24 @@ def test_merge_then_unmerge_restores_weights_and_merged_logits_match_fp32(base, 
 
 
 def test_merge_then_unmerge_bf16_base_within_bf16_rounding(idx):
-    """bf16 W0 (8-bit mantissa, round-to-nearest: relative error ≤ 2⁻⁹ per rounding). Merge rounds W0 + ΔW once,
-    unmerge rounds (W0 + ΔW) − ΔW once more, so we allow |W − W0| ≤ 2⁻⁸·(|W0 + ΔW| + |W0|) per entry. Merged vs
-    unmerged logits differ by bf16 rounding accumulated over the network (measured 0.043 at max|logit| 3.3): we allow
-    2⁻⁵·max|logit| (≈ 0.1), far below the adapter's own effect (measured 1.6, asserted > 0.5)."""
+    """bf16 W0 (8-bit mantissa, round-to-nearest: relative error ≤ 2⁻⁹ per rounding). Merge rounds
+    W0 + ΔW once, unmerge rounds (W0 + ΔW) − ΔW once more, so we allow
+    |W − W0| ≤ 2⁻⁸·(|W0 + ΔW| + |W0|) per entry. Merged vs unmerged logits differ by bf16 rounding
+    accumulated over the network (measured 0.043 at max|logit| 3.3): we allow 2⁻⁵·max|logit|
+    (≈ 0.1), far below the adapter's own effect (measured 1.6, asserted > 0.5)."""
     base16 = tiny_llama(dtype=torch.bfloat16)
     model = with_lora(base16, AdapterConfig(r=4, alpha=8, targets=ALL_LINEARS))
     randomize_B(model, std=0.05)
-    W0 = {name: lay.weight.detach().float().clone() for name, lay in adapters.adapter_layers(model).items()}
-    dW = {name: lay.delta_weight().detach() for name, lay in adapters.adapter_layers(model).items()}  # fp32
+    W0 = {name: lay.weight.detach().float().clone()
+          for name, lay in adapters.adapter_layers(model).items()}
+    dW = {name: lay.delta_weight().detach()
+          for name, lay in adapters.adapter_layers(model).items()}  # fp32
     unmerged_logits = logits(model, idx)
     assert (unmerged_logits - logits(base16, idx)).abs().max() > 0.5
 
     adapters.merge_adapters(model)
-    assert (logits(model, idx) - unmerged_logits).abs().max() <= 2 ** -5 * unmerged_logits.abs().max()
+    assert ((logits(model, idx) - unmerged_logits).abs().max()
+            <= 2 ** -5 * unmerged_logits.abs().max())
     adapters.unmerge_adapters(model)
     for name, lay in adapters.adapter_layers(model).items():
         assert lay.weight.dtype == torch.bfloat16
@@ -159,7 +171,8 @@ def test_merged_state_dict_is_a_plain_base_checkpoint_with_the_adapter_folded_in
     fresh = tiny_llama(seed=99)  # different weights, all overwritten by the load
     fresh.load_state_dict(sd, strict=True)
     assert (logits(fresh, idx) - logits(model, idx)).abs().max() <= 1e-5
-    assert not any(lay.merged for lay in adapters.adapter_layers(model).values())  # model itself untouched
+    # model itself untouched
+    assert not any(lay.merged for lay in adapters.adapter_layers(model).values())
 
 
 # -----------------------------------------------------------------------------
@@ -172,11 +185,13 @@ def test_only_adapter_params_are_trainable_and_both_A_and_B_get_gradients(base, 
     assert trainable == set(adapters.adapter_named_parameters(model))
     assert all(n.endswith((".lora_A", ".lora_B")) for n in trainable) and len(trainable) == 2 * 14
     counts = adapters.count_parameters(model)
-    expected = sum(4 * (lay.in_features + lay.out_features) for lay in adapters.adapter_layers(model).values())
+    expected = sum(4 * (lay.in_features + lay.out_features)
+                   for lay in adapters.adapter_layers(model).values())
     assert counts["adapter"] == counts["trainable"] == expected
     assert counts["total"] == sum(p.numel() for p in base.parameters()) + expected
 
-    randomize_B(model)  # with B = 0, ∂L/∂A = 0; a random B makes every A trainable from the first step
+    # with B = 0, ∂L/∂A = 0; a random B makes every A trainable from the first step
+    randomize_B(model)
     model.train()
     loss = model(idx, labels=idx).loss
     loss.backward()
@@ -198,17 +213,21 @@ def test_save_then_load_into_a_fresh_base_reproduces_logits_exactly(base, idx, t
     model = with_lora(base, cfg, ranks=ranks)
     randomize_B(model)
     IO.save_adapter(model, cfg, str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "adapter_config.json"]  # no temp files left
-    assert set(load_file(tmp_path / "adapter.safetensors")) == set(adapters.adapter_state_dict(model))
+    # no temp files left
+    assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "adapter_config.json"]
+    assert (set(load_file(tmp_path / "adapter.safetensors"))
+            == set(adapters.adapter_state_dict(model)))
 
     fresh = copy.deepcopy(base)
     loaded_cfg = IO.load_adapter(fresh, str(tmp_path))
     assert loaded_cfg == cfg
     assert {n: lay.rank for n, lay in adapters.adapter_layers(fresh).items()} == ranks
     assert torch.equal(logits(fresh, idx), logits(model, idx))
-    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == set(adapters.adapter_named_parameters(fresh))
+    assert ({n for n, p in fresh.named_parameters() if p.requires_grad}
+            == set(adapters.adapter_named_parameters(fresh)))
 
-    # resume path: weights into a model that already has the same adapters (freshly initialized, B = 0)
+    # resume path: weights into a model that already has the same adapters
+    # (freshly initialized, B = 0)
     resumed = with_lora(base, cfg, ranks=ranks)
     IO.load_adapter_weights(resumed, str(tmp_path))
     assert torch.equal(logits(resumed, idx), logits(model, idx))
@@ -216,7 +235,8 @@ def test_save_then_load_into_a_fresh_base_reproduces_logits_exactly(base, idx, t
 
 def test_lora_training_hooks_do_nothing():
     hooks = adapters.training_hooks(torch.nn.Linear(2, 2), AdapterConfig())
-    assert hooks.regularizer() is None and hooks.after_optimizer_step(0) == [] and hooks.log_items() == {}
+    assert (hooks.regularizer() is None and hooks.after_optimizer_step(0) == []
+            and hooks.log_items() == {})
     assert hooks.state_dict() == {}
 
 
@@ -261,8 +281,8 @@ def test_export_peft_with_per_module_ranks_uses_rank_and_alpha_patterns(base, id
     ranks = {name: [4, 2, 6, 4, 1, 3][i] for i, name in enumerate(names)}
     model = with_lora(base, cfg, ranks=ranks)
     randomize_B(model)
-    # Emulate a method whose scale does not follow α/r_m (TriAdaptLoRA keeps α/r_ref while r_m grows) on one
-    # module, so that alpha_pattern is needed as well as rank_pattern.
+    # Emulate a method whose scale does not follow α/r_m (TriAdaptLoRA keeps α/r_ref while r_m
+    # grows) on one module, so that alpha_pattern is needed as well as rank_pattern.
     odd = model.get_submodule(names[1])
     odd.scale = 0.7
     loaded = _peft_from_export(base, model, cfg, tmp_path)
@@ -355,11 +375,12 @@ def test_bad_adapter_config_json_is_an_error_naming_the_key(base, tmp_path, edit
 
 def test_applying_adapters_twice_is_an_error(base):
     model = with_lora(base, AdapterConfig(targets=["q_proj"]))
-    msg = _one_line_error(ValueError, adapters.apply_method, model, "lora", AdapterConfig(targets=["v_proj"]))
+    msg = _one_line_error(ValueError, adapters.apply_method, model, "lora",
+                          AdapterConfig(targets=["v_proj"]))
     assert "already has adapters" in msg
 
 
-# --- the fused forward (LowRankLinearFunction) against the plain-ops reference ------------------------------------
+# --- the fused forward (LowRankLinearFunction) against the plain-ops reference --------------------
 
 def _adapted_layer(kind: str, dropout: float, bias: bool):
     torch.manual_seed(0)
@@ -368,10 +389,10 @@ def _adapted_layer(kind: str, dropout: float, bias: bool):
         layer = adapters.LoRALinear(base, 4, 8.0, dropout)
     elif kind == "svd":
         layer = adapters.SVDLinear(base, 4, 8.0, dropout)
-        layer.lora_mask[1] = 0                                      # a masked triplet, as AdaLoRA leaves them
+        layer.lora_mask[1] = 0                      # a masked triplet, as AdaLoRA leaves them
     elif kind == "tri":
         layer = adapters.TriAdaptLinear(base, 4, 8.0, 2, 2, dropout)
-        layer.grow()                                                # two blocks: cat, gather and the core product
+        layer.grow()                                # two blocks: cat, gather and the core product
     else:
         layer = adapters.CGShiftLinear(base, 4, 8.0, dropout)
         layer.lora_A0.normal_()
@@ -386,27 +407,28 @@ def _adapted_layer(kind: str, dropout: float, bias: bool):
 
 
 def _forward_and_grads(layer, forward, x, seed=1):
-    torch.manual_seed(seed)                                         # the same dropout mask on both paths
+    torch.manual_seed(seed)                                    # the same dropout mask on both paths
     y = forward(x)
-    weights = torch.linspace(-1, 1, y.numel()).view_as(y)           # a loss whose ∂L/∂y is not uniform
+    weights = torch.linspace(-1, 1, y.numel()).view_as(y)      # a loss whose ∂L/∂y is not uniform
     params = [p for p in layer.parameters() if p.requires_grad]
     return [y, *torch.autograd.grad((y.float() * weights).sum(), [x, *params])]
 
 
 @pytest.mark.parametrize("kind", ["lora", "svd", "tri", "cg-shift"])
-@pytest.mark.parametrize("dropout,bias,base_grad", [(0.0, False, False), (0.3, True, False), (0.0, True, True),
-                                                    (0.3, False, True)])
+@pytest.mark.parametrize("dropout,bias,base_grad", [(0.0, False, False), (0.3, True, False),
+                                                    (0.0, True, True), (0.3, False, True)])
 def test_fused_forward_and_every_gradient_equal_the_plain_reference(kind, dropout, bias, base_grad):
     layer = _adapted_layer(kind, dropout, bias)
-    layer.weight.requires_grad_(base_grad)                          # CG-LoRA's dense calibration asks for ∂W0, ∂b
+    layer.weight.requires_grad_(base_grad)        # CG-LoRA's dense calibration asks for ∂W0, ∂b
     if bias:
         layer.bias.requires_grad_(base_grad)
     x = torch.randn(3, 5, 24, requires_grad=True)
     fused = _forward_and_grads(layer, layer.forward, x)
-    assert type(fused[0].grad_fn).__name__ == "LowRankLinearFunctionBackward"   # the fused node really ran
+    # the fused node really ran
+    assert type(fused[0].grad_fn).__name__ == "LowRankLinearFunctionBackward"
     reference = _forward_and_grads(layer, layer.reference_forward, x)
     assert type(reference[0].grad_fn).__name__ != "LowRankLinearFunctionBackward"
-    for a, b in zip(fused, reference):                              # fp32; entries up to ~10: summation order
+    for a, b in zip(fused, reference):            # fp32; entries up to ~10: summation order
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert all(g.abs().sum() > 0 for g in fused[1:] if g.numel() > 1)   # no gradient silently zero
 
@@ -418,8 +440,9 @@ def test_fused_forward_under_bf16_autocast_matches_the_reference_and_keeps_fp32_
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused = _forward_and_grads(layer, layer.forward, x)
     assert fused[0].dtype == torch.bfloat16
-    assert all(g.dtype == torch.float32 for g in fused[1:])        # autograd casts back to the parameters' dtype
-    for a, b in zip(fused, exact):                                  # bf16 products: ~3 significant digits
+    # autograd casts back to the parameters' dtype
+    assert all(g.dtype == torch.float32 for g in fused[1:])
+    for a, b in zip(fused, exact):                         # bf16 products: ~3 significant digits
         assert float((a.float() - b).norm() / b.norm()) < 2e-2
 
 

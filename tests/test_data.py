@@ -1,5 +1,6 @@
-"""Tests for data.py: label masking by position, BOS/EOS, truncation, batching and resume, JSONL validation,
-and the shipped demo dataset. A character-level tokenizer stands in for model.py's (same interface)."""
+"""Tests for data.py: label masking by position, BOS/EOS, truncation, batching and resume, JSONL
+validation, and the shipped demo dataset. A character-level tokenizer stands in for model.py's
+(same interface)."""
 
 import os
 import random
@@ -17,8 +18,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class CharTokenizer:
-    """One token per character (id = 3 + code point), plus "<s>" (BOS) and "</s>" (EOS) written in the text, as a
-    real tokenizer parses special tokens. chat_prompt mimics ChatML: it opens with BOS and contains EOS."""
+    """One token per character (id = 3 + code point), plus "<s>" (BOS) and "</s>" (EOS) written in
+    the text, as a real tokenizer parses special tokens. chat_prompt mimics ChatML: it opens with
+    BOS and contains EOS."""
 
     def __init__(self, bos=True, pad_id=0, chat=False):
         self.bos_id = 1 if bos else None
@@ -63,7 +65,7 @@ def write_lines(tmp_path, lines, name="d.jsonl"):
     return str(path)
 
 
-# --- masking, BOS and EOS ---------------------------------------------------------------------------------------
+# --- masking, BOS and EOS -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("chat", [False, True])
 def test_prompt_tokens_never_carry_labels(chat):
@@ -75,7 +77,8 @@ def test_prompt_tokens_never_carry_labels(chat):
         prompt_text, target_text = data.render(record, tok, chat)
         ids, mask = data.encode_example(record, tok, max_len=512, chat=chat)
         n_prompt = len(ids) - len(tok.encode(target_text)) - 1  # BOS + prompt tokens
-        assert ids[:n_prompt] == ([1] if not prompt_text.startswith("<s>") else []) + tok.encode(prompt_text)
+        assert ids[:n_prompt] == (([1] if not prompt_text.startswith("<s>") else [])
+                                  + tok.encode(prompt_text))
         assert not any(mask[:n_prompt]) and all(mask[n_prompt:])
         batch = data.collate([(ids, mask)], tok.pad_id)
         # labels exist exactly for the completion tokens + EOS, nothing from the prompt
@@ -84,9 +87,11 @@ def test_prompt_tokens_never_carry_labels(chat):
 
 
 def test_prompt_tokens_equal_to_eos_still_carry_no_label():
-    # the chat prompt contains "</s>" (= EOS id) inside the prompt: masking is by position, not by value
+    # the chat prompt contains "</s>" (= EOS id) inside the prompt: masking is by position, not by
+    # value
     tok = CharTokenizer(chat=True)
-    ids, mask = data.encode_example({"prompt": "hi", "completion": "yo"}, tok, max_len=512, chat=True)
+    ids, mask = data.encode_example({"prompt": "hi", "completion": "yo"}, tok, max_len=512,
+                                    chat=True)
     assert tok.eos_id in ids[:-3]
     batch = data.collate([(ids, mask)], tok.pad_id)
     assert labeled_tokens(batch, 0) == tok.encode("yo") + [tok.eos_id]
@@ -94,7 +99,8 @@ def test_prompt_tokens_equal_to_eos_still_carry_no_label():
 
 def test_eos_appended_to_completion_and_is_a_target():
     tok = CharTokenizer()
-    for record in [{"prompt": "a", "completion": "bc"}, {"text": "bc"}, {"instruction": "a", "output": "bc"}]:
+    for record in [{"prompt": "a", "completion": "bc"}, {"text": "bc"},
+                   {"instruction": "a", "output": "bc"}]:
         ids, mask = data.encode_example(record, tok, max_len=512)
         assert ids[-1] == tok.eos_id and mask[-1]
         assert ids[-3:-1] == tok.encode("bc") and mask[-3] and mask[-2]
@@ -121,7 +127,8 @@ def test_exactly_one_bos():
     # a tokenizer without BOS gets none, and its first token is not a target
     ids, mask = data.encode_example({"text": "abc"}, no_bos, 512)
     assert 1 not in ids and mask[0] is False and all(mask[1:])
-    candidates, _ = data.encode_choices({"question": "q", "choices": ["a", "b"], "answer": 0}, chat, 512, chat=True)
+    candidates, _ = data.encode_choices({"question": "q", "choices": ["a", "b"], "answer": 0},
+                                        chat, 512, chat=True)
     assert all(ids[:2] != [1, 1] for ids, _ in candidates)
 
 
@@ -142,7 +149,7 @@ def test_instruction_template_omits_empty_input():
     assert with_input.endswith("### Response:\n") and without.endswith("### Response:\n")
 
 
-# --- collate ----------------------------------------------------------------------------------------------------
+# --- collate --------------------------------------------------------------------------------------
 
 def test_labels_are_next_token_by_position():
     rng = random.Random(0)
@@ -178,7 +185,7 @@ def test_padding_never_carries_labels_even_when_pad_id_is_a_real_token(pad_id):
     assert data.count_label_tokens(batch) == 2 + 7
 
 
-# --- truncation -------------------------------------------------------------------------------------------------
+# --- truncation -----------------------------------------------------------------------------------
 
 def test_truncation_warns_once_with_count_and_drops_examples_without_targets():
     tok = CharTokenizer()
@@ -204,7 +211,7 @@ def test_no_warning_when_nothing_is_truncated():
         data.encode_dataset([{"text": "abc"}], CharTokenizer(), max_len=5)
 
 
-# --- multiple choice --------------------------------------------------------------------------------------------
+# --- multiple choice ------------------------------------------------------------------------------
 
 def test_choice_tokens_are_the_only_targets_and_answer_may_be_text():
     tok = CharTokenizer()
@@ -226,11 +233,12 @@ def test_long_choice_question_is_cut_from_the_left_keeping_every_choice_token():
         assert ids[-len(choice):] == tok.encode(choice) and sum(mask) == len(choice)
 
 
-# --- batcher ----------------------------------------------------------------------------------------------------
+# --- batcher --------------------------------------------------------------------------------------
 
 def toy_examples(n):
     tok = CharTokenizer()
-    return [data.encode_example({"prompt": "p" * (i % 3), "completion": chr(97 + i % 26) * (1 + i % 4)}, tok, 64)
+    return [data.encode_example({"prompt": "p" * (i % 3),
+                                 "completion": chr(97 + i % 26) * (1 + i % 4)}, tok, 64)
             for i in range(n)]
 
 
@@ -245,7 +253,8 @@ def same_batches(xs, ys):
 
 def test_batcher_is_deterministic_for_a_seed_and_differs_across_seeds():
     examples = toy_examples(23)
-    a, b, c = Batcher(examples, 4, 0, seed=1), Batcher(examples, 4, 0, seed=1), Batcher(examples, 4, 0, seed=2)
+    a, b, c = (Batcher(examples, 4, 0, seed=1), Batcher(examples, 4, 0, seed=1),
+               Batcher(examples, 4, 0, seed=2))
     xs, ys, zs = take(a, 12), take(b, 12), take(c, 12)
     assert same_batches(xs, ys)
     assert not same_batches(xs, zs)
@@ -255,7 +264,8 @@ def test_batcher_is_deterministic_for_a_seed_and_differs_across_seeds():
 
 
 def test_batcher_resume_from_saved_cursor_reproduces_remaining_batches(tmp_path):
-    examples = toy_examples(23)  # 5 steps per epoch at batch 4: resume points inside and across epochs
+    # 5 steps per epoch at batch 4: resume points inside and across epochs
+    examples = toy_examples(23)
     for k in (0, 3, 5, 7, 11):
         reference = Batcher(examples, 4, 0, seed=7)
         expected = take(reference, 20)
@@ -267,7 +277,8 @@ def test_batcher_resume_from_saved_cursor_reproduces_remaining_batches(tmp_path)
         state = torch.load(tmp_path / "cursor.pt", weights_only=True)
         resumed = Batcher(examples, 4, 0, seed=7)
         resumed.load_state_dict(state)
-        assert same_batches(take(resumed, 20 - k), expected[k:]), f"resume after {k} batches diverged"
+        assert same_batches(take(resumed, 20 - k), expected[k:]), (
+            f"resume after {k} batches diverged")
 
 
 def test_batcher_refuses_a_cursor_from_different_settings():
@@ -295,7 +306,7 @@ def test_batcher_needs_at_least_one_full_step():
         Batcher(toy_examples(3), 4, 0)
 
 
-# --- JSONL validation -------------------------------------------------------------------------------------------
+# --- JSONL validation -----------------------------------------------------------------------------
 
 def test_malformed_json_line_raises_data_error_naming_the_line(tmp_path):
     path = write_lines(tmp_path, ['{"text": "ok"}', '', '{"text": "broken"', '{"text": "ok"}'])
@@ -335,11 +346,12 @@ def test_bad_records_raise_data_error_naming_the_line_and_key(tmp_path, line, me
 
 def test_one_format_per_file(tmp_path):
     path = write_lines(tmp_path, ['{"text": "a"}', '{"prompt": "x", "completion": "y"}'])
-    with pytest.raises(DataError, match="line 2: a prompt_completion record in a file of text records"):
+    with pytest.raises(DataError,
+                       match="line 2: a prompt_completion record in a file of text records"):
         data.load_jsonl(path)
 
 
-# --- the shipped demo dataset -----------------------------------------------------------------------------------
+# --- the shipped demo dataset ---------------------------------------------------------------------
 
 def demo_word(prompt):
     # "Word: owl\nCategory:" -> "owl"
@@ -361,7 +373,8 @@ def test_shipped_demo_files_parse_and_train_val_words_are_disjoint():
     assert len(train_words) == len(train) and len(val_words) == len(val)  # no word twice
     assert not train_words & val_words
     assert choice_words <= val_words
-    # every multiple-choice answer is the category the val file gives for that word; the choices are distinct
+    # every multiple-choice answer is the category the val file gives for that word; the choices
+    # are distinct
     val_answer = {demo_word(r["prompt"]): r["completion"] for r in val}
     for r in choice:
         assert len(set(r["choices"])) == len(r["choices"]) == 4

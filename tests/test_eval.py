@@ -25,15 +25,17 @@ def tiny(tmp_path_factory, smollm2_dir):
 
 
 def seq_logprob(net, ids, mask):
-    """Sum of log p(ids[i] | ids[:i]) over positions with mask[i], from full logits, one sequence at a time."""
+    """Sum of log p(ids[i] | ids[:i]) over positions with mask[i], from full logits, one sequence
+    at a time."""
     logits = net(torch.tensor([ids]))[0].log_softmax(-1)           # (T, vocab)
     return sum(logits[i - 1, ids[i]].item() for i in range(1, len(ids)) if mask[i])
 
 
 def test_choice_accuracy_equals_explicit_scoring(tiny):
     _, net, tok = tiny
-    records = [{"question": f"Word: {w}\nCategory:", "choices": [" animal", " tool", " colour", " food item"],
-                "answer": i % 4} for i, w in enumerate(["dog", "hammer", "red", "bread", "cat", "saw", "blue"])]
+    records = [{"question": f"Word: {w}\nCategory:",
+                "choices": [" animal", " tool", " colour", " food item"], "answer": i % 4}
+               for i, w in enumerate(["dog", "hammer", "red", "bread", "cat", "saw", "blue"])]
     want = want_norm = 0
     with torch.no_grad():
         for r in records:
@@ -61,7 +63,8 @@ def test_evaluate_loss_is_mean_token_cross_entropy(tiny):
 
 
 def test_rank_grid_places_modules_by_layer_and_type():
-    grid, layers, kinds = E.rank_grid({"model.layers.2.mlp.up_proj": 3, "model.layers.0.self_attn.q_proj": 5,
+    grid, layers, kinds = E.rank_grid({"model.layers.2.mlp.up_proj": 3,
+                                       "model.layers.0.self_attn.q_proj": 5,
                                        "model.layers.2.self_attn.q_proj": 1})
     assert layers == [0, 2] and kinds == ["q_proj", "up_proj"]
     assert grid == [[5, 0], [1, 3]]
@@ -73,12 +76,14 @@ def test_cli_reports_base_and_adapter_side_by_side(tiny, tmp_path):
     A.apply_method(net, "lora", A.AdapterConfig(r=2, targets=["q_proj", "down_proj"]))
     for layer in A.adapter_layers(net).values():
         torch.nn.init.normal_(layer.lora_B, std=0.5)
-    IO.save_adapter(net, A.AdapterConfig(r=2, targets=["q_proj", "down_proj"]), str(tmp_path / "ad"))
+    IO.save_adapter(net, A.AdapterConfig(r=2, targets=["q_proj", "down_proj"]),
+                    str(tmp_path / "ad"))
     A.remove_adapters(net)
     out = tmp_path / "res.json"
     data = [str(M.REPO_DIR / "data" / f) for f in ("wordnet_val.jsonl", "wordnet_val_choice.jsonl")]
-    r = subprocess.run([sys.executable, str(M.REPO_DIR / "eval.py"), "--model", str(path), "--adapter",
-                        str(tmp_path / "ad"), "--data", *data, "--max-examples", "12", "--out", str(out),
+    r = subprocess.run([sys.executable, str(M.REPO_DIR / "eval.py"), "--model", str(path),
+                        "--adapter", str(tmp_path / "ad"), "--data", *data,
+                        "--max-examples", "12", "--out", str(out),
                         "--rank-heatmap", str(tmp_path / "ranks.png")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -93,9 +98,11 @@ def test_prediction_kl_equals_explicit_kl_and_is_zero_against_itself(tiny, smoll
     path, net, tok = tiny
     other = M.load_pretrained(path, torch.float32, "cpu")
     with torch.no_grad():
-        other.model.norm.weight.mul_(0.05)                           # softens the reference's predictions
-    examples = D.encode_dataset(D.load_jsonl(M.REPO_DIR / "data" / "wordnet_val.jsonl")[:6], tok, 64)
-    assert E.prediction_kl(net, net, examples, 4, tok.pad_id)["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)
+        other.model.norm.weight.mul_(0.05)                  # softens the reference's predictions
+    examples = D.encode_dataset(D.load_jsonl(M.REPO_DIR / "data" / "wordnet_val.jsonl")[:6],
+                                tok, 64)
+    assert (E.prediction_kl(net, net, examples, 4, tok.pad_id)["kl_to_reference"]
+            == pytest.approx(0.0, abs=1e-6))
     want, n = 0.0, 0
     with torch.no_grad():
         for ids, mask in examples:

@@ -1,4 +1,5 @@
-"""model.py against transformers' LlamaForCausalLM (the parity oracle) and against itself (cache, kernels, shards)."""
+"""model.py against transformers' LlamaForCausalLM (the parity oracle) and against itself (cache,
+kernels, shards)."""
 import json
 import subprocess
 import sys
@@ -19,13 +20,14 @@ def random_ids(vocab, B=2, T=40, seed=0):
     return torch.randint(0, vocab, (B, T), generator=g)
 
 
-# --------------------------------------------------------------------------------------------- parity with HF
+# ----------------------------------------------------------------------------------- parity with HF
 
 @pytest.mark.parametrize("kind", list(TINY_CONFIGS))
 def test_logits_match_transformers_llama_fp32(tiny_checkpoint, kind):
     path, hf = tiny_checkpoint(kind)
     ours = M.load_pretrained(path, dtype=torch.float32, device="cpu")
-    T = 200 if kind == "llama31_rope" else 40      # past original_max_position_embeddings=64: scaled band in use
+    # past original_max_position_embeddings=64: scaled band in use
+    T = 200 if kind == "llama31_rope" else 40
     idx = random_ids(hf.config.vocab_size, T=T)
     with torch.no_grad():
         diff = (ours(idx) - hf(idx).logits).abs().max().item()
@@ -33,24 +35,28 @@ def test_logits_match_transformers_llama_fp32(tiny_checkpoint, kind):
 
 
 def test_llama31_rope_scaling_changes_frequencies_as_hf_does():
-    """Our inverse frequencies equal transformers' llama3 rope init, and differ from unscaled RoPE."""
+    """Our inverse frequencies equal transformers' llama3 rope init, and differ from unscaled
+    RoPE."""
     from transformers import LlamaConfig as HFConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     # the published Llama 3.1 config.json uses top-level rope_theta + rope_scaling
-    cfg = M.LlamaConfig.from_dict(dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
-                                       rope_theta=500000.0, rope_scaling=scaling, max_position_embeddings=131072))
+    cfg = M.LlamaConfig.from_dict(dict(hidden_size=4096, num_attention_heads=32,
+                                       num_key_value_heads=8, rope_theta=500000.0,
+                                       rope_scaling=scaling, max_position_embeddings=131072))
     hf_cfg = HFConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
-                      max_position_embeddings=131072, rope_parameters=dict(scaling, rope_theta=500000.0))
+                      max_position_embeddings=131072,
+                      rope_parameters=dict(scaling, rope_theta=500000.0))
     hf_inv, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
     ours = M.rope_inv_freq(cfg)
     assert torch.allclose(ours, hf_inv.float(), rtol=1e-6, atol=0)
-    plain = M.rope_inv_freq(M.LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_theta=500000.0))
+    plain = M.rope_inv_freq(M.LlamaConfig(hidden_size=4096, num_attention_heads=32,
+                                          rope_theta=500000.0))
     assert not torch.allclose(ours, plain)
 
 
-# --------------------------------------------------------------------------------------------- self-consistency
+# --------------------------------------------------------------------------------- self-consistency
 
 def test_sharded_loading_equals_single_file(tiny_checkpoint, tmp_path):
     path, hf = tiny_checkpoint("mha_untied")
@@ -63,7 +69,8 @@ def test_sharded_loading_equals_single_file(tiny_checkpoint, tmp_path):
         name = f"model-0000{i + 1}-of-00002.safetensors"
         save_file({k: sd[k] for k in part}, str(sharded / name))
         weight_map.update({k: name for k in part})
-    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
     (sharded / "config.json").write_text((path / "config.json").read_text())
     a = M.load_pretrained(path, dtype=torch.float32, device="cpu")
     b = M.load_pretrained(sharded, dtype=torch.float32, device="cpu")
@@ -103,7 +110,8 @@ def test_kv_cache_generation_equals_no_cache(tiny_checkpoint):
 
 
 def test_kv_cache_chunked_prefill_equals_full_forward(tiny_checkpoint):
-    """A prefix, then a multi-token chunk through the cache (the masked SDPA branch) gives the full-pass logits."""
+    """A prefix, then a multi-token chunk through the cache (the masked SDPA branch) gives the
+    full-pass logits."""
     path, _ = tiny_checkpoint("gqa_tied")
     m = M.load_pretrained(path, dtype=torch.float32, device="cpu")
     idx = random_ids(128, B=1, T=20)
@@ -119,7 +127,7 @@ def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
     draws = {int(M.sample_next(logits, 1.0, 0.7, g)) for _ in range(300)}
-    assert draws == {0, 1}                       # 0.5 + 0.3 >= 0.7: tokens 2 and 3 are outside the nucleus
+    assert draws == {0, 1}             # 0.5 + 0.3 >= 0.7: tokens 2 and 3 are outside the nucleus
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_checkpoint):
@@ -149,7 +157,8 @@ def test_loss_on_labelled_positions_equals_full_logits_cross_entropy(tiny_checkp
     labels[:, -1] = -100
     with torch.no_grad():
         ours = m(idx, labels=labels)
-        ref = torch.nn.functional.cross_entropy(m(idx).flatten(0, 1), labels.flatten(), ignore_index=-100)
+        ref = torch.nn.functional.cross_entropy(m(idx).flatten(0, 1), labels.flatten(),
+                                                ignore_index=-100)
     assert torch.allclose(ours, ref, atol=1e-6)
 
 
@@ -165,7 +174,7 @@ def test_save_pretrained_roundtrip_loads_in_transformers(tiny_checkpoint, tmp_pa
         assert (hf2(idx).logits - m(idx)).abs().max().item() <= 1e-5
 
 
-# --------------------------------------------------------------------------------------------- bad input
+# ---------------------------------------------------------------------------------------- bad input
 
 def test_missing_config_is_a_clear_error(tiny_checkpoint):
     path, _ = tiny_checkpoint("gqa_tied")
@@ -197,7 +206,8 @@ def test_misshaped_tensor_is_named(tiny_checkpoint):
     sd = load_file(str(path / "model.safetensors"))
     sd["model.layers.1.mlp.up_proj.weight"] = torch.zeros(95, 64)
     save_file(sd, str(path / "model.safetensors"))
-    with pytest.raises(M.CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight has shape \(95, 64\)"):
+    with pytest.raises(M.CheckpointError,
+                       match=r"model\.layers\.1\.mlp\.up_proj\.weight has shape \(95, 64\)"):
         M.load_pretrained(path, device="cpu")
 
 
@@ -219,7 +229,8 @@ def test_tokenizer_larger_than_embedding_is_an_error(smollm2_dir, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / name).write_bytes((smollm2_dir / name).read_bytes())
-    with pytest.raises(M.CheckpointError, match="tokenizer has 49152 tokens but the model's embedding has 1000 rows"):
+    with pytest.raises(M.CheckpointError,
+                       match="tokenizer has 49152 tokens but the model's embedding has 1000 rows"):
         load_tokenizer(tmp_path, vocab_rows=1000)
 
 
@@ -232,7 +243,8 @@ def test_unknown_checkpoint_name_says_where_to_download():
 def test_cli_bad_checkpoint_exits_nonzero_with_one_line(tiny_checkpoint):
     path, _ = tiny_checkpoint("gqa_tied")
     (path / "config.json").unlink()
-    r = subprocess.run([sys.executable, str(REPO / "model.py"), "--model", str(path)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(REPO / "model.py"), "--model", str(path)],
+                       capture_output=True, text=True)
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "config.json" in lines[0]
@@ -243,7 +255,8 @@ def _write_bos_tokenizer(folder, add_bos_token=None):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     words = ["<unk>", "<s>", "</s>", "hello", "world", "the", "cat", "sat", "1", "2"]
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(True)])
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
+                                                pre_tokenizers.Digits(True)])
     tk.add_special_tokens(["<s>", "</s>"])
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     folder.mkdir(parents=True, exist_ok=True)
@@ -264,7 +277,8 @@ def test_exactly_one_bos_with_a_post_processor_that_adds_bos(tmp_path):
         ids = tok.encode(text, bos=True)
         assert ids.count(1) == 1 and ids[0] == 1, (text, ids)
         assert tok.encode(text, bos=False).count(1) == text.count("<s>")
-    assert tok.encode("the cat sat 12", bos=True) == hf.encode("the cat sat 12")   # HF adds BOS via the template
+    # HF adds BOS via the template
+    assert tok.encode("the cat sat 12", bos=True) == hf.encode("the cat sat 12")
     assert tok.encode("hello", bos=True, eos=True) == [1, 3, 2]
 
 

@@ -1,4 +1,5 @@
-"""The embedded default model: GGUF conversion, tokenizer and logits against transformers' independent GGUF loader."""
+"""The embedded default model: GGUF conversion, tokenizer and logits against transformers'
+independent GGUF loader."""
 import pytest
 import torch
 
@@ -19,7 +20,8 @@ STRINGS = [
 
 @pytest.fixture(scope="module")
 def hf_gguf_tokenizer():
-    """transformers converts the GGUF tokenizer with its own code: an independent oracle for ours."""
+    """transformers converts the GGUF tokenizer with its own code: an independent oracle for
+    ours."""
     from transformers import AutoTokenizer
     g = find_default_gguf()
     return AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
@@ -28,14 +30,16 @@ def hf_gguf_tokenizer():
 def test_config_read_from_gguf_matches_smollm2_preset(smollm2):
     model, _ = smollm2
     want = M.preset_config("smollm2-135m")
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "rope_theta", "rms_norm_eps", "tie_word_embeddings"):
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "rope_theta", "rms_norm_eps",
+                "tie_word_embeddings"):
         assert getattr(model.config, key) == getattr(want, key), key
 
 
 def test_gguf_config_is_what_llamaconfig_writes():
     """convert_gguf.py writes config.json from a plain dict (it does not import model.py): the
-    dict must be what LlamaConfig.to_hf_dict() writes, keys in order, and read back as the preset."""
+    dict must be what LlamaConfig.to_hf_dict() writes, keys in order, and read back as the
+    preset."""
     import gguf
     config = gguf_config(gguf.GGUFReader(str(find_default_gguf())))
     cfg = M.LlamaConfig.from_dict(config)
@@ -52,7 +56,8 @@ def test_tokenizer_ids_equal_transformers(smollm2, hf_gguf_tokenizer):
 
 def test_smollm2_uses_no_bos_and_chatml_eos(smollm2):
     _, tok = smollm2
-    assert tok.bos_id is None                     # SmolLM2 was trained without a BOS: asking for one adds nothing
+    # SmolLM2 was trained without a BOS: asking for one adds nothing
+    assert tok.bos_id is None
     assert tok.encode("hi", bos=True) == tok.encode("hi")
     assert tok.eos_id == tok.tk.token_to_id("<|im_end|>")
     assert tok.encode("hi", eos=True)[-1] == tok.eos_id
@@ -60,23 +65,26 @@ def test_smollm2_uses_no_bos_and_chatml_eos(smollm2):
 
 def test_chat_prompt_equals_the_checkpoint_chat_template(smollm2, hf_gguf_tokenizer):
     _, tok = smollm2
-    ref = hf_gguf_tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=False,
-                                                add_generation_prompt=True)
+    ref = hf_gguf_tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}],
+                                                tokenize=False, add_generation_prompt=True)
     assert tok.chat_prompt("Hi there") == ref
 
 
 def test_logits_equal_transformers_gguf_loader(smollm2):
-    """transformers dequantizes the GGUF and undoes the Q/K permutation itself: our converted weights must agree."""
+    """transformers dequantizes the GGUF and undoes the Q/K permutation itself: our converted
+    weights must agree."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
     model, tok = smollm2
     g = find_default_gguf()
     ids = torch.tensor([tok.encode("The capital of France is Paris, and the capital of Italy is")])
     with torch.no_grad():
         ours = model(ids)
-        hf_same_file = LlamaForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32).eval()
+        hf_same_file = LlamaForCausalLM.from_pretrained(DEFAULT_MODEL_DIR,
+                                                        dtype=torch.float32).eval()
         d_same = (hf_same_file(ids).logits - ours).abs().max().item()
         del hf_same_file
-        hf_gguf = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype=torch.float32).eval()
+        hf_gguf = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name,
+                                                       dtype=torch.float32).eval()
         d_gguf = (hf_gguf(ids).logits - ours).abs().max().item()
     assert d_same <= 1e-4, f"vs transformers on our safetensors: {d_same:.2e}"
     assert d_gguf <= 1e-4, f"vs transformers' own GGUF conversion: {d_gguf:.2e}"

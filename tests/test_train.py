@@ -1,4 +1,5 @@
-"""train.py: accumulation, resume, signals, gradients under checkpointing, overfitting, bad input, peft export."""
+"""train.py: accumulation, resume, signals, gradients under checkpointing, overfitting, bad input,
+peft export."""
 import json
 import os
 import shutil
@@ -24,8 +25,9 @@ TRAIN_DATA = str(REPO / "data" / "wordnet_train.jsonl")
 
 
 def tiny_cfg(tiny_dir, out, **kw):
-    base = dict(model=str(tiny_dir), data=TRAIN_DATA, val_data="", out=str(out), steps=6, batch_size=4,
-                log_every=1, eval_every=0, save_every=0, lr=5e-3, rank=4, targets="q_proj,v_proj,down_proj")
+    base = dict(model=str(tiny_dir), data=TRAIN_DATA, val_data="", out=str(out), steps=6,
+                batch_size=4, log_every=1, eval_every=0, save_every=0, lr=5e-3, rank=4,
+                targets="q_proj,v_proj,down_proj")
     base.update(kw)
     cfg = T.TrainConfig(**base)
     T.validate(cfg)
@@ -47,13 +49,15 @@ def lora_grads(net):
     return {n: p.grad.clone() for n, p in A.adapter_named_parameters(net).items()}
 
 
-# --------------------------------------------------------------------------------------------- the math of a step
+# ------------------------------------------------------------------------------- the math of a step
 
 def test_gradient_accumulation_4x2_equals_batch_of_8(tiny_dir):
     net, tok = lora_model(tiny_dir)
     words = "the cat sat on a warm mat while rain fell over the quiet old town".split()
-    records = [{"prompt": " ".join(words[:2 + i]), "completion": " " + " ".join(words[i:i + 1 + 2 * i])}
-               for i in range(8)]                                            # prompts and completions of many lengths
+    # prompts and completions of many lengths
+    records = [{"prompt": " ".join(words[:2 + i]),
+                "completion": " " + " ".join(words[i:i + 1 + 2 * i])}
+               for i in range(8)]
     examples = [D.encode_example(r, tok) for r in records]
     assert len({len(ids) for ids, _ in examples}) >= 6
     big = [D.collate(examples, tok.pad_id)]
@@ -88,7 +92,7 @@ def test_every_lora_parameter_gets_a_gradient_under_checkpointing(tiny_dir):
         net.grad_checkpoint = ckpt
         net(batch["input_ids"], labels=batch["labels"]).backward()
         grads[ckpt] = lora_grads(net)
-    assert len(grads[True]) == 2 * 3 * 2                                     # A and B, 3 targets, 2 layers
+    assert len(grads[True]) == 2 * 3 * 2                     # A and B, 3 targets, 2 layers
     for n, g in grads[True].items():
         assert g.abs().sum() > 0, f"{n} has a zero gradient under gradient checkpointing"
         assert torch.allclose(g, grads[False][n], atol=1e-6), n
@@ -96,7 +100,8 @@ def test_every_lora_parameter_gets_a_gradient_under_checkpointing(tiny_dir):
 
 
 def test_prompt_positions_get_no_gradient(tiny_dir):
-    """The final hidden state at a prompt position feeds only that position's head: its gradient must be 0."""
+    """The final hidden state at a prompt position feeds only that position's head: its gradient
+    must be 0."""
     net, tok = lora_model(tiny_dir)
     records = D.load_jsonl(TRAIN_DATA)[:4]
     batch = D.collate(D.encode_dataset(records, tok, 64), tok.pad_id)
@@ -109,17 +114,18 @@ def test_prompt_positions_get_no_gradient(tiny_dir):
     g = captured["h"].grad.abs().sum(-1)                                     # (B, T)
     labelled = batch["labels"] != D.IGNORE_INDEX
     assert (g[~labelled] == 0).all() and (g[labelled] > 0).all()
-    for row, r in enumerate(records):                                        # completion tokens + EOS, no more
+    for row, r in enumerate(records):                        # completion tokens + EOS, no more
         assert labelled[row].sum() == len(tok.encode(r["completion"])) + 1
 
 
 def test_lr_schedule_warms_up_each_group_from_its_start():
     cfg = T.TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
     assert T.lr_at(0, 0, cfg) == pytest.approx(0.1)
-    assert T.lr_at(9, 0, cfg) == pytest.approx(T.lr_at(9, 0, cfg.__class__(steps=100, lr=1.0, warmup_steps=0,
-                                                                           min_lr_ratio=0.1)))
-    assert T.lr_at(50, 50, cfg) == pytest.approx(0.1 * T.lr_at(50, 0, cfg))  # a new group restarts warm-up
-    assert T.lr_at(99, 0, cfg) == pytest.approx(0.1)                        # cosine ends at min_lr_ratio
+    assert T.lr_at(9, 0, cfg) == pytest.approx(
+        T.lr_at(9, 0, cfg.__class__(steps=100, lr=1.0, warmup_steps=0, min_lr_ratio=0.1)))
+    # a new group restarts warm-up
+    assert T.lr_at(50, 50, cfg) == pytest.approx(0.1 * T.lr_at(50, 0, cfg))
+    assert T.lr_at(99, 0, cfg) == pytest.approx(0.1)                  # cosine ends at min_lr_ratio
 
 
 # --------------------------------------------------------------------------------------------- runs
@@ -127,36 +133,41 @@ def test_lr_schedule_warms_up_each_group_from_its_start():
 def test_small_batch_can_be_overfitted(tiny_dir, tmp_path):
     four = tmp_path / "four.jsonl"
     four.write_text("".join(json.dumps(r) + "\n" for r in D.load_jsonl(TRAIN_DATA)[:4]))
-    cfg = tiny_cfg(tiny_dir, tmp_path / "run", data=str(four), steps=80, lr=2e-2, rank=8, warmup_steps=5,
-                   targets=T.ALL_LINEARS)
+    cfg = tiny_cfg(tiny_dir, tmp_path / "run", data=str(four), steps=80, lr=2e-2, rank=8,
+                   warmup_steps=5, targets=T.ALL_LINEARS)
     T.train(cfg)
     rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     first, last = rows[0]["loss"], rows[-1]["loss"]
     assert last < 0.1 * first and last < 0.5, (first, last)
 
-    # eval.exact_match (one teacher-forced pass) agrees with real greedy decoding, example by example
+    # eval.exact_match (one teacher-forced pass) agrees with real greedy decoding,
+    # example by example
     import eval as E
     net, tok = M.load_model_and_tokenizer(tiny_dir, torch.float32, "cpu")
     IO.load_adapter(net, str(tmp_path / "run"))
-    records = D.load_jsonl(TRAIN_DATA)[:8]                                   # 4 memorized + 4 unseen
+    records = D.load_jsonl(TRAIN_DATA)[:8]                        # 4 memorized + 4 unseen
     by_generation = []
     for r in records:
         prompt_ids = tok.encode(r["prompt"], bos=True)
         target = tok.encode(r["completion"]) + [tok.eos_id]
-        by_generation.append(M.generate(net, prompt_ids, len(target) + 2, eos_id=tok.eos_id) == target)
-    assert sum(by_generation[:4]) >= 3                                        # memorized ones are reproduced
+        by_generation.append(M.generate(net, prompt_ids, len(target) + 2, eos_id=tok.eos_id)
+                             == target)
+    assert sum(by_generation[:4]) >= 3                            # memorized ones are reproduced
     assert E.exact_match(net, tok, records)["exact_match"] == sum(by_generation) / len(records)
 
 
 def test_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
-    """6 steps in one go == 3 steps, checkpoint, resume, 3 more (dropout on, so RNG state matters too)."""
+    """6 steps in one go == 3 steps, checkpoint, resume, 3 more (dropout on, so RNG state matters
+    too)."""
     a = tiny_cfg(tiny_dir, tmp_path / "a", steps=6, save_every=3, keep_checkpoints=5, dropout=0.1)
     T.train(a)
     b_out = tmp_path / "b"
     (b_out / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-000003", b_out / "checkpoints" / "step-000003")
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-000003",
+                    b_out / "checkpoints" / "step-000003")
     (b_out / "checkpoints" / "latest").write_text("step-000003")
-    T.train(tiny_cfg(tiny_dir, b_out, steps=6, save_every=3, keep_checkpoints=5, dropout=0.1, resume=True))
+    T.train(tiny_cfg(tiny_dir, b_out, steps=6, save_every=3, keep_checkpoints=5, dropout=0.1,
+                     resume=True))
     wa = load_file(str(tmp_path / "a" / IO.ADAPTER_WEIGHTS_NAME))
     wb = load_file(str(b_out / IO.ADAPTER_WEIGHTS_NAME))
     assert wa.keys() == wb.keys()
@@ -167,13 +178,14 @@ def test_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
 
 def test_sigterm_saves_a_checkpoint_that_resumes(tiny_dir, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "train.py"), "--model", str(tiny_dir), "--data", TRAIN_DATA, "--val-data", "",
-           "--out", str(out), "--steps", "3000", "--batch-size", "2", "--log-every", "1", "--save-every", "0",
-           "--rank", "2", "--targets", "q_proj"]
+    cmd = [sys.executable, str(REPO / "train.py"), "--model", str(tiny_dir), "--data", TRAIN_DATA,
+           "--val-data", "", "--out", str(out), "--steps", "3000", "--batch-size", "2",
+           "--log-every", "1", "--save-every", "0", "--rank", "2", "--targets", "q_proj"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+    while time.time() < deadline and (not metrics.exists()
+                                      or len(metrics.read_text().splitlines()) < 3):
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -182,8 +194,9 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tiny_dir, tmp_path):
     assert ckpt is not None and "saved checkpoint" in err
     stopped_at = torch.load(ckpt / "trainer_state.pt", weights_only=True)["step"]
     assert 3 <= stopped_at < 3000
-    r = subprocess.run(cmd[:cmd.index("--steps") + 1] + [str(stopped_at + 2)] + cmd[cmd.index("--steps") + 2:]
-                       + ["--resume"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd[:cmd.index("--steps") + 1] + [str(stopped_at + 2)]
+                       + cmd[cmd.index("--steps") + 2:] + ["--resume"],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert f"resumed from {ckpt} at step {stopped_at}" in r.stderr
     steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
@@ -206,7 +219,7 @@ def test_run_folder_holds_the_documented_products_and_peft_gives_our_logits(tiny
     with torch.no_grad():
         base = M.load_pretrained(tiny_dir, torch.float32, "cpu")(idx)
         mine = ours(idx)
-        assert (mine - base).abs().max() > 1e-3                               # the adapter learned something
+        assert (mine - base).abs().max() > 1e-3                   # the adapter learned something
         assert (hf(input_ids=idx).logits - mine).abs().max().item() <= 1e-5
 
 
@@ -215,14 +228,15 @@ def test_full_finetuning_writes_a_loadable_model(tiny_dir, tmp_path):
     T.train(tiny_cfg(tiny_dir, out, method="full", steps=3, lr=1e-3))
     tuned = M.load_pretrained(out, torch.float32, "cpu")
     base = M.load_pretrained(tiny_dir, torch.float32, "cpu")
-    assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+    assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight,
+                           base.model.layers[0].mlp.up_proj.weight)
 
 
-# --------------------------------------------------------------------------------------------- bad input
+# ---------------------------------------------------------------------------------------- bad input
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True,
+                          text=True, timeout=120)
 
 
 def one_line_error(r):
@@ -234,7 +248,8 @@ def one_line_error(r):
 
 def test_malformed_jsonl_line_is_named(tiny_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n{"prompt": oops}\n')
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n'
+                   '{"prompt": oops}\n')
     msg = one_line_error(run_cli("--model", str(tiny_dir), "--data", str(bad), "--val-data", "",
                                  "--out", str(tmp_path / "o")))
     assert "line 3" in msg
@@ -267,7 +282,8 @@ def test_failed_start_never_touches_existing_checkpoints(tiny_dir, tmp_path):
     T.train(tiny_cfg(tiny_dir, out, steps=2))
     ckpt = T.latest_checkpoint(out)
     before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
-    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):       # no --resume/--overwrite
+    # no --resume/--overwrite
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
         T.train(tiny_cfg(tiny_dir, out, steps=2))
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n")
@@ -283,6 +299,6 @@ def test_help_explains_every_flag():
     r = run_cli("--help")
     assert r.returncode == 0
     flags = [f.name for f in T.fields(T.TrainConfig) if f.name != "method_options"]
-    flags += [f.name for f in T.method_option_fields()]                    # every method hyper-parameter too
+    flags += [f.name for f in T.method_option_fields()]       # every method hyper-parameter too
     for name in flags:
         assert "--" + name.replace("_", "-") in r.stdout, name

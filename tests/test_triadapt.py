@@ -1,8 +1,9 @@
-"""Tests for TriAdaptLoRA (adapters.py: TriAdaptLinear, growth_count, TriAdaptHooks) — SPEC §4, our formulation.
+"""Tests for TriAdaptLoRA (adapters.py: TriAdaptLinear, growth_count, TriAdaptHooks) — SPEC §4, our
+formulation.
 
-Checked against explicit computations: a dense core assembled entry by entry, logits before/after growth, the
-budget arithmetic, train.py's uninterrupted run (for resume) and HF peft loading our export (an independent
-implementation of the exported LoRA). CPU only, tiny random Llamas.
+Checked against explicit computations: a dense core assembled entry by entry, logits before/after
+growth, the budget arithmetic, train.py's uninterrupted run (for resume) and HF peft loading our
+export (an independent implementation of the exported LoRA). CPU only, tiny random Llamas.
 """
 
 import copy
@@ -41,7 +42,8 @@ def with_triadapt(base, **kw):
 
 @torch.no_grad()
 def randomize(model, std=0.1, seed=1):
-    """Give every adapter tensor (B, the core strips included) random values, so that growth has something to keep."""
+    """Give every adapter tensor (B, the core strips included) random values, so that growth has
+    something to keep."""
     g = torch.Generator().manual_seed(seed)
     for p in A.adapter_named_parameters(model).values():
         p.add_(torch.randn(p.shape, generator=g) * std)
@@ -81,8 +83,10 @@ def test_core_has_the_block_lower_upper_structure_of_spec(base):
     assert torch.equal(L + U, dense)
     for n in range(4):
         rows = slice(offsets[n], offsets[n + 1])
-        assert torch.count_nonzero(L[rows, offsets[n + 1]:]) == 0  # L: nothing right of the diagonal block
-        assert torch.count_nonzero(U[rows, :offsets[n + 1]]) == 0  # U: nothing on or left of the diagonal block
+        # L: nothing right of the diagonal block
+        assert torch.count_nonzero(L[rows, offsets[n + 1]:]) == 0
+        # U: nothing on or left of the diagonal block
+        assert torch.count_nonzero(U[rows, :offsets[n + 1]]) == 0
     # the strips tile C exactly once: the core has r² free entries, no more
     assert sum(R.numel() for R in layer.tri_R) + sum(K.numel() for K in layer.tri_K) == 81
 
@@ -93,10 +97,13 @@ def test_core_has_the_block_lower_upper_structure_of_spec(base):
 
 @pytest.mark.parametrize("block", [1, 3])
 def test_logits_are_unchanged_by_a_growth_event(base, idx, block):
-    """In float64, so that the only difference left is summation order inside the longer matmuls (in fp32 that is
-    ~1e-5 here, with large random adapter values; in float64 it is ~1e-14, while the adapter's own effect is ~1)."""
-    model, cfg = with_triadapt(base, tri_block=block, total_steps=20, tri_warmup=5, tri_interval=5, tri_final=15)
-    randomize(model)  # B ≠ 0, K and R off-diagonal ≠ 0: growth must preserve a non-trivial function
+    """In float64, so that the only difference left is summation order inside the longer matmuls (in
+    fp32 that is ~1e-5 here, with large random adapter values; in float64 it is ~1e-14, while the
+    adapter's own effect is ~1)."""
+    model, cfg = with_triadapt(base, tri_block=block, total_steps=20, tri_warmup=5, tri_interval=5,
+                               tri_final=15)
+    # B ≠ 0, K and R off-diagonal ≠ 0: growth must preserve a non-trivial function
+    randomize(model)
     model.double()
     hooks = A.training_hooks(model, cfg)
     before = logits(model, idx)
@@ -107,7 +114,8 @@ def test_logits_are_unchanged_by_a_growth_event(base, idx, block):
 
 
 def test_every_new_tensor_gets_a_gradient_within_two_steps(base, idx):
-    model, cfg = with_triadapt(base, total_steps=10, tri_warmup=2, tri_interval=100, tri_final=8, orth_reg=0.0)
+    model, cfg = with_triadapt(base, total_steps=10, tri_warmup=2, tri_interval=100, tri_final=8,
+                               orth_reg=0.0)
     hooks = A.training_hooks(model, cfg)
     optimizer = torch.optim.AdamW(A.optimizer_parameters(model), lr=1e-2)
     model.train()
@@ -117,7 +125,8 @@ def test_every_new_tensor_gets_a_gradient_within_two_steps(base, idx):
         model(idx, labels=idx).loss.backward()
         for p in first_block + new:
             got_grad[id(p)] |= bool(p.grad is not None and p.grad.abs().max() > 0)
-        if step == 1:  # two steps after init: every first-block tensor (A_0, R_0 too, though B_0 = 0) has learned
+        # two steps after init: every first-block tensor (A_0, R_0 too, though B_0 = 0) has learned
+        if step == 1:
             assert all(got_grad[id(p)] for p in first_block)
         optimizer.step()
         grown = hooks.after_optimizer_step(step)  # the event is at t = 2 (step 1)
@@ -145,7 +154,8 @@ def test_every_new_tensor_gets_a_gradient_within_two_steps(base, idx):
     ("linear", 5, 1.0, 14, 2, 1, 2),  # ⌊R/k⌋ = 2: never overshoot the budget
     ("fixed", 1, 0.5, 14, 2, 3, 0),  # R < k: no growth at all
 ])
-def test_growth_count_follows_the_threshold_rule(mode, remaining, progress, modules, block, top_k, expected):
+def test_growth_count_follows_the_threshold_rule(mode, remaining, progress, modules, block, top_k,
+                                                 expected):
     assert A.growth_count(mode, remaining, progress, modules, block, top_k) == expected
 
 
@@ -156,9 +166,11 @@ def test_growth_count_follows_the_threshold_rule(mode, remaining, progress, modu
     ("exponential", 30, 5),  # ⌊28^0.5⌋ = ⌊5.29⌋
     ("fixed", 15, 4),
 ])
-def test_each_threshold_mode_grows_the_expected_modules_on_constructed_scores(base, mode, t, expected):
-    """14 modules, r_ref 4, initial rank 2: R = 28. Module i's core grows by 0.05·i after the reference point, so
-    s_i = ν_i − ν_i^prev increases with i; module 0 has the largest ν but no change, and must not be chosen."""
+def test_each_threshold_mode_grows_the_expected_modules_on_constructed_scores(base, mode, t,
+                                                                              expected):
+    """14 modules, r_ref 4, initial rank 2: R = 28. Module i's core grows by 0.05·i after the
+    reference point, so s_i = ν_i − ν_i^prev increases with i; module 0 has the largest ν but no
+    change, and must not be chosen."""
     model, cfg = with_triadapt(base, total_steps=60, tri_warmup=10, tri_interval=5, tri_final=50,
                                tri_threshold=mode, tri_top_k=4)
     layers = list(A.adapter_layers(model).values())
@@ -174,7 +186,8 @@ def test_each_threshold_mode_grows_the_expected_modules_on_constructed_scores(ba
     assert len(grown) == expected
     assert grown == list(range(14 - expected, 14))  # the modules with the highest s_ℓ
     assert sum(ranks) == 28 + expected
-    # ν^prev is now recorded after growth: with no further change, scores are 0 for modules that did not grow
+    # ν^prev is recorded after growth: with no further change, scores are 0 for modules
+    # that did not grow
     nu = {n: A.normalized_frobenius_norm(m) for n, m in hooks.layers.items()}
     assert nu == hooks.nu_prev
 
@@ -182,8 +195,9 @@ def test_each_threshold_mode_grows_the_expected_modules_on_constructed_scores(ba
 @pytest.mark.parametrize("mode", AC.THRESHOLD_MODES)
 @pytest.mark.parametrize("init_rank, block", [(2, 1), (2, 3), (1, 2)])
 def test_total_rank_never_exceeds_the_budget(base, mode, init_rank, block):
-    model, cfg = with_triadapt(base, tri_init_rank=init_rank, tri_block=block, total_steps=40, tri_warmup=1,
-                               tri_interval=1, tri_final=30, tri_threshold=mode, tri_top_k=5)
+    model, cfg = with_triadapt(base, tri_init_rank=init_rank, tri_block=block, total_steps=40,
+                               tri_warmup=1, tri_interval=1, tri_final=30, tri_threshold=mode,
+                               tri_top_k=5)
     hooks = A.training_hooks(model, cfg)
     g = torch.Generator().manual_seed(0)
     budget = 4 * 14
@@ -193,8 +207,10 @@ def test_total_rank_never_exceeds_the_budget(base, mode, init_rank, block):
                 layer.tri_R[0].add_(0.1 * torch.randn(layer.tri_R[0].shape, generator=g))
         hooks.after_optimizer_step(step)
         assert hooks.total_rank() <= budget
-        assert hooks.log_items()["total_rank"] == hooks.total_rank() == sum(A.adapter_ranks(model).values())
-    assert budget - hooks.total_rank() < block  # and it is used up (all modes get there in 30 events here)
+        assert (hooks.log_items()["total_rank"] == hooks.total_rank()
+                == sum(A.adapter_ranks(model).values()))
+    # and it is used up (all modes get there in 30 events here)
+    assert budget - hooks.total_rank() < block
 
 
 # -----------------------------------------------------------------------------
@@ -202,7 +218,8 @@ def test_total_rank_never_exceeds_the_budget(base, mode, init_rank, block):
 
 
 def grown_model(base, idx):
-    """Every module grown 0, 1 or 2 times (ranks 2, 3, 4) with random values: rank_pattern is needed."""
+    """Every module grown 0, 1 or 2 times (ranks 2, 3, 4) with random values: rank_pattern is
+    needed."""
     model, cfg = with_triadapt(base, total_steps=30)
     for i, layer in enumerate(A.adapter_layers(model).values()):
         for _ in range(i % 3):
@@ -223,7 +240,8 @@ def test_exported_triadapt_loads_in_peft_and_gives_our_logits(base, idx, tmp_pat
         loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
     assert not [w for w in caught if "missing adapter keys" in str(w.message)]
     for name, layer in A.adapter_layers(model).items():
-        assert loaded.base_model.model.get_submodule(name).scaling["default"] == pytest.approx(16 / 4)  # α / r_ref
+        assert (loaded.base_model.model.get_submodule(name).scaling["default"]
+                == pytest.approx(16 / 4))  # α / r_ref
     assert (logits(loaded, idx) - logits(model, idx)).abs().max() <= 1e-5
 
 
@@ -235,22 +253,25 @@ def test_save_then_load_rebuilds_the_grown_blocks(base, idx, tmp_path):
     blocks = {n: m.num_blocks for n, m in A.adapter_layers(model).items()}
     assert {n: m.num_blocks for n, m in A.adapter_layers(fresh).items()} == blocks
     assert torch.equal(logits(fresh, idx), logits(model, idx))
-    # load_adapter_weights into freshly built (un-grown) adapters grows them from adapter_config.json first
+    # load_adapter_weights into freshly built (un-grown) adapters grows them from
+    # adapter_config.json first
     ungrown, _ = with_triadapt(base, total_steps=30)
     IO.load_adapter_weights(ungrown, str(tmp_path))
     assert {n: m.num_blocks for n, m in A.adapter_layers(ungrown).items()} == blocks
     assert torch.equal(logits(ungrown, idx), logits(model, idx))
 
 
-def test_adapter_files_hold_one_tensor_per_block_and_a_missing_block_is_a_one_line_error(base, idx, tmp_path):
-    """tri_A.n = a_n (k×d_in), tri_B.n = b_n (d_out×k), tri_R.n = R_n, tri_K.n = K_{n+1}: the layer's own
-    parameters. A file that lost a block does not load, and the message names it."""
+def test_adapter_files_hold_one_tensor_per_block_and_a_missing_block_is_a_one_line_error(base, idx,
+                                                                                          tmp_path):
+    """tri_A.n = a_n (k×d_in), tri_B.n = b_n (d_out×k), tri_R.n = R_n, tri_K.n = K_{n+1}: the
+    layer's own parameters. A file that lost a block does not load, and the message names it."""
     from safetensors.torch import save_file
     model, cfg = grown_model(base, idx)
     IO.save_adapter(model, cfg, str(tmp_path))
     saved = load_file(str(tmp_path / IO.ADAPTER_WEIGHTS_NAME))
     for name, layer in A.adapter_layers(model).items():
-        for kind, blocks in (("A", layer.tri_A), ("B", layer.tri_B), ("R", layer.tri_R), ("K", layer.tri_K)):
+        for kind, blocks in (("A", layer.tri_A), ("B", layer.tri_B), ("R", layer.tri_R),
+                             ("K", layer.tri_K)):
             for n, t in enumerate(blocks):
                 assert torch.equal(saved[f"{name}.tri_{kind}.{n}"], t.detach())
     fresh = copy.deepcopy(base)
@@ -265,14 +286,16 @@ def test_adapter_files_hold_one_tensor_per_block_and_a_missing_block_is_a_one_li
 
 
 def test_training_the_blocks_equals_an_explicit_reimplementation():
-    """An explicit reimplementation keeps a_n, b_n, R_n, K_n as separate leaves, builds ΔW by concatenation and a
-    core filled in entry by entry, with AdamW groups born at growth (their own state and learning rate); our layer
-    trained by a plain loop (backward, step) must match it."""
+    """An explicit reimplementation keeps a_n, b_n, R_n, K_n as separate leaves, builds ΔW by
+    concatenation and a core filled in entry by entry, with AdamW groups born at growth (their own
+    state and learning rate); our layer trained by a plain loop (backward, step) must match it."""
     torch.manual_seed(0)
-    layer = A.TriAdaptLinear(torch.nn.Linear(6, 5, bias=False), r_ref=4, alpha=8.0, init_rank=2, block=1)
+    layer = A.TriAdaptLinear(torch.nn.Linear(6, 5, bias=False), r_ref=4, alpha=8.0, init_rank=2,
+                             block=1)
     layer.double()
     x, target = torch.randn(7, 6, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
-    ref = [[t.detach().clone().requires_grad_(True) for t in (layer.tri_A[0], layer.tri_B[0], layer.tri_R[0])]]
+    ref = [[t.detach().clone().requires_grad_(True)
+            for t in (layer.tri_A[0], layer.tri_B[0], layer.tri_R[0])]]
     opt = torch.optim.AdamW(A.optimizer_parameters(layer), lr=0.05, fused=True)
     ref_opt = torch.optim.AdamW(ref[0], lr=0.05)
 
@@ -284,9 +307,11 @@ def test_training_the_blocks_equals_an_explicit_reimplementation():
             rows.append(rows[-1] + blk[0].shape[0])
         C = torch.zeros(r, r, dtype=a.dtype)
         for n, blk in enumerate(ref):
-            C = C.index_put((torch.arange(rows[n], rows[n + 1])[:, None], torch.arange(rows[n + 1])), blk[2])
+            C = C.index_put((torch.arange(rows[n], rows[n + 1])[:, None],
+                             torch.arange(rows[n + 1])), blk[2])
             if n:
-                C = C.index_put((torch.arange(rows[n])[:, None], torch.arange(rows[n], rows[n + 1])), blk[3])
+                C = C.index_put((torch.arange(rows[n])[:, None],
+                                 torch.arange(rows[n], rows[n + 1])), blk[3])
         return layer.scale * b @ C @ a
 
     for step in range(8):
@@ -294,26 +319,29 @@ def test_training_the_blocks_equals_an_explicit_reimplementation():
         ((x @ (layer.weight + ref_delta()).t() - target) ** 2).sum().backward()
         opt.step(), ref_opt.step()
         opt.zero_grad(set_to_none=True), ref_opt.zero_grad(set_to_none=True)
-        if step in (2, 4):  # growth: new blocks / new leaves, each set in a group with a smaller learning rate
+        # growth: new blocks / new leaves, each set in a group with a smaller learning rate
+        if step in (2, 4):
             new = layer.grow()
             opt.add_param_group({"params": new, "lr": 0.02 * step})
             blk = [t.detach().clone().requires_grad_(True) for t in new]
             ref.append(blk)
             ref_opt.add_param_group({"params": blk, "lr": 0.02 * step})
         for n, blk in enumerate(ref):
-            mine = (layer.tri_A[n], layer.tri_B[n], layer.tri_R[n]) + ((layer.tri_K[n - 1],) if n else ())
+            mine = ((layer.tri_A[n], layer.tri_B[n], layer.tri_R[n])
+                    + ((layer.tri_K[n - 1],) if n else ()))
             for m, r in zip(mine, blk):
                 torch.testing.assert_close(m.detach(), r.detach(), rtol=1e-10, atol=1e-12)
-    assert layer.num_blocks == 3 and float(ref[1][1].detach().abs().sum()) > 0  # the grown blocks did train
+    # the grown blocks did train
+    assert layer.num_blocks == 3 and float(ref[1][1].detach().abs().sum()) > 0
     with torch.no_grad():
         mine = layer.scale * layer.full_B() @ layer.core() @ layer.full_A()
         torch.testing.assert_close(mine, ref_delta(), rtol=1e-10, atol=1e-12)
 
 
 def test_a_plain_loop_trains_every_adapter_tensor_before_and_after_growth(base, idx):
-    """The loop a fork writes: AdamW(optimizer_parameters(net)), then backward and step, nothing else. Before
-    growth and after it (the grown blocks added as a group, as after_optimizer_step returns them), every adapter
-    tensor changes within three steps."""
+    """The loop a fork writes: AdamW(optimizer_parameters(net)), then backward and step, nothing
+    else. Before growth and after it (the grown blocks added as a group, as after_optimizer_step
+    returns them), every adapter tensor changes within three steps."""
     model, cfg = with_triadapt(base, total_steps=30, orth_reg=0.0)
     model.train()
 
@@ -345,12 +373,13 @@ def test_a_grown_block_left_out_of_the_optimizer_is_a_loud_error(base):
 
 
 def test_a_skipped_non_finite_step_leaves_no_gradient_behind(tiny_dir, tmp_path, monkeypatch):
-    """train.py skips a step whose loss is NaN/inf. Its backward has already filled the adapters' .grad: none of it
-    may reach the next step's gradient."""
+    """train.py skips a step whose loss is NaN/inf. Its backward has already filled the adapters'
+    .grad: none of it may reach the next step's gradient."""
     real, calls, clean = T.accumulate_gradients, [], []
 
     def second_loss_is_inf(net, *args, **kwargs):
-        clean.append(all(p.grad is None for p in net.parameters()))  # nothing left over from an earlier step
+        # nothing left over from an earlier step
+        clean.append(all(p.grad is None for p in net.parameters()))
         loss = real(net, *args, **kwargs)
         calls.append(loss)
         return float("inf") if len(calls) == 2 else loss
@@ -363,17 +392,21 @@ def test_a_skipped_non_finite_step_leaves_no_gradient_behind(tiny_dir, tmp_path,
 def test_restore_replays_growth_in_order_and_refuses_a_changed_schedule(base, idx):
     model, cfg = with_triadapt(base, total_steps=30, tri_warmup=3, tri_interval=3, tri_final=20)
     hooks = A.training_hooks(model, cfg)
-    joined = [(hooks.after_optimizer_step(step), step + 1) for step in (2, 5)]  # events at t = 3 and t = 6
+    # events at t = 3 and t = 6
+    joined = [(hooks.after_optimizer_step(step), step + 1) for step in (2, 5)]
     state = hooks.state_dict()
     fresh, _ = with_triadapt(base, total_steps=30, tri_warmup=3, tri_interval=3, tri_final=20)
     groups = A.training_hooks(fresh, cfg).restore_structure(state)
     assert [(len(p), s) for p, s in groups] == [(len(p), s) for p, s in joined]
-    assert [[tuple(t.shape) for t in p] for p, _ in groups] == [[tuple(t.shape) for t in p] for p, _ in joined]
+    assert ([[tuple(t.shape) for t in p] for p, _ in groups]
+            == [[tuple(t.shape) for t in p] for p, _ in joined])
     assert {n: m.rank for n, m in A.adapter_layers(fresh).items()} == A.adapter_ranks(model)
-    other, other_cfg = with_triadapt(base, total_steps=40, tri_warmup=3, tri_interval=3, tri_final=20)
+    other, other_cfg = with_triadapt(base, total_steps=40, tri_warmup=3, tri_interval=3,
+                                     tri_final=20)
     with pytest.raises(ValueError, match="resume with --steps 30"):
         A.training_hooks(other, other_cfg).restore_structure(state)
-    state["storage"] = "whole factors"  # a checkpoint of the window storage: its optimizer state does not fit
+    # a checkpoint of the window storage: its optimizer state does not fit
+    state["storage"] = "whole factors"
     with pytest.raises(ValueError, match="windows of whole factors"):
         A.training_hooks(with_triadapt(base, total_steps=30)[0], cfg).restore_structure(state)
 
@@ -400,8 +433,9 @@ def test_defaults_fit_the_100_step_demo():
 
 
 def tiny_cfg(tiny_dir, out, **kw):
-    base = dict(model=str(tiny_dir), data=TRAIN_DATA, val_data="", out=str(out), steps=6, batch_size=4,
-                log_every=1, eval_every=0, save_every=3, keep_checkpoints=5, lr=5e-3, rank=4, dropout=0.1,
+    base = dict(model=str(tiny_dir), data=TRAIN_DATA, val_data="", out=str(out), steps=6,
+                batch_size=4, log_every=1, eval_every=0, save_every=3, keep_checkpoints=5,
+                lr=5e-3, rank=4, dropout=0.1,
                 targets="q_proj,v_proj,down_proj", method="triadapt",
                 method_options=dict(tri_init_rank=2, tri_warmup=2, tri_interval=2, tri_final=5))
     base.update(kw)
@@ -411,8 +445,8 @@ def tiny_cfg(tiny_dir, out, **kw):
 
 
 def test_resume_across_a_growth_event_equals_the_uninterrupted_run(tiny_dir, tmp_path):
-    """6 steps in one go == 3 steps, checkpoint, resume, 3 more. Growth at t = 2 (before the checkpoint: the
-    resumed run must rebuild it and its optimizer group) and at t = 4 (after it)."""
+    """6 steps in one go == 3 steps, checkpoint, resume, 3 more. Growth at t = 2 (before the
+    checkpoint: the resumed run must rebuild it and its optimizer group) and at t = 4 (after it)."""
     T.train(tiny_cfg(tiny_dir, tmp_path / "a"))
     ckpt = tmp_path / "a" / "checkpoints" / "step-000003"
     events = torch.load(ckpt / "trainer_state.pt", weights_only=True)["method"]["events"]
@@ -423,12 +457,14 @@ def test_resume_across_a_growth_event_equals_the_uninterrupted_run(tiny_dir, tmp
     shutil.copytree(ckpt, b_out / "checkpoints" / "step-000003")
     (b_out / "checkpoints" / "latest").write_text("step-000003")
     T.train(tiny_cfg(tiny_dir, b_out, resume=True))
-    wa, wb = load_file(str(tmp_path / "a" / IO.ADAPTER_WEIGHTS_NAME)), load_file(str(b_out / IO.ADAPTER_WEIGHTS_NAME))
+    wa, wb = (load_file(str(tmp_path / "a" / IO.ADAPTER_WEIGHTS_NAME)),
+              load_file(str(b_out / IO.ADAPTER_WEIGHTS_NAME)))
     assert wa.keys() == wb.keys()
     assert any(k.endswith("tri_A.2") for k in wa)  # a module grew twice: t = 2 and 4
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     rows = [json.loads(line) for line in open(b_out / "metrics.jsonl")]
-    # 6 modules at rank 2 (budget 24): t = 2 grows one module (p = 0 -> n = 1), t = 4 all six (⌊11 · 2/3⌋ = 7 -> 6)
+    # 6 modules at rank 2 (budget 24): t = 2 grows one module (p = 0 -> n = 1), t = 4 all six
+    # (⌊11 · 2/3⌋ = 7 -> 6)
     assert (rows[-1]["total_rank"], rows[-1]["budget"]) == (12 + 1 + 6, 24)
     assert "ranks" in rows[0]  # the t = 4 event, logged with per-module ranks
