@@ -33,6 +33,9 @@ A plain loop trains every method:
         opt.zero_grad()
         if new: opt.add_param_group({"params": new})  # TriAdaptLoRA's grown blocks
 
+A loop that drops a step with a NaN/inf loss or gradient calls hooks.skip_step(step) in place of
+everything after the backward (train.py does), so that nothing of that step stays behind.
+
 Configuration lives in adapter_config.py, files (save, load, peft export) in adapter_io.py, the
 second-order tools in curvature.py. dtype policy: adapter tensors are fp32 even when W0 is bf16.
 """
@@ -356,6 +359,8 @@ class MethodHooks:
         clip; hooks.before_optimizer_step(optimizer, step); optimizer.step()
         new = hooks.after_optimizer_step(step); optimizer.zero_grad()    (.grad still readable)
         new parameters join the optimizer as a group of their own (TriAdaptLoRA's growth)
+    or, for a step whose loss or gradient is NaN/inf, instead of everything after the backward:
+        optimizer.zero_grad(); new = hooks.skip_step(step)
     and hooks.log_items() when logging, hooks.close() at the end. state_dict() and
     restore_structure() carry method state through checkpoints (plain types and tensors only: they
     are read back with weights_only=True).
@@ -388,6 +393,16 @@ class MethodHooks:
 
     def after_optimizer_step(self, step: int) -> list[nn.Parameter]:
         return []  # parameters created this step
+
+    def skip_step(self, step: int) -> list[nn.Parameter]:
+        """Step `step` is dropped (a NaN/inf loss or gradient) after its forward and backward.
+
+        No value computed in it may reach the method's state: forget what before_micro_batch and
+        the hooks collected (statistics, kept micro-batches, logits), and update no running
+        average. The schedule keeps its clock: an event due at t = step + 1 (an allocation, a
+        growth) happens, on the state of the last good step. Returns the parameters created, as
+        after_optimizer_step. Plain LoRA and CG-LoRA keep nothing per step: nothing to do."""
+        return []
 
     def log_items(self) -> dict:
         return {}
@@ -716,6 +731,7 @@ class AdaLoRAHooks(MethodHooks):
         after_optimizer_step(t)  t < T − t_f: update the scores           (SensitivityScores)
                                  allocation steps: keep the top-b(t) triplets, mask the rest
                                  every step: masked λ ← 0                 (MaskAllocator)
+        skip_step(t)             a dropped step: the allocation only, on the scores so far
 
     t = step + 1 counts completed steps, so the t_f frozen steps are the run's last t_f.
     """
@@ -739,6 +755,16 @@ class AdaLoRAHooks(MethodHooks):
         t = step + 1
         if t < self.schedule.freeze_step:
             self.scores.update()
+        self._allocate(t)
+        return []
+
+    def skip_step(self, step: int) -> list[nn.Parameter]:
+        """The scores skip the dropped step (its gradients are gone); an allocation due now still
+        happens on the scores so far, so the mask still reaches b_T at t = T − t_f."""
+        self._allocate(step + 1)
+        return []
+
+    def _allocate(self, t: int) -> None:
         self.budget = self.schedule(t)[0]
         if self.allocator.step(t, self.scores.triplet_scores):
             ranks = {name: m.active_rank for name, m in self.layers.items()}
@@ -750,7 +776,6 @@ class AdaLoRAHooks(MethodHooks):
                   file=sys.stderr)
             if frozen:
                 self.scores.reset()  # no longer needed (peft frees them too)
-        return []
 
     def log_items(self) -> dict:
         items = {"total_rank": sum(m.active_rank for m in self.layers.values()),
@@ -945,6 +970,7 @@ class TriAdaptHooks(MethodHooks):
                                    s_ℓ = ν_ℓ − ν_ℓ^prev, n = growth_count(…)
                                    the n highest s_ℓ grow by k; ν^prev ← ν (after growth)
                                    returns the new blocks: they join the optimizer as a group
+        skip_step(t)             a dropped step: the same (growth reads only the weights)
 
     Budget b_T = r_ref × #modules. A group born at step s starts its warm-up at s + 1.
     """
@@ -1009,6 +1035,11 @@ class TriAdaptHooks(MethodHooks):
               f"{progress:.2f}); total rank {self.total_rank()} of budget {self.budget}; "
               f"{rank_summary(self._unlogged_ranks)}", file=sys.stderr)
         return new
+
+    def skip_step(self, step: int) -> list[nn.Parameter]:
+        """Growth reads only the weights, which a dropped step left alone: an event due now
+        happens as on any step (a growth event lost to a bad step would leave budget unused)."""
+        return self.after_optimizer_step(step)
 
     def log_items(self) -> dict:
         items = {"total_rank": self.total_rank(), "budget": self.budget}
@@ -1102,6 +1133,8 @@ class CTRLoRAHooks(MethodHooks):
                                                                               [trust region]
                                allocation steps: keep the top-b(t) triplets by utility
                                                                              [rank scheduler]
+        skip_step              a dropped step: forget its statistics, micro-batches, logits
+                               and snapshot; an allocation due now uses the good steps' ones
 
     Statistics are collected inside training steps only: a forward or backward between steps
     (evaluation, generation) adds nothing. State per module (kfac-diag): s (d_in), γ (d_out),
@@ -1266,9 +1299,10 @@ class CTRLoRAHooks(MethodHooks):
 
     @torch.no_grad()
     def _set_step(self, deltas: dict, shrink: float) -> None:
+        """θ ← θ_before + shrink · δθ; shrink = 0 restores θ_before exactly (0 · inf is NaN)."""
         for name, layer in self.layers.items():
             for p, o, d in zip(self._params(layer), self._snapshot[name], deltas[name]):
-                p.copy_(o + shrink * d)
+                p.copy_(o if shrink == 0 else o + shrink * d)
 
     @torch.no_grad()
     def measured_kl(self) -> float:
@@ -1341,18 +1375,34 @@ class CTRLoRAHooks(MethodHooks):
         if self.cfg.ctr_trust_region and self._snapshot is not None:
             self.trust_region(t)
         if self.schedule is not None:
-            self.budget = self.schedule(t)[0]
-            if self.allocator.step(t, self.utility_scores):
-                ranks = {name: m.active_rank for name, m in self.layers.items()}
-                self._unlogged_ranks = ranks
-                print(f"ctr step {t}/{self.schedule.total_steps}: kept {sum(ranks.values())} of "
-                      f"{self.schedule.initial} triplets (budget {self.budget}); "
-                      f"{rank_summary(ranks)}", file=sys.stderr)
+            self._allocate(t)
         else:
             for layer in self.layers.values():
                 layer.apply_mask()
         self._snapshot, self._micro = None, []
         return []
+
+    def skip_step(self, step: int) -> list[nn.Parameter]:
+        """Drop the step's statistics (collector sums), kept micro-batches and logits, and
+        snapshot; the running averages and the EMA of ∂L/∂λ never saw it (they fold in
+        before_optimizer_step). An allocation due now uses the statistics of the good steps."""
+        if self.collector is not None:
+            self.collector.reset()
+            self.collector.pause()
+        self._snapshot, self._micro = None, []
+        self.t = step + 1
+        if self.schedule is not None and (self.curvature or self.hessian_diag):
+            self._allocate(self.t)
+        return []
+
+    def _allocate(self, t: int) -> None:
+        self.budget = self.schedule(t)[0]
+        if self.allocator.step(t, self.utility_scores):
+            ranks = {name: m.active_rank for name, m in self.layers.items()}
+            self._unlogged_ranks = ranks
+            print(f"ctr step {t}/{self.schedule.total_steps}: kept {sum(ranks.values())} of "
+                  f"{self.schedule.initial} triplets (budget {self.budget}); "
+                  f"{rank_summary(ranks)}", file=sys.stderr)
 
     def log_items(self) -> dict:
         items = {**self._log, "rho": self.cfg.ctr_rho, "budget": self.budget,

@@ -55,6 +55,20 @@ def write_json(path, obj) -> None:
 
 
 def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    """Tensors (moved to the CPU, made contiguous) as one safetensors file, atomically."""
+    """Tensors (moved to the CPU, made contiguous) as one safetensors file, atomically.
+
+    A NaN/inf tensor is never written (FloatingPointError naming it; the file on disk stays as it
+    was): weights with NaN are of no use, and a reader could not tell them from intact ones."""
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise FloatingPointError(f"{path}: tensor {bad} holds NaN/inf; not written")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or {"format": "pt"}))
+
+
+def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN/inf, or None."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None

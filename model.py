@@ -644,10 +644,11 @@ def main(argv=None):
 
 
 def cli(main_fn, argv=None):
-    """Run a CLI entry point: expected errors become one line on stderr and exit code 1."""
+    """Run a CLI entry point: expected errors become one line on stderr and exit code 1.
+    FloatingPointError is a run that diverged (NaN/inf): train.py says which step and why."""
     try:
         main_fn(argv)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -10,11 +10,15 @@ The loop, top to bottom (each method-specific call is visible where it happens):
     for step in steps:
         micro-batches <- data cursor                       (grad_accum of them; label tokens counted first)
         loss = sum_t CE_t / N_label_tokens  + method.regularizer()     (AdaLoRA / TriAdaptLoRA orthogonality)
-        backward (under DDP: the adapters' gradients are all-reduced); clip grad norm
-        method.before_optimizer_step(...)                  (CTR-LoRA: fold curvature statistics, snapshot the adapters)
-        optimizer.step() with per-group LR (warm-up from the group's start step, cosine decay)
-        method.after_optimizer_step(step)                  (CTR-LoRA trust region + allocator, AdaLoRA masking,
-                                                            TriAdaptLoRA growth)
+        backward (under DDP: the adapters' gradients are all-reduced)
+        if the loss or a gradient is NaN/inf: drop the step (gradients cleared, RNG rewound)
+            method.skip_step(step)            (CTR-LoRA forgets the step's statistics; an allocation
+                                               or growth due now happens on the last good state)
+        else: clip grad norm
+            method.before_optimizer_step(...) (CTR-LoRA: fold curvature statistics, snapshot)
+            optimizer.step() with per-group LR (warm-up from the group's start step, cosine decay)
+            method.after_optimizer_step(step) (CTR-LoRA trust region + allocator, AdaLoRA masking,
+                                               TriAdaptLoRA growth)
         log / evaluate / checkpoint
 
 Checkpoints hold the adapter (safetensors), optimizer, LR groups, RNG and data-cursor state, so `--resume` continues
@@ -53,7 +57,7 @@ import data as D
 import eval as E
 import memory
 import model as M
-from fileio import atomic_write
+from fileio import atomic_write, first_nonfinite
 
 # ----------------------------------------------------------------------------------------------------------------
 # configuration: one dataclass; the command line is generated from it (every field has a help text)
@@ -242,23 +246,51 @@ def save_weights(net, cfg: TrainConfig, folder: Path):
 
 
 def save_checkpoint(out: Path, step: int, net, optimizer, batcher, cfg: TrainConfig, extra: dict):
-    """Write the checkpoint into a temporary folder, rename it into place, then point `latest` at it."""
+    """Write the checkpoint into a temporary folder, rename it into place, point `latest` at it.
+
+    Refused before anything is written if a tensor is NaN/inf; a failed write removes its
+    temporary folder. Either way the checkpoints already there, and `latest`, stay."""
+    check_finite_before_saving(out, step, net, optimizer, cfg)
     ckpt_dir = out / "checkpoints"
     final = ckpt_dir / f"step-{step:06d}"
     tmp = ckpt_dir / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_weights(net, cfg, tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(),
-                "group_starts": [g["start_step"] for g in optimizer.param_groups],
-                "rng": rng_state(), "data": batcher.state_dict(), "config": asdict(cfg), **extra},
-               tmp / "trainer_state.pt")
+    try:
+        save_weights(net, cfg, tmp)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(),
+                    "group_starts": [g["start_step"] for g in optimizer.param_groups],
+                    "rng": rng_state(), "data": batcher.state_dict(), "config": asdict(cfg),
+                    **extra}, tmp / "trainer_state.pt")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     atomic_write(ckpt_dir / "latest", lambda p: Path(p).write_text(final.name))
     for old in sorted(ckpt_dir.glob("step-*"))[:-cfg.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def check_finite_before_saving(out: Path, step: int, net, optimizer, cfg: TrainConfig) -> None:
+    """FloatingPointError, naming the step, the tensor and the likely cause, if the weights or the
+    optimizer state hold NaN/inf (the loop never applies a NaN/inf step, but a too-large --lr can
+    overflow the weights themselves)."""
+    tensors = dict(net.state_dict() if cfg.method == "full" else A.adapter_state_dict(net))
+    for index, state in optimizer.state_dict()["state"].items():
+        tensors.update({f"optimizer {key} of parameter {index}": value
+                        for key, value in state.items() if torch.is_tensor(value)})
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise FloatingPointError(f"step {step}: {bad} holds NaN/inf, so nothing was saved (the run "
+                                 f"diverged: --lr {cfg.lr:g} too high?); {checkpoints_kept(out)}")
+
+
+def checkpoints_kept(out: Path) -> str:
+    last = latest_checkpoint(out)
+    return (f"the checkpoints in {last.parent} are untouched (latest: {last.name})" if last
+            else "no checkpoint was written")
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -416,10 +448,44 @@ def optimizer_step(optimizer, params: list, method, step: int, clip: float):
     optimizer.step()
     new_params = method.after_optimizer_step(step)      # CTR trust region + allocator / AdaLoRA masking / growth
     optimizer.zero_grad(set_to_none=True)               # (after the hook: importance scores read .grad)
-    if new_params:                                      # grown tensors join as a group with fresh warm-up
+    join_optimizer(optimizer, params, new_params, step)
+    return grad_norm, new_params
+
+
+def join_optimizer(optimizer, params: list, new_params: list, step: int) -> None:
+    """Tensors created at step `step` (TriAdaptLoRA's growth) join as a group with fresh warm-up."""
+    if new_params:
         optimizer.add_param_group({"params": new_params, "start_step": step + 1})
         params += new_params
-    return grad_norm, new_params
+
+
+@torch.no_grad()
+def gradients_are_finite(params: list) -> bool:
+    """No NaN/inf in any gradient. A finite loss can come with NaN gradients: an inf activation
+    at a position without a label adds nothing to the loss, but 0 · inf = NaN in the backward."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    largest = torch._foreach_norm(grads, math.inf)   # max |g| per tensor: NaN stays, no overflow
+    return bool(torch.stack([m.float() for m in largest]).isfinite().all())
+
+
+def skip_step(net, optimizer, params: list, method, step: int) -> list:
+    """Drop step `step` after its backward: clear the gradients and let the method forget what the
+    step collected (method.skip_step: an allocation or growth due now still happens, on the state
+    of the last good step). Returns the parameters created, already in the optimizer."""
+    net.zero_grad(set_to_none=True)
+    new_params = method.skip_step(step)
+    join_optimizer(optimizer, params, new_params, step)
+    return new_params
+
+
+def nonfinite_abort_message(out: Path, step: int, count: int, cfg: TrainConfig) -> str:
+    """The one line for a run that only produces NaN/inf: which steps, the likely cause, what is
+    kept."""
+    return (f"steps {step + 2 - count}-{step + 1}: {count} non-finite steps in a row (NaN/inf loss "
+            f"or gradient): the run diverged (--lr {cfg.lr:g} too high?); {checkpoints_kept(out)}; "
+            f"start again with a lower --lr and --overwrite")
 
 
 def calibrate(method, examples, cfg: TrainConfig, pad_id: int, device) -> dict:
@@ -593,6 +659,7 @@ def train(cfg: TrainConfig) -> dict:
                 all_reduce_sum([count])
                 n_label = int(count.item())
             set_lrs(optimizer, step, cfg)
+            rng_before = rng_state()                # a dropped step gives back its random draws
 
             # ---- 2. forward/backward: summed token losses / label tokens of the whole step == one big batch,
             #         plus the method's penalty (AdaLoRA/TriAdaptLoRA orthogonality; none for LoRA)
@@ -604,28 +671,35 @@ def train(cfg: TrainConfig) -> dict:
                 if shared[1].item() > 0 and stop.signal is None:
                     stop.signal = signal.SIGTERM
 
-            # ---- 3. skip steps whose loss is NaN/inf (reported, counted; too many in a row aborts)
-            if not math.isfinite(loss):
-                net.zero_grad(set_to_none=True)
+            # ---- 3. drop a step whose loss or gradient is NaN/inf: no trace but its batch and
+            #         step number (reported as step N, as the progress lines count; too many in a
+            #         row abort)
+            finite = math.isfinite(loss) and gradients_are_finite(params)
+            if not finite:
                 consecutive_nonfinite += 1
                 nonfinite_total += 1
-                print(f"step {step}: non-finite loss ({loss}), step skipped", file=sys.stderr)
+                set_rng_state(rng_before)                 # (before skip_step: growth draws from it)
+                new_params = skip_step(net, optimizer, params, method, step)
+                what = (f"loss ({loss})" if not math.isfinite(loss)
+                        else f"gradient (loss {loss:.4f})")
+                print(f"step {step + 1}: non-finite {what}, step skipped", file=sys.stderr)
                 if consecutive_nonfinite >= cfg.max_nonfinite:
-                    raise RuntimeError(f"{consecutive_nonfinite} non-finite losses in a row; lower --lr")
-                step += 1
-                continue
-            consecutive_nonfinite = 0
-
-            # ---- 4. clip, trust region, optimizer step, allocator
-            grad_norm, new_params = optimizer_step(optimizer, params, method, step, cfg.clip)
+                    raise FloatingPointError(
+                        nonfinite_abort_message(out, step, consecutive_nonfinite, cfg))
+            else:
+                consecutive_nonfinite = 0
+                # ---- 4. clip, trust region, optimizer step, allocator
+                grad_norm, new_params = optimizer_step(optimizer, params, method, step, cfg.clip)
             if new_params and world > 1:                    # DDP buckets are fixed at wrap time: wrap again
                 unwrap_ddp(ddp)
                 ddp = wrap_ddp(net, device, world)
             step += 1
 
             # ---- 5. log, evaluate, checkpoint
-            tokens = sum(b["input_ids"].numel() for b in micro)
-            progress.step_done(step, loss, tokens, optimizer.param_groups[0]["lr"], grad_norm, method)
+            if finite:
+                tokens = sum(b["input_ids"].numel() for b in micro)
+                progress.step_done(step, loss, tokens, optimizer.param_groups[0]["lr"], grad_norm,
+                                   method)
             if val_examples and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
                 progress.validation(step, net, val_examples, cfg.batch_size * 2, tok.pad_id)
             if stop.signal is not None or (cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps):
@@ -649,6 +723,7 @@ def train(cfg: TrainConfig) -> dict:
     wall = time.perf_counter() - progress.t_start
     rngs = rank_rng_states(world)
     if main_rank:
+        check_finite_before_saving(out, step, net, optimizer, cfg)     # nothing NaN/inf is written
         write_products(out, net, cfg, step, wall)
         save_checkpoint(out, step, net, optimizer, batcher, cfg,
                         {"nonfinite_total": nonfinite_total, "method": method.state_dict(), **rngs})

@@ -188,8 +188,8 @@ def summarize_training(run_dir: Path, log: Path) -> dict:
     return {
         "initial_trainable": int(m.group(1).replace(",", "")) if m else None,
         "train_loop_s": float(done.group(2)) if done else (train[-1].get("elapsed_s") if train else None),
-        "nonfinite_steps": len(re.findall(r"non-finite loss", text)),
-        "aborted": "non-finite losses in a row" in text,
+        "nonfinite_steps": len(re.findall(r"non-finite (?:loss|gradient)\b.*step skipped", text)),
+        "aborted": re.search(r"non-finite (?:losses|steps) in a row", text) is not None,
         "val_loss_start": val[0]["val_loss"] if val else None,
         "val_loss_end": val[-1]["val_loss"] if len(val) > 1 else None,
         "train_loss_first": losses[0] if losses else None,

@@ -191,6 +191,27 @@ def test_at_a_normal_learning_rate_the_trust_region_clips_no_step(trained_dir):
     assert len(clipped) == 8 and not any(clipped), (clipped, kls)
 
 
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_nonfinite_proposal_never_reaches_the_parameters(small_dir, bad):
+    """AdamW's step overflows (one inf or NaN entry): the trust region drops the step whole and
+    puts back the snapshot bit for bit (0 · inf would be NaN), so no parameter turns non-finite."""
+    net, tok, hooks = ctr_model(small_dir, ctr_cfg())
+    b = batches(tok, 1)[0]
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    T.accumulate_gradients(net, [b], D.count_label_tokens(b), "cpu", method=hooks)
+    hooks.before_optimizer_step(opt, 0)
+    before = {n: [p.detach().clone() for p in hooks._params(l)] for n, l in hooks.layers.items()}
+    opt.step()
+    with torch.no_grad():
+        next(iter(hooks.layers.values())).lora_Q[0, 0] = bad
+    hooks.after_optimizer_step(0)
+    assert hooks._log["shrink"] == 0.0
+    for name, layer in hooks.layers.items():
+        for p, old in zip(hooks._params(layer), before[name]):
+            assert torch.equal(p.detach(), old), name
+    hooks.close()
+
+
 def test_statistics_are_collected_inside_training_steps_only(small_dir):
     """A forward and backward between steps (a user's own pass, an evaluation with gradients) neither raises nor
     changes the next step's statistics."""

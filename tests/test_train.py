@@ -232,6 +232,100 @@ def test_full_finetuning_writes_a_loadable_model(tiny_dir, tmp_path):
                            base.model.layers[0].mlp.up_proj.weight)
 
 
+# ---------------------------------------------------------------------- nothing NaN/inf is written
+
+def checkpoint_bytes(out):
+    return {str(p.relative_to(out)): p.read_bytes()
+            for p in sorted((out / "checkpoints").rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_weights_that_overflow_are_never_saved_and_the_checkpoints_stay(tiny_dir, tmp_path,
+                                                                        method, monkeypatch):
+    """Step 3's optimizer step leaves an inf weight (as a too-large --lr can): the run's end
+    refuses to write it — one FloatingPointError naming the step, the tensor and --lr — and the
+    step-2 checkpoint, `latest` and the run folder are left exactly as they were."""
+    out, before = tmp_path / "run", {}
+    real_step, real_save = T.optimizer_step, T.save_checkpoint
+
+    def overflow_at_step_3(optimizer, params, method_hooks, step, clip):
+        result = real_step(optimizer, params, method_hooks, step, clip)
+        if step == 2:
+            with torch.no_grad():
+                params[0].view(-1)[0] = float("inf")
+        return result
+
+    def save_and_remember(*args, **kwargs):        # the folder as the last good save left it
+        path = real_save(*args, **kwargs)
+        before.update(checkpoint_bytes(out))
+        return path
+
+    monkeypatch.setattr(T, "optimizer_step", overflow_at_step_3)
+    monkeypatch.setattr(T, "save_checkpoint", save_and_remember)
+    with pytest.raises(FloatingPointError) as e:
+        T.train(tiny_cfg(tiny_dir, out, method=method, steps=4, save_every=2, lr=1e-3))
+    msg = str(e.value)
+    assert msg.startswith("step 4: ") and "holds NaN/inf, so nothing was saved" in msg, msg
+    assert "--lr 0.001 too high?" in msg and "latest: step-000002" in msg and "\n" not in msg
+    assert T.latest_checkpoint(out).name == "step-000002"
+    assert checkpoint_bytes(out) == before                        # no .tmp folder either
+    weights = "model.safetensors" if method == "full" else IO.ADAPTER_WEIGHTS_NAME
+    assert not (out / weights).exists() and not (out / "peft").exists()
+
+
+def test_a_failed_checkpoint_write_leaves_the_older_ones_and_latest(tiny_dir, tmp_path,
+                                                                    monkeypatch):
+    out = tmp_path / "run"
+    T.train(tiny_cfg(tiny_dir, out, steps=2))
+    before = checkpoint_bytes(out)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(T.torch, "save", disk_full)
+    with pytest.raises(OSError):
+        T.train(tiny_cfg(tiny_dir, out, steps=4, save_every=1, resume=True))
+    assert checkpoint_bytes(out) == before and T.latest_checkpoint(out).name == "step-000002"
+
+
+def test_no_writer_of_tensors_writes_nan(tiny_dir, tmp_path):
+    """write_safetensors, the one writer of weight files, refuses NaN/inf: save_adapter, the peft
+    export and a full model's save_pretrained all go through it; the old file stays."""
+    from fileio import write_safetensors
+    path = tmp_path / "w.safetensors"
+    write_safetensors(path, {"a": torch.ones(2)})
+    good = path.read_bytes()
+    with pytest.raises(FloatingPointError, match="tensor b holds NaN/inf; not written"):
+        write_safetensors(path, {"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")])})
+    assert path.read_bytes() == good
+    net, _ = lora_model(tiny_dir)
+    with torch.no_grad():
+        next(iter(A.adapter_layers(net).values())).lora_B[0, 0] = float("inf")
+    cfg = A.AdapterConfig(r=4, targets=["q_proj", "v_proj", "down_proj"])
+    for write in (lambda: IO.save_adapter(net, cfg, str(tmp_path / "adapter")),
+                  lambda: IO.export_peft(net, cfg, str(tmp_path / "peft")),
+                  lambda: M.save_pretrained(net.state_dict(), net.config, tmp_path / "full")):
+        with pytest.raises(FloatingPointError, match="holds NaN/inf"):
+            write()
+    assert not list(tmp_path.rglob("*.safetensors"))[1:]        # only w.safetensors exists
+
+
+def test_a_diverged_run_ends_with_one_line_naming_the_steps_and_the_lr(tiny_dir, tmp_path, capsys):
+    """--lr 1e30: step 1 is applied, then every step is NaN/inf; after --max-nonfinite of them
+    the CLI prints one error line (no traceback) with the steps as the progress lines number
+    them, the likely cause, and the checkpoint that is kept."""
+    argv = ["--model", str(tiny_dir), "--data", TRAIN_DATA, "--val-data", "", "--out",
+            str(tmp_path / "run"), "--lr", "1e30", "--warmup-steps", "0", "--max-nonfinite", "2",
+            "--save-every", "1", "--steps", "5", "--batch-size", "2", "--rank", "2",
+            "--targets", "q_proj"]
+    with pytest.raises(SystemExit) as e:
+        M.cli(T.main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1
+    assert err[-4].startswith("step 2: non-finite") and err[-2].startswith("step 3: non-finite")
+    assert err[-1].startswith("error: steps 2-3: 2 non-finite steps in a row"), err[-1]
+    assert "--lr 1e+30 too high?" in err[-1] and "latest: step-000002" in err[-1]
+
+
 # ---------------------------------------------------------------------------------------- bad input
 
 def run_cli(*args):
