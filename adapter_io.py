@@ -5,7 +5,9 @@ the merged weights (merged_state_dict).
 This project's format is two files in a folder:
     adapter.safetensors       the adapter tensors only, keyed by full module name
     adapter_config.json       {"format_version", "method", "config": AdapterConfig, "ranks",
-                               "active_ranks"}: what load_adapter needs to rebuild the layers
+                               "active_ranks", "base_model"}: what load_adapter needs to rebuild
+                               the layers; "base_model" (the base's name and shapes) lets it say
+                               so when an adapter meets another base
 peft's format (export_peft) is `adapter_model.safetensors` + its own `adapter_config.json`: every
 method exports as a plain LoRA through its layers' lora_factors() (A, B, c), with `rank_pattern`
 where modules differ, so peft and the servers that read peft adapters can load it.
@@ -23,7 +25,7 @@ from safetensors import safe_open
 
 import adapters as A
 from adapter_config import AdapterConfig, has_type
-from fileio import write_json, write_safetensors
+from fileio import CheckpointError, write_json, write_safetensors
 
 ADAPTER_WEIGHTS_NAME = "adapter.safetensors"        # this project's format
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -31,10 +33,12 @@ PEFT_WEIGHTS_NAME = "adapter_model.safetensors"     # HF peft's (with its own ad
 FORMAT_VERSION = 1
 
 
-def save_adapter(model: nn.Module, cfg: AdapterConfig, out_dir: str) -> None:
+def save_adapter(model: nn.Module, cfg: AdapterConfig, out_dir: str,
+                 base_model_name_or_path: str | None = None) -> None:
     """Write adapter.safetensors and adapter_config.json, each atomically; the config last, so a
     folder with a config is complete. "ranks" are the shape ranks load_adapter needs to rebuild the
-    tensors; "active_ranks" the ranks in use (AdaLoRA's kept triplets), for reports."""
+    tensors; "active_ranks" the ranks in use (AdaLoRA's kept triplets), for reports; "base_model"
+    the base's name (if given) and shapes."""
     layers = A.adapter_layers(model)
     if not layers:
         raise ValueError("model has no adapters to save; call apply_method first")
@@ -46,7 +50,32 @@ def save_adapter(model: nn.Module, cfg: AdapterConfig, out_dir: str) -> None:
         "config": cfg.to_dict(),
         "ranks": {name: layer.rank for name, layer in layers.items()},
         "active_ranks": A.adapter_ranks(model),
+        "base_model": {"name_or_path": base_model_name_or_path, **base_model_shapes(model)},
     })
+
+
+# what tells two bases apart in a model's config (model.py's LlamaConfig and transformers' alike)
+BASE_SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                   "num_key_value_heads", "vocab_size")
+
+
+def base_model_shapes(model: nn.Module) -> dict[str, int]:
+    config = getattr(model, "config", None)
+    return {k: getattr(config, k) for k in BASE_SHAPE_KEYS
+            if isinstance(getattr(config, k, None), int)}
+
+
+def check_same_base(model: nn.Module, adapter_dir: str, saved: dict | None) -> None:
+    """A one-line ValueError if the adapter was saved on a base of other shapes than `model`,
+    naming both (an adapter file from before "base_model" is checked by its tensors only)."""
+    now = base_model_shapes(model)
+    differ = [k for k in BASE_SHAPE_KEYS if k in now and k in (saved or {}) and saved[k] != now[k]]
+    if differ:
+        name = saved.get("name_or_path") or "another model"
+        raise ValueError(f"{adapter_dir}: this adapter was trained on {name} ("
+                         + ", ".join(f"{k} {saved[k]}" for k in differ) + "), but the base model "
+                         "given has " + ", ".join(f"{k} {now[k]}" for k in differ)
+                         + f": pass the base it was trained on (--model {name})")
 
 
 def read_adapter_config(path: str) -> tuple[AdapterConfig, dict[str, int]]:
@@ -59,7 +88,8 @@ def read_adapter_config(path: str) -> tuple[AdapterConfig, dict[str, int]]:
                                 f"written by save_adapter?") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-    known, optional = ["format_version", "method", "config", "ranks"], ["active_ranks"]
+    known = ["format_version", "method", "config", "ranks"]
+    optional = ["active_ranks", "base_model"]
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: expected a JSON object")
     unknown = [k for k in meta if k not in known + optional]
@@ -80,6 +110,8 @@ def read_adapter_config(path: str) -> tuple[AdapterConfig, dict[str, int]]:
     for key in ("ranks", "active_ranks"):
         if key in meta and not has_type(meta[key], dict[str, int]):
             raise ValueError(f"{path}: {key!r} must map module names to int ranks")
+    if "base_model" in meta and not has_type(meta["base_model"], dict[str, int | str | None]):
+        raise ValueError(f"{path}: 'base_model' must map config keys to ints (and name_or_path)")
     return cfg, meta["ranks"]
 
 
@@ -89,9 +121,12 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> AdapterConfig:
     Strict: any missing, unexpected or mis-shaped tensor is an error, and the plain linears are
     put back. Returns the adapter's config. Only the adapter parameters are left trainable.
     """
-    cfg, ranks = read_adapter_config(os.path.join(adapter_dir, ADAPTER_CONFIG_NAME))
+    config_path = os.path.join(adapter_dir, ADAPTER_CONFIG_NAME)
+    cfg, ranks = read_adapter_config(config_path)
     if not os.path.exists(os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME)):
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS_NAME} in {adapter_dir}")
+    with open(config_path) as f:
+        check_same_base(model, adapter_dir, json.load(f).get("base_model"))
     A.apply_method(model, cfg.method, cfg, ranks=ranks)
     try:
         load_adapter_weights(model, adapter_dir)
@@ -120,7 +155,12 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str) -> None:
     if not expected:
         raise ValueError("model has no adapters to load weights into; use load_adapter on a base "
                          "model instead")
-    with safe_open(weights_path, framework="pt") as f:
+    try:
+        f = safe_open(weights_path, framework="pt")
+    except Exception as e:              # safetensors' own error types for a truncated/corrupt file
+        raise CheckpointError(f"{weights_path}: unreadable ({str(e).splitlines()[0]}); the file is "
+                              f"truncated or corrupt") from None
+    with f:
         found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         problems = state_dict_problems({k: tuple(v.shape) for k, v in expected.items()}, found)
         if problems:

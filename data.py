@@ -137,6 +137,9 @@ def load_jsonl(path):
             lines = f.read().splitlines()
     except FileNotFoundError:
         raise DataError(f"{path}: no such file; check the data path") from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a directory, not a data file; give the .jsonl file in "
+                        f"it") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); "
                         f"save the file as UTF-8") from None

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import adapter_io as IO
 import data as D
 import model as M
+from fileio import unreadable_files
 from tokenizer import load_tokenizer
 
 # --------------------------------------------------------------------------------------------------
@@ -272,6 +273,10 @@ def load_tuned(base: str, adapter_dir: str | None, dtype, device):
     if adapter_dir is None:
         return M.load_pretrained(base, dtype, device)
     d = Path(adapter_dir)
+    damaged = unreadable_files(d) if d.is_dir() else []
+    if damaged:
+        raise M.CheckpointError(f"{d}: {', '.join(damaged)}: truncated or corrupt"
+                                f"{intact_checkpoint_hint(d)}")
     if (d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file():
         return M.load_pretrained(d, dtype, device)          # --method full saves a whole model
     if not (d / IO.ADAPTER_CONFIG_NAME).is_file():
@@ -280,6 +285,17 @@ def load_tuned(base: str, adapter_dir: str | None, dtype, device):
     net = M.load_pretrained(base, dtype, device)
     IO.load_adapter(net, str(d))
     return net.to(device).eval()
+
+
+def intact_checkpoint_hint(run_or_checkpoint: Path) -> str:
+    """'; ... pass --adapter X' naming the newest checkpoint of the same run (train.py's layout:
+    RUN/checkpoints/step-N) whose files all read back, or '' if there is none."""
+    d = run_or_checkpoint
+    ckpt_dir = d.parent if d.parent.name == "checkpoints" else d / "checkpoints"
+    for ckpt in sorted(ckpt_dir.glob("step-*"), reverse=True):
+        if ckpt.is_dir() and ckpt != d and not unreadable_files(ckpt):
+            return f"; the newest intact checkpoint of this run is {ckpt}: pass --adapter {ckpt}"
+    return ""
 
 
 def main(argv=None):
@@ -340,7 +356,7 @@ def main(argv=None):
             ap.error("nothing to do: give --data files (and --adapter), --plot-metrics "
                      "or --rank-heatmap")
         return
-    device = torch.device(args.device)
+    device = M.parse_device(args.device)
     dtype = M.default_dtype(device)
     tok = load_tokenizer(M.resolve_checkpoint(args.model))
     variants = (([] if args.no_base else [("base", None)])

@@ -1,6 +1,6 @@
 """
-Files on disk: writing them so that a crash never leaves half of one behind, and the error for a
-checkpoint folder that cannot be used.
+Files on disk: writing them so that a crash never leaves half of one behind, reading back whether a
+folder's files are whole, and the error for a checkpoint folder that cannot be used.
 
 Every file the project writes (model and adapter weights, configs, checkpoints) goes through
 `atomic_write`: the bytes go to a temporary file beside the target, are flushed to disk, and the
@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 
@@ -72,3 +73,25 @@ def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return name
     return None
+
+
+def unreadable_files(folder) -> list[str]:
+    """'name (why)' for every file of `folder` (not its subfolders) that does not read back whole:
+    a .safetensors file that is truncated or corrupt, or holds NaN/inf (write_safetensors never
+    writes one, so a NaN there is damage); a .json that does not parse; a .pt that does not load.
+    Every tensor is read: the cost of one load. Empty when all read back."""
+    problems = []
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as f:
+                    for key in f.keys():                # one tensor in memory at a time
+                        if first_nonfinite({key: f.get_tensor(key)}) is not None:
+                            raise ValueError(f"tensor {key} holds NaN/inf")
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix == ".pt":
+                torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:           # each reader has its own error types for a damaged file
+            problems.append(f"{path.name} ({str(e).splitlines()[0][:120]})")
+    return problems

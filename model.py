@@ -417,6 +417,30 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def parse_device(name, need_present: bool = True) -> torch.device:
+    """A --device value (None or '' = default_device()) as a torch.device. A string torch does not
+    know, or (need_present) a CUDA device this machine lacks, is a ValueError naming --device."""
+    if isinstance(name, torch.device):
+        device = name
+    else:
+        try:
+            device = torch.device(name or default_device())
+        except (RuntimeError, TypeError):
+            raise ValueError(f"--device {name!r} is not a device name; use cpu, cuda or "
+                             f"cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: only cpu and cuda are supported")
+    if need_present and device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available here (torch "
+                             f"{torch.__version__}, {torch.cuda.device_count()} GPUs visible); "
+                             f"use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                             f"GPU(s), numbered from 0")
+    return device
+
+
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
     """A folder path, or a name looked up as checkpoints/<name> (aliases such as llama-7b ->
     llama2-7b work). smollm2-135m is converted from the embedded GGUF on first use."""
@@ -534,7 +558,7 @@ def load_pretrained(path_or_name, dtype: torch.dtype | None = None, device=None,
 
     dtype: of the stored weights (None: default_dtype(device)). compute_dtype: None computes in
     that dtype; torch.float32 with bf16 weights computes in fp32 (Llama.compute_dtype)."""
-    device = torch.device(device or default_device())
+    device = parse_device(device)
     dtype = dtype or default_dtype(device)
     path = resolve_checkpoint(path_or_name)
     cfg = LlamaConfig.from_json(path / "config.json")

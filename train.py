@@ -23,7 +23,10 @@ The loop, top to bottom (each method-specific call is visible where it happens):
 
 Checkpoints hold the adapter (safetensors), optimizer, LR groups, RNG and data-cursor state, so `--resume` continues
 exactly; they are written to a temporary folder and renamed, so an interruption never leaves a broken one.
-SIGINT/SIGTERM finish the current step, save a checkpoint and exit.
+SIGINT/SIGTERM finish the current step, save a checkpoint and exit. A dropped (NaN/inf) step
+leaves no trace but the batch it drew and its step number. Nothing NaN/inf is ever written (such
+a save is refused; the checkpoints on disk stay), and --resume falls back to the newest
+checkpoint whose files all read back.
 
 Under torchrun every rank runs this same loop on its own slice of each global batch (Batcher rank/world_size);
 DistributedDataParallel all-reduces the gradients of the trainable parameters only, statistics that drive rank
@@ -57,7 +60,7 @@ import data as D
 import eval as E
 import memory
 import model as M
-from fileio import atomic_write, first_nonfinite
+from fileio import atomic_write, first_nonfinite, unreadable_files
 
 # ----------------------------------------------------------------------------------------------------------------
 # configuration: one dataclass; the command line is generated from it (every field has a help text)
@@ -182,24 +185,53 @@ COMPILE_UNSUPPORTED = {"ctr": "its curvature hooks run inside every block on eve
                                    "compiler would stop after 8 and run the rest eager"}
 
 
+# the smallest value of each numeric flag (every float must also be finite)
+AT_LEAST = {"steps": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 1, "log_every": 1, "rank": 1,
+            "eval_examples": 1, "keep_checkpoints": 1, "max_nonfinite": 1, "warmup_steps": 0,
+            "eval_every": 0, "save_every": 0, "threads": 0, "weight_decay": 0.0, "clip": 0.0,
+            "min_lr_ratio": 0.0}
+
+
+def check_numbers(cfg: TrainConfig) -> None:
+    """Every numeric flag finite and in its range, or a ValueError naming the flag (argparse takes
+    'nan' and 'inf' as floats, and a NaN passes every `<` test)."""
+    flag = lambda name: "--" + name.replace("_", "-")
+    for f in fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{flag(f.name)} must be a finite number, got {value}")
+    for name, lowest in AT_LEAST.items():
+        if getattr(cfg, name) < lowest:
+            raise ValueError(f"{flag(name)} must be at least {lowest}, got {getattr(cfg, name)}")
+    if cfg.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.min_lr_ratio > 1:
+        raise ValueError(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    if cfg.alpha <= 0:                                  # (AdapterConfig checks these two again)
+        raise ValueError(f"--alpha must be > 0, got {cfg.alpha}")
+    if not 0 <= cfg.dropout < 1:
+        raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+
+
 def validate(cfg: TrainConfig):
     if cfg.method != "full" and cfg.method not in A.METHODS:
         raise ValueError(f"unknown method '{cfg.method}'; choose one of: {', '.join(A.METHODS)}, full")
-    for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.lr <= 0:
-        raise ValueError("--lr must be positive")
+    check_numbers(cfg)
     if cfg.method != "full":
         cfg.adapter_config()                              # validates the method's hyper-parameters now
     elif cfg.weights_dtype not in ("auto", "float32"):
         raise ValueError("--method full trains fp32 master weights; drop --weights-dtype (or use float32)")
     M.weights_dtype_policy(cfg.weights_dtype, "cpu")      # an unknown --weights-dtype fails here
+    M.parse_device(cfg.device, need_present=not cfg.dry_run)   # (a dry run may plan for a GPU)
     if cfg.compile and cfg.method in COMPILE_UNSUPPORTED:
         raise ValueError(f"--compile does not support --method {cfg.method} ({COMPILE_UNSUPPORTED[cfg.method]}); "
                          f"drop --compile")
-    if not cfg.dry_run and (not cfg.data or not Path(cfg.data).is_file()):
-        raise FileNotFoundError(f"--data {cfg.data!r}: no such file")
+    for name in ("data", "val_data") if not cfg.dry_run else ():   # ('' = no validation data)
+        path = getattr(cfg, name)
+        if (path or name == "data") and not Path(path).is_file():
+            folder = bool(path) and Path(path).is_dir()
+            what = "is a directory, not a data file" if folder else "no such file"
+            raise FileNotFoundError(f"--{name.replace('_', '-')} {path!r}: {what}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,7 +274,7 @@ def save_weights(net, cfg: TrainConfig, folder: Path):
     if cfg.method == "full":                          # a complete checkpoint folder, tokenizer included
         M.save_pretrained(net.state_dict(), net.config, folder, tokenizer_dir=M.resolve_checkpoint(cfg.model))
     else:
-        IO.save_adapter(net, cfg.adapter_config(), str(folder))
+        IO.save_adapter(net, cfg.adapter_config(), str(folder), base_model_name_or_path=cfg.model)
 
 
 def save_checkpoint(out: Path, step: int, net, optimizer, batcher, cfg: TrainConfig, extra: dict):
@@ -299,6 +331,29 @@ def latest_checkpoint(out: Path) -> Path | None:
         return None
     path = out / "checkpoints" / pointer.read_text().strip()
     return path if path.is_dir() else None
+
+
+def newest_intact_checkpoint(out: Path, warn: bool = True) -> Path:
+    """The checkpoint --resume continues from: the one `latest` names if every file of it reads
+    back whole, else the newest one that does, with a warning naming what was passed over and why
+    (a file truncated or corrupted on disk after it was written)."""
+    ckpt_dir = out / "checkpoints"
+    latest = latest_checkpoint(out)
+    older = sorted((p for p in ckpt_dir.glob("step-*") if p.is_dir() and p != latest), reverse=True)
+    passed_over = []
+    for ckpt in ([latest] if latest else []) + older:
+        problems = ([] if (ckpt / "trainer_state.pt").is_file() else ["trainer_state.pt missing"])
+        problems += unreadable_files(ckpt)
+        if not problems:
+            if passed_over and warn:
+                print(f"warning: {'; '.join(passed_over)}: resuming from {ckpt}", file=sys.stderr)
+            return ckpt
+        passed_over.append(f"{ckpt.name} is damaged ({', '.join(problems)})")
+    if not passed_over:
+        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}; drop --resume to start "
+                                f"fresh")
+    raise M.CheckpointError(f"--resume: no intact checkpoint in {ckpt_dir}: "
+                            f"{'; '.join(passed_over)}; start again with --overwrite")
 
 
 def check_resume_config(saved: dict, cfg: TrainConfig):
@@ -499,9 +554,7 @@ def resume(out: Path, cfg: TrainConfig, net, optimizer, batcher, method, device,
            world: int) -> tuple[int, int, list]:
     """Load the latest checkpoint of `out` into the model, optimizer, data cursor and RNGs.
     Returns (step, non-finite steps so far, the optimizer's parameters)."""
-    ckpt = latest_checkpoint(out)
-    if ckpt is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}; drop --resume to start fresh")
+    ckpt = newest_intact_checkpoint(out, warn=rank == 0)
     state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)  # never unpickles code
     check_resume_config(state["config"], cfg)
     if cfg.method == "full":

@@ -1,0 +1,163 @@
+"""Every expected mistake is one line: `error: ...`, exit code 1, no traceback, through the command
+lines of train.py, eval.py and model.py.
+
+The entry points run in this process through model.cli, exactly as `python train.py` runs them
+(an unexpected exception would escape here as it would print a traceback there), without the
+interpreter start-up of a subprocess.
+"""
+import json
+import shutil
+
+import pytest
+import torch
+
+import eval as E
+import model as M
+import train as T
+from tests.conftest import write_hf_tiny_with_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TRAIN_DATA = str(M.REPO_DIR / "data" / "wordnet_train.jsonl")
+VAL_DATA = str(M.REPO_DIR / "data" / "wordnet_val.jsonl")
+
+
+def cli_error(main, argv, capsys) -> str:
+    """Run main(argv) as the CLI does; the one `error:` line it ends with."""
+    with pytest.raises(SystemExit) as e:
+        M.cli(main, argv)
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ") and len(err[-1]) < 600, err
+    assert sum(line.startswith("error") for line in err) == 1
+    return err[-1]
+
+
+def run_flags(tiny_dir, out, *extra):
+    return ["--model", str(tiny_dir), "--data", TRAIN_DATA, "--val-data", "", "--out", str(out),
+            "--batch-size", "4", "--rank", "2", "--targets", "q_proj,v_proj", "--log-every", "1",
+            "--eval-every", "0", *extra]
+
+
+# ------------------------------------------------------------------------------- numeric flags
+
+@pytest.mark.parametrize("flags, named", [
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--min-lr-ratio", "1.5"], "--min-lr-ratio must be in [0, 1]"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be at least 0"),
+    (["--clip", "nan"], "--clip must be a finite number"),
+    (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["--alpha", "nan"], "--alpha must be a finite number"),
+    (["--alpha", "0"], "--alpha must be > 0"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be at least 0"),
+    (["--save-every", "-5"], "--save-every must be at least 0"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be at least 1"),
+    (["--max-nonfinite", "0"], "--max-nonfinite must be at least 1"),
+    (["--method", "full", "--alpha", "inf"], "--alpha must be a finite number"),
+    (["--method", "ctr", "--ctr-rho", "nan"], "--ctr-rho must be a finite number"),
+    (["--method", "cg", "--cg-kappa0", "inf"], "--cg-kappa0 must be a finite number"),
+    (["--method", "adalora", "--beta1", "nan"], "--beta1 must be a finite number"),
+])
+def test_numeric_flags_must_be_finite_and_in_range(flags, named, capsys):
+    """Checked when parsed (argparse takes 'nan' for a float, and NaN passes every `<=` test)."""
+    assert named in cli_error(T.parse_args, ["--data", TRAIN_DATA, *flags], capsys)
+
+
+# ----------------------------------------------------------------------- files and devices
+
+def test_a_directory_given_as_a_data_file(tiny_dir, tmp_path, capsys):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    msg = cli_error(T.main, run_flags(tiny_dir, tmp_path / "o") + ["--data", str(folder)], capsys)
+    assert "is a directory, not a data file" in msg
+    msg = cli_error(T.main, run_flags(tiny_dir, tmp_path / "o", "--val-data", str(folder)), capsys)
+    assert msg.startswith("error: --val-data ") and "is a directory, not a data file" in msg
+    msg = cli_error(E.main, ["--model", str(tiny_dir), "--data", str(folder), "--no-generate"],
+                    capsys)
+    assert str(folder) in msg and "is a directory" in msg
+
+
+@pytest.mark.parametrize("main", [T.parse_args, E.main, M.main])
+def test_an_unknown_device_is_named(main, tiny_dir, capsys):
+    argv = {T.parse_args: ["--data", TRAIN_DATA],
+            E.main: ["--model", str(tiny_dir), "--data", VAL_DATA],
+            M.main: ["--model", str(tiny_dir)]}[main]
+    assert "--device 'gpu' is not a device name" in cli_error(main, argv + ["--device", "gpu"],
+                                                            capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("main", [T.parse_args, E.main, M.main])
+def test_cuda_without_a_gpu_says_so(main, tiny_dir, capsys):
+    argv = {T.parse_args: ["--data", TRAIN_DATA],
+            E.main: ["--model", str(tiny_dir), "--data", VAL_DATA],
+            M.main: ["--model", str(tiny_dir)]}[main]
+    msg = cli_error(main, argv + ["--device", "cuda"], capsys)
+    assert "--device cuda: CUDA is not available here" in msg and "--device cpu" in msg
+
+
+# ------------------------------------------------------------------- damaged checkpoints
+
+@pytest.fixture
+def run_with_checkpoints(tiny_dir, tmp_path):
+    """A 4-step LoRA run with checkpoints at steps 2 and 4 (latest)."""
+    out = tmp_path / "run"
+    T.main(run_flags(tiny_dir, out, "--steps", "4", "--save-every", "2", "--keep-checkpoints",
+                     "5"))
+    return out
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+@pytest.mark.parametrize("damaged", ["adapter.safetensors", "trainer_state.pt",
+                                     "adapter_config.json"])
+def test_resume_passes_over_a_damaged_latest_checkpoint(run_with_checkpoints, tiny_dir, damaged,
+                                                        capsys):
+    """A truncated file in the latest checkpoint: --resume warns, names the file, and continues
+    from the newest checkpoint whose files all read back."""
+    out = run_with_checkpoints
+    truncate(out / "checkpoints" / "step-000004" / damaged)
+    capsys.readouterr()
+    T.main(run_flags(tiny_dir, out, "--steps", "6", "--save-every", "2", "--keep-checkpoints",
+                     "5", "--resume"))
+    err = capsys.readouterr().err
+    assert f"warning: step-000004 is damaged ({damaged} (" in err
+    assert f"resumed from {out / 'checkpoints' / 'step-000002'} at step 2" in err
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")][-4:] == [3, 4, 5, 6]
+
+
+def test_resume_with_every_checkpoint_damaged_is_one_line(run_with_checkpoints, tiny_dir,
+                                                           capsys):
+    out = run_with_checkpoints
+    for step in ("step-000002", "step-000004"):
+        truncate(out / "checkpoints" / step / "adapter.safetensors")
+    msg = cli_error(T.main, run_flags(tiny_dir, out, "--steps", "6", "--resume"), capsys)
+    assert "no intact checkpoint" in msg and "step-000002 is damaged" in msg
+    assert "--overwrite" in msg
+
+
+def test_eval_of_a_damaged_adapter_names_the_file_and_an_intact_checkpoint(run_with_checkpoints,
+                                                                           tiny_dir, capsys):
+    out = run_with_checkpoints
+    truncate(out / "adapter.safetensors")
+    msg = cli_error(E.main, ["--model", str(tiny_dir), "--adapter", str(out), "--data", VAL_DATA,
+                             "--no-base"], capsys)
+    assert "adapter.safetensors (" in msg and "truncated or corrupt" in msg
+    good = out / "checkpoints" / "step-000004"
+    assert f"pass --adapter {good}" in msg
+
+
+def test_an_adapter_on_another_base_says_which_base(run_with_checkpoints, tiny_dir, smollm2_dir,
+                                                    tmp_path, capsys):
+    """Trained on tiny_dir (intermediate size 128), evaluated on a base with 96: the line names
+    both shapes and the base to use."""
+    other = write_hf_tiny_with_tokenizer(tmp_path / "other", 1, smollm2_dir)
+    msg = cli_error(E.main, ["--model", str(other), "--adapter", str(run_with_checkpoints),
+                             "--data", VAL_DATA, "--no-base"], capsys)
+    assert "this adapter was trained on" in msg and str(tiny_dir) in msg
+    assert "intermediate_size 128" in msg and "intermediate_size 96" in msg
+    assert f"--model {tiny_dir}" in msg and len(msg) < 400
