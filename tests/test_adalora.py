@@ -9,27 +9,23 @@ tiny Llama checkpoint trained through train.py.
 
 import copy
 import json
-import shutil
 import subprocess
 import sys
 import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import adapter_config as AC
 import adapter_io as IO
 import adapters as A
 import model as M
-import train as T
 from adapters import AdapterConfig
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TRAIN_DATA = str(M.REPO_DIR / "data" / "wordnet_train.jsonl")
 
 
 from tests.conftest import logits, tiny_llama  # noqa: E402  (fixtures base, idx come from conftest)
@@ -317,39 +313,5 @@ def test_train_cli_rejects_an_impossible_schedule_in_one_line(tmp_path):
     assert "--t-init 8 + --t-final 5 must be less than --steps 10" in lines[0]
 
 
-# -----------------------------------------------------------------------------
-# through train.py
-
-
-
-
-def tiny_cfg(tiny_dir, out, **kw):
-    base = dict(model=str(tiny_dir), data=TRAIN_DATA, val_data="", out=str(out), steps=6,
-                batch_size=4, log_every=1, eval_every=0, save_every=0, lr=5e-3, rank=4,
-                targets="q_proj,v_proj,down_proj", method="adalora",
-                method_options=dict(t_init=1, t_final=2, delta_t=1))
-    base.update(kw)
-    cfg = T.TrainConfig(**base)
-    T.validate(cfg)
-    return cfg
-
-
-def test_train_py_adalora_reaches_the_target_budget_and_resumes_exactly(tiny_dir, tmp_path):
-    """6 steps in one go == 3 steps, checkpoint, resume, 3 more: the sensitivity EMAs travel in the
-    checkpoint (allocations at t = 2, 3 and the final one at t = T − t_f = 4, after the resume)."""
-    T.train(tiny_cfg(tiny_dir, tmp_path / "a", save_every=3, keep_checkpoints=5, dropout=0.1))
-    rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
-    assert rows[-1]["total_rank"] == rows[-1]["budget"] == 4 * 6
-    assert any("ranks" in row for row in rows)
-
-    b_out = tmp_path / "b"
-    (b_out / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-000003",
-                    b_out / "checkpoints" / "step-000003")
-    (b_out / "checkpoints" / "latest").write_text("step-000003")
-    T.train(tiny_cfg(tiny_dir, b_out, save_every=3, keep_checkpoints=5, dropout=0.1, resume=True))
-    wa, wb = (load_file(str(tmp_path / "a" / IO.ADAPTER_WEIGHTS_NAME)),
-              load_file(str(b_out / IO.ADAPTER_WEIGHTS_NAME)))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
+# train.py runs (the budget reached, resume, a non-finite step at an allocation, accumulation,
+# DDP, peft export, merge) are in test_guarantees.py and test_distributed.py, for every method

@@ -6,7 +6,6 @@ The entry points run in this process through model.cli, exactly as `python train
 interpreter start-up of a subprocess.
 """
 import json
-import shutil
 
 import pytest
 import torch

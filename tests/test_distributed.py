@@ -26,14 +26,21 @@ TRAIN_DATA = str(REPO / "data" / "wordnet_train.jsonl")
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 # method flags chosen so that rank decisions happen within 8 steps: TriAdaptLoRA grows at
-# t = 2, 4, 6; CTR-LoRA starts at r₀ = 6, reallocates at t = 2, 4 (budget falls to 4 per module)
-# and its trust region binds
+# t = 2, 4, 6; AdaLoRA (r₀ = 6) and CTR-LoRA start at r₀ = 6, reallocate at t = 4 and 6 (budget
+# falls to 4 per module) and CTR-LoRA's trust region binds; CG-LoRA calibrates its init
 METHODS = {
     "lora": [],
+    "adalora": ["--t-init", "2", "--t-final", "2", "--delta-t", "2"],
     "triadapt": ["--tri-init-rank", "2", "--tri-warmup", "2", "--tri-interval", "2",
                  "--tri-final", "6"],
     "ctr": ["--t-init", "2", "--t-final", "2", "--delta-t", "2", "--ctr-rho", "1e-9"],
+    "cg": ["--cg-kappa-source", "predicted"],
+    "full": [],
 }
+# CG-LoRA calibrates on --cg-batches batches of --batch-size, the same on every rank: both runs
+# calibrate on the same 16 examples (4 x 4 per rank, 2 x 8 in one process). The predicted step
+# size: the measured one is taken on the first calibration batch, which differs.
+CALIBRATION = {"cg": (["--cg-batches", "4"], ["--cg-batches", "2"])}
 
 
 def flags(tiny_dir, out, method, batch_size, steps=8, extra=()):
@@ -58,35 +65,41 @@ def torchrun(args, tmp_path, nproc=2):
 
 def single_process_state(argv):
     net = T.train(T.parse_args(argv))["model"]
+    full = not A.adapter_layers(net)                       # --method full: every weight
     return ({k: v.detach().clone() for k, v in net.state_dict().items()
-             if ".lora_" in k or ".tri_" in k}, A.adapter_ranks(net))
+             if full or ".lora_" in k or ".tri_" in k}, A.adapter_ranks(net))
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(tiny_dir, tmp_path, method):
-    (r0, r1), log = torchrun(flags(tiny_dir, tmp_path / "ddp", method, batch_size=4), tmp_path)
+    ddp_extra, one_extra = CALIBRATION.get(method, ((), ()))
+    (r0, r1), log = torchrun(flags(tiny_dir, tmp_path / "ddp", method, batch_size=4,
+                                   extra=ddp_extra), tmp_path)
     # identical on both ranks: weights, TriAdaptLoRA's grown structure, CTR-LoRA's masks
     assert r0["ranks"] == r1["ranks"]
     assert r0["state"].keys() == r1["state"].keys()
     for k in r0["state"]:
         assert torch.equal(r0["state"][k], r1["state"][k]), k
     # equal to one process with batch 8 = 2 ranks x 4
-    state, ranks = single_process_state(flags(tiny_dir, tmp_path / "one", method, batch_size=8))
+    state, ranks = single_process_state(flags(tiny_dir, tmp_path / "one", method, batch_size=8,
+                                              extra=one_extra))
     assert ranks == r0["ranks"]
     assert state.keys() == r0["state"].keys()
     for k in state:
         torch.testing.assert_close(r0["state"][k], state[k], **TOL, msg=k)
     if method == "triadapt":                 # the test is only meaningful if modules grew
         assert sum(r0["ranks"].values()) > 2 * len(r0["ranks"])
-    if method == "ctr":                      # ... and if masks were chosen
+    if method in ("adalora", "ctr"):         # ... and if masks were chosen
         masks = [v for k, v in r0["state"].items() if k.endswith("lora_mask")]
         assert masks and any(m.sum() < m.numel() for m in masks)
-        clipped = [json.loads(l).get("clip_rate", 0)
-                   for l in open(tmp_path / "ddp" / "metrics.jsonl")]
+    if method == "ctr":
+        clipped = [json.loads(line).get("clip_rate", 0)
+                   for line in open(tmp_path / "ddp" / "metrics.jsonl")]
         assert max(clipped) > 0              # steps were shrunk, by a κ from all-reduced curvature
     # rank 0 alone wrote the run folder; its adapter is rank 0's weights; the logged loss is the
     # global one
-    saved = load_file(str(tmp_path / "ddp" / IO.ADAPTER_WEIGHTS_NAME))
+    weights = "model.safetensors" if method == "full" else IO.ADAPTER_WEIGHTS_NAME
+    saved = load_file(str(tmp_path / "ddp" / weights))
     assert saved.keys() and all(torch.equal(saved[k], r0["state"][k])
                                 for k in saved if k in r0["state"])
     ddp_rows = [json.loads(l) for l in open(tmp_path / "ddp" / "metrics.jsonl") if '"loss"' in l]

@@ -8,7 +8,6 @@ export (an independent implementation of the exported LoRA). CPU only, tiny rand
 
 import copy
 import json
-import shutil
 import warnings
 
 import pytest
@@ -18,15 +17,12 @@ from safetensors.torch import load_file
 import adapter_config as AC
 import adapter_io as IO
 import adapters as A
-import model as M
-import train as T
 from adapters import AdapterConfig
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TRAIN_DATA = str(M.REPO_DIR / "data" / "wordnet_train.jsonl")
 
 
 from tests.conftest import logits, tiny_llama  # noqa: E402  (fixtures base, idx come from conftest)
@@ -372,23 +368,6 @@ def test_a_grown_block_left_out_of_the_optimizer_is_a_loud_error(base):
         hooks.before_optimizer_step(opt, 3)
 
 
-def test_a_skipped_non_finite_step_leaves_no_gradient_behind(tiny_dir, tmp_path, monkeypatch):
-    """train.py skips a step whose loss is NaN/inf. Its backward has already filled the adapters'
-    .grad: none of it may reach the next step's gradient."""
-    real, calls, clean = T.accumulate_gradients, [], []
-
-    def second_loss_is_inf(net, *args, **kwargs):
-        # nothing left over from an earlier step
-        clean.append(all(p.grad is None for p in net.parameters()))
-        loss = real(net, *args, **kwargs)
-        calls.append(loss)
-        return float("inf") if len(calls) == 2 else loss
-
-    monkeypatch.setattr(T, "accumulate_gradients", second_loss_is_inf)
-    T.train(tiny_cfg(tiny_dir, tmp_path / "run"))
-    assert len(clean) == 6 and all(clean)
-
-
 def test_restore_replays_growth_in_order_and_refuses_a_changed_schedule(base, idx):
     model, cfg = with_triadapt(base, total_steps=30, tri_warmup=3, tri_interval=3, tri_final=20)
     hooks = A.training_hooks(model, cfg)
@@ -430,41 +409,5 @@ def test_defaults_fit_the_100_step_demo():
     assert AC.triadapt_events(cfg) == (10, 10, 70) and AC.triadapt_init_rank(cfg) == 4
 
 
-
-
-def tiny_cfg(tiny_dir, out, **kw):
-    base = dict(model=str(tiny_dir), data=TRAIN_DATA, val_data="", out=str(out), steps=6,
-                batch_size=4, log_every=1, eval_every=0, save_every=3, keep_checkpoints=5,
-                lr=5e-3, rank=4, dropout=0.1,
-                targets="q_proj,v_proj,down_proj", method="triadapt",
-                method_options=dict(tri_init_rank=2, tri_warmup=2, tri_interval=2, tri_final=5))
-    base.update(kw)
-    cfg = T.TrainConfig(**base)
-    T.validate(cfg)
-    return cfg
-
-
-def test_resume_across_a_growth_event_equals_the_uninterrupted_run(tiny_dir, tmp_path):
-    """6 steps in one go == 3 steps, checkpoint, resume, 3 more. Growth at t = 2 (before the
-    checkpoint: the resumed run must rebuild it and its optimizer group) and at t = 4 (after it)."""
-    T.train(tiny_cfg(tiny_dir, tmp_path / "a"))
-    ckpt = tmp_path / "a" / "checkpoints" / "step-000003"
-    events = torch.load(ckpt / "trainer_state.pt", weights_only=True)["method"]["events"]
-    assert [e["step"] for e in events] == [1]  # grown at t = 2, before the checkpoint
-
-    b_out = tmp_path / "b"
-    (b_out / "checkpoints").mkdir(parents=True)
-    shutil.copytree(ckpt, b_out / "checkpoints" / "step-000003")
-    (b_out / "checkpoints" / "latest").write_text("step-000003")
-    T.train(tiny_cfg(tiny_dir, b_out, resume=True))
-    wa, wb = (load_file(str(tmp_path / "a" / IO.ADAPTER_WEIGHTS_NAME)),
-              load_file(str(b_out / IO.ADAPTER_WEIGHTS_NAME)))
-    assert wa.keys() == wb.keys()
-    assert any(k.endswith("tri_A.2") for k in wa)  # a module grew twice: t = 2 and 4
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
-    rows = [json.loads(line) for line in open(b_out / "metrics.jsonl")]
-    # 6 modules at rank 2 (budget 24): t = 2 grows one module (p = 0 -> n = 1), t = 4 all six
-    # (⌊11 · 2/3⌋ = 7 -> 6)
-    assert (rows[-1]["total_rank"], rows[-1]["budget"]) == (12 + 1 + 6, 24)
-    assert "ranks" in rows[0]  # the t = 4 event, logged with per-module ranks
+# train.py runs (growth across a resume, growth on a dropped step, accumulation, DDP, peft
+# export, merge) are in test_guarantees.py and test_distributed.py, for every method
