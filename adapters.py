@@ -1230,9 +1230,12 @@ class CTRLoRAHooks(MethodHooks):
     def _fold_statistics(self) -> None:
         """Running average (β) of the step's K-FAC statistics; rows/labels converts their means
         into the mean over label tokens that the KL is."""
+        counts = torch.tensor([self._rows, self._labels], dtype=torch.float64)
         if self.all_reduce_sum is not None:              # DDP: the statistics of the global batch
             self.collector.all_reduce(self.all_reduce_sum)
-        rows_per_label = torch.tensor(self._rows / max(1, self._labels))
+            self.all_reduce_sum([counts])                # (each rank counted its own rows)
+        rows, labels = counts.tolist()
+        rows_per_label = torch.tensor(rows / max(1, labels))
         new = {name: {**f.tensors(), "rows_per_label": rows_per_label}
                for name, f in self.collector.factors().items()}
         self.curvature = C.ema_update(self.curvature, new, self.cfg.ctr_beta)
