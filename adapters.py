@@ -1142,7 +1142,7 @@ class CTRLoRAHooks(MethodHooks):
             self._capture = model.lm_head.register_forward_hook(self._keep_logits)
         self._snapshot: dict[str, tuple[torch.Tensor, ...]] | None = None
         self.t = 0                                       # completed optimizer steps
-        self._log = {"kappa": 0.0, "kl": 0.0, "shrink": 1.0}
+        self._log = {"kappa": 0.0, "kl": 0.0, "shrink": 1.0, "kl_max": 0.0}
         self.steps_seen = self.steps_clipped = self.forwards = 0
         self._unlogged_ranks: dict[str, int] | None = None
 
@@ -1324,7 +1324,8 @@ class CTRLoRAHooks(MethodHooks):
         if shrink != best:
             self._set_step(deltas, best)
         self.steps_clipped += best < 1.0
-        self._log = {"kappa": calibrated, "kl": best_kl, "shrink": best}
+        self._log = {"kappa": calibrated, "kl": best_kl, "shrink": best,
+                     "kl_max": max(best_kl, self._log.get("kl_max", 0.0))}
 
     # --- the rank scheduler -------------------------------------------------------------------
     @torch.no_grad()
@@ -1367,11 +1368,12 @@ class CTRLoRAHooks(MethodHooks):
         return []
 
     def log_items(self) -> dict:
-        items = {**self._log, "rho": self.cfg.ctr_rho, "budget": self.budget,
+        items = {**self._log, "rho": self.cfg.ctr_rho, "budget": self.budget,   # kl_max: since the last
                  "total_rank": sum(m.active_rank for m in self.layers.values()),
                  "clip_rate": self.steps_clipped / max(1, self.steps_seen),
                  "check_forwards": self.forwards}
         self.steps_clipped = self.steps_seen = self.forwards = 0
+        self._log["kl_max"] = 0.0
         if self._unlogged_ranks is not None:
             items["ranks"], self._unlogged_ranks = self._unlogged_ranks, None
         return items
