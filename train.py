@@ -314,7 +314,7 @@ def read_datasets(cfg: TrainConfig) -> tuple[list, list | None, str]:
         name = f"{cfg.data} (held out: {cfg.val_fraction:g})"
     elif cfg.val_data == "auto":
         is_demo = Path(cfg.data).resolve() == (M.REPO_DIR / DEMO_DATA).resolve()
-        name = str(M.REPO_DIR / DEMO_VAL_DATA) if is_demo else ""
+        name = str(Path(cfg.data).with_name(Path(DEMO_VAL_DATA).name)) if is_demo else ""
         val_records = D.load_jsonl(name) if name else None
     else:
         name = cfg.val_data
