@@ -195,6 +195,24 @@ def test_run_folder_names_do_not_collide_with_hf_and_older_runs_still_load(train
 
 # ------------------------------------------------------------------------ run ergonomics
 
+def test_eval_takes_the_runs_base_model_and_chat_setting(tiny_dir, tmp_path):
+    """eval.py --adapter RUN without --model or --chat: the run's base (the default SmolLM2 would
+    not even fit the adapter's shapes) and the run's --chat (here on: prompts in the template)."""
+    run = tmp_path / "run"
+    net = write_run(tiny_dir, run)
+    settings = json.loads((run / IO.RUN_CONFIG_NAME).read_text())
+    (run / IO.RUN_CONFIG_NAME).write_text(json.dumps(dict(settings, chat=True)))
+    data = str(REPO / "data" / "wordnet_val.jsonl")
+    got = E.main(["--adapter", str(run), "--data", data, "--max-examples", "4", "--no-base",
+                  "--no-generate", "--device", "cpu"])["wordnet_val.jsonl"]["adapter"]
+    tok = M.load_model_and_tokenizer(tiny_dir, torch.float32, "cpu")[1]
+    want = {chat: E.evaluate_file(net, tok, data, 256, 16, chat, 4, False)["loss"]
+            for chat in (True, False)}
+    assert got["loss"] == pytest.approx(want[True], rel=1e-5)
+    assert abs(want[True] - want[False]) > 1e-3
+
+
+
 def test_resume_with_only_out_reads_the_saved_settings(trained_run, tiny_dir, tmp_path,
                                                        monkeypatch):
     """The run above stopped at step 2 (a copy of that checkpoint) continues with `--resume
