@@ -465,6 +465,7 @@ def hf_download_command(repo_id: str) -> str:
 
 
 def hf_cache_dir() -> str:
+    """Where huggingface_hub keeps its cache: HF_HUB_CACHE, HF_HOME/hub, or its default."""
     try:
         from huggingface_hub import constants
     except ImportError:

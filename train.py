@@ -119,7 +119,9 @@ class TrainConfig:
     eval_examples: int = field(default=200, metadata={"help": "validation examples used for the loss"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
-    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue from the latest checkpoint in --out, with the settings saved there "
+                "(--resume --out RUN is the whole command)"})
     overwrite: bool = field(default=False, metadata={"help": "start afresh in an --out that holds an earlier "
                                                              "run's checkpoints (they are replaced)"})
     max_nonfinite: int = field(default=20, metadata={"help": "abort after this many consecutive NaN/inf losses"})
@@ -196,7 +198,7 @@ def settings_for_resume(args: dict, explicit: set[str]) -> dict:
             conflicts.append(f"--{name.replace('_', '-')} {value!r} (the run has {saved_value!r})")
         merged[name] = value if name in explicit else saved_value
     if conflicts:
-        raise ValueError(f"--resume: {'; '.join(conflicts)} conflicts with the settings saved in "
+        raise ValueError(f"--resume: {'; '.join(conflicts)}: not the settings saved in "
                          f"{args['out']}; drop the flag to continue the run as it was, or start a "
                          f"new --out")
     if "steps" in explicit and "epochs" not in explicit:
