@@ -295,7 +295,7 @@ def trained_dir(small_dir, tmp_path_factory):
     too-large step can wreck — the random model's near-uniform predictions cannot show instability."""
     out = tmp_path_factory.mktemp("trained")
     T.train(train_cfg(small_dir, out, method="full", lr=3e-3, steps=60, batch_size=8, warmup_steps=5))
-    return out
+    return out / "model"                                # the run's HF model folder
 
 
 def test_stability_ctr_stays_finite_where_lora_blows_up(trained_dir, tmp_path):
