@@ -11,12 +11,14 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 .PHONY: demo test setup clean
 
 # The demo: TriAdaptLoRA fine-tuning of the embedded SmolLM2-135M-Instruct on the WordNet category task (CPU, a few
-# minutes), then base vs adapter on the validation split. Products in runs/demo/ (adapter, peft/, loss.png, eval.json).
+# minutes), then base vs adapter on the validation split, then the trained adapter answering a word it never saw.
+# Products in runs/demo/ (adapter, peft/, loss.png, eval.json).
 demo: $(VENV)/.runtime
 	$(PY) model.py --prompt "What is the capital of France?"
 	$(PY) train.py --method triadapt --out runs/demo --overwrite
 	$(PY) eval.py --adapter runs/demo --data data/wordnet_val.jsonl data/wordnet_val_choice.jsonl \
 		--max-examples 100 --out runs/demo/eval.json
+	$(PY) model.py --adapter runs/demo --prompt "$$(printf 'Word: shotgun\nCategory:')" --max-new-tokens 8
 
 test: $(VENV)/.dev
 	$(PY) -m pytest

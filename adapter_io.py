@@ -1,16 +1,26 @@
 """
 Adapter files: this project's format (save_adapter / load_adapter), HF peft's (export_peft), and
-the merged weights (merged_state_dict).
+the merged weights (merged_state_dict); and the names of the files in a train.py run folder.
 
 This project's format is two files in a folder:
     adapter.safetensors       the adapter tensors only, keyed by full module name
-    adapter_config.json       {"format_version", "method", "config": AdapterConfig, "ranks",
+    adapter.json              {"format_version", "method", "config": AdapterConfig, "ranks",
                                "active_ranks", "base_model"}: what load_adapter needs to rebuild
                                the layers; "base_model" (the base's name and shapes) lets it say
                                so when an adapter meets another base
 peft's format (export_peft) is `adapter_model.safetensors` + its own `adapter_config.json`: every
 method exports as a plain LoRA through its layers' lora_factors() (A, B, c), with `rank_pattern`
 where modules differ, so peft and the servers that read peft adapters can load it.
+
+A run folder (train.py --out) never uses a file name that Hugging Face tools read with another
+meaning, so that pointing transformers or peft at the wrong folder fails instead of misreading:
+
+    RUN/adapter.safetensors, RUN/adapter.json    this project's adapter
+    RUN/run_config.json                          the run's settings (train.TrainConfig)
+    RUN/peft/                                    the peft export (adapter_config.json is peft's)
+    RUN/model/                                   --method full: the fine-tuned HF model folder
+Runs written before these names (adapter_config.json, config.json, the full model in RUN itself)
+still load: the readers below fall back to the old names.
 """
 
 from __future__ import annotations
@@ -28,14 +38,19 @@ from adapter_config import AdapterConfig, has_type
 from fileio import CheckpointError, write_json, write_safetensors
 
 ADAPTER_WEIGHTS_NAME = "adapter.safetensors"        # this project's format
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"     # HF peft's (with its own adapter_config.json)
+ADAPTER_CONFIG_NAME = "adapter.json"
+LEGACY_ADAPTER_CONFIG_NAME = "adapter_config.json"  # this project's, in runs before adapter.json
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"     # HF peft's
+PEFT_CONFIG_NAME = "adapter_config.json"
+RUN_CONFIG_NAME = "run_config.json"                 # a run's settings (train.TrainConfig)
+LEGACY_RUN_CONFIG_NAME = "config.json"
+FULL_MODEL_DIR = "model"                            # --method full: RUN/model/ is an HF folder
 FORMAT_VERSION = 1
 
 
 def save_adapter(model: nn.Module, cfg: AdapterConfig, out_dir: str,
                  base_model_name_or_path: str | None = None) -> None:
-    """Write adapter.safetensors and adapter_config.json, each atomically; the config last, so a
+    """Write adapter.safetensors and adapter.json, each atomically; the config last, so a
     folder with a config is complete. "ranks" are the shape ranks load_adapter needs to rebuild the
     tensors; "active_ranks" the ranks in use (AdaLoRA's kept triplets), for reports; "base_model"
     the base's name (if given) and shapes."""
@@ -79,7 +94,7 @@ def check_same_base(model: nn.Module, adapter_dir: str, saved: dict | None) -> N
 
 
 def read_adapter_config(path: str) -> tuple[AdapterConfig, dict[str, int]]:
-    """Read and validate this project's adapter_config.json -> (config, per-module shape ranks)."""
+    """Read and validate this project's adapter.json -> (config, per-module shape ranks)."""
     try:
         with open(path) as f:
             meta = json.load(f)
@@ -121,7 +136,7 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> AdapterConfig:
     Strict: any missing, unexpected or mis-shaped tensor is an error, and the plain linears are
     put back. Returns the adapter's config. Only the adapter parameters are left trainable.
     """
-    config_path = os.path.join(adapter_dir, ADAPTER_CONFIG_NAME)
+    config_path = adapter_config_path(adapter_dir)
     cfg, ranks = read_adapter_config(config_path)
     if not os.path.exists(os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME)):
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS_NAME} in {adapter_dir}")
@@ -139,13 +154,13 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> AdapterConfig:
 def load_adapter_weights(model: nn.Module, adapter_dir: str) -> None:
     """Copy adapter_dir/adapter.safetensors into a model that already has matching adapters.
 
-    TriAdaptLoRA layers are first grown to the ranks in adapter_config.json (growth leaves the
+    TriAdaptLoRA layers are first grown to the ranks in adapter.json (growth leaves the
     function unchanged; on resume train.py has already replayed the growth, so the new tensors
     are in the optimizer, and this is a no-op). Strict, as load_adapter; nothing is copied then.
     """
     weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME)
     layers = A.adapter_layers(model)
-    config_path = os.path.join(adapter_dir, ADAPTER_CONFIG_NAME)
+    config_path = adapter_config_path(adapter_dir)
     if any(isinstance(m, A.TriAdaptLinear) for m in layers.values()) and os.path.exists(config_path):
         _, saved_ranks = read_adapter_config(config_path)
         for name, layer in layers.items():
@@ -234,7 +249,7 @@ def export_peft(model: nn.Module, cfg: AdapterConfig, out_dir: str,
     }
     os.makedirs(out_dir, exist_ok=True)
     write_safetensors(os.path.join(out_dir, PEFT_WEIGHTS_NAME), tensors)
-    write_json(os.path.join(out_dir, ADAPTER_CONFIG_NAME), peft_config)
+    write_json(os.path.join(out_dir, PEFT_CONFIG_NAME), peft_config)
 
 
 @torch.no_grad()
@@ -251,3 +266,47 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             raise ValueError(f"{name}: merged weight has NaN/inf; the adapter is broken")
         out[f"{name}.weight"] = merged.to(layer.weight.dtype)
     return out
+
+
+# --- the run folder of train.py (names in the module docstring) ----------------------------------
+
+def adapter_config_path(adapter_dir) -> str:
+    """The adapter.json of an adapter folder, or the adapter_config.json of one written before
+    that name, when only the old file is there."""
+    path = os.path.join(adapter_dir, ADAPTER_CONFIG_NAME)
+    legacy = os.path.join(adapter_dir, LEGACY_ADAPTER_CONFIG_NAME)
+    return legacy if not os.path.exists(path) and os.path.exists(legacy) else path
+
+
+def is_adapter_dir(folder) -> bool:
+    """True if `folder` holds an adapter in this project's format (peft's folder does not)."""
+    return (os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS_NAME))
+            and os.path.isfile(adapter_config_path(folder)))
+
+
+def read_run_config(run_dir) -> dict:
+    """The settings a train.py run saved: run_config.json, or the config.json of an older run
+    when it holds run settings (an older --method full run overwrote it with the model's HF
+    config: {} then, as for a folder without settings)."""
+    for name in (RUN_CONFIG_NAME, LEGACY_RUN_CONFIG_NAME):
+        path = os.path.join(run_dir, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as f:
+                settings = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); fix or delete it") from None
+        if isinstance(settings, dict) and "method" in settings and "model_type" not in settings:
+            return settings
+    return {}
+
+
+def full_model_dir(run_dir) -> str | None:
+    """The HF model folder of a --method full run (RUN/model/, or RUN itself in an older run),
+    None when the run holds no whole model."""
+    for folder in (os.path.join(run_dir, FULL_MODEL_DIR), str(run_dir)):
+        if any(os.path.isfile(os.path.join(folder, name))
+               for name in ("model.safetensors", "model.safetensors.index.json")):
+            return folder
+    return None

@@ -632,9 +632,10 @@ class SVDLinear(AdaptedLinear):
         self.lora_lambda.mul_(self.lora_mask)
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """The kept triplets as LoRA: A = diag(λ_kept) Q_kept, B = P_kept. A module with no kept
-        triplet exports one zero direction (peft's LoRA needs r ≥ 1)."""
-        keep = self.lora_mask.bool()
+        """The triplets in use as LoRA: A = diag(λ) Q, B = P over the kept triplets and any masked
+        one whose λ is not 0 yet (CTR-LoRA's trust region removes them gradually). A module with
+        no such triplet exports one zero direction (peft's LoRA needs r ≥ 1)."""
+        keep = self.lora_mask.bool() | (self.lora_lambda != 0)
         if not keep.any():
             return (self.lora_Q.new_zeros(1, self.in_features),
                     self.lora_P.new_zeros(self.out_features, 1), self.scale)
@@ -1174,7 +1175,7 @@ class CTRLoRAHooks(MethodHooks):
             self._capture = model.lm_head.register_forward_hook(self._keep_logits)
         self._snapshot: dict[str, tuple[torch.Tensor, ...]] | None = None
         self.t = 0                                       # completed optimizer steps
-        self._log = {"kappa": 0.0, "kl": 0.0, "shrink": 1.0}
+        self._log = {"kappa": 0.0, "kl": 0.0, "shrink": 1.0, "kl_max": 0.0}
         self.steps_seen = self.steps_clipped = self.forwards = 0
         self._unlogged_ranks: dict[str, int] | None = None
 
@@ -1230,12 +1231,11 @@ class CTRLoRAHooks(MethodHooks):
     def _fold_statistics(self) -> None:
         """Running average (β) of the step's K-FAC statistics; rows/labels converts their means
         into the mean over label tokens that the KL is."""
-        counts = torch.tensor([self._rows, self._labels], dtype=torch.float64)
+        counts = torch.tensor([float(self._rows), float(self._labels)])
         if self.all_reduce_sum is not None:              # DDP: the statistics of the global batch
             self.collector.all_reduce(self.all_reduce_sum)
-            self.all_reduce_sum([counts])                # (each rank counted its own rows)
-        rows, labels = counts.tolist()
-        rows_per_label = torch.tensor(rows / max(1, labels))
+            self.all_reduce_sum([counts])
+        rows_per_label = counts[0] / counts[1].clamp_min(1.0)
         new = {name: {**f.tensors(), "rows_per_label": rows_per_label}
                for name, f in self.collector.factors().items()}
         self.curvature = C.ema_update(self.curvature, new, self.cfg.ctr_beta)
@@ -1322,14 +1322,15 @@ class CTRLoRAHooks(MethodHooks):
 
     @torch.no_grad()
     def trust_region(self, t: int) -> None:
-        """Shrink AdamW's step δθ to a·δθ, a ∈ [0, 1], until its measured KL ≤ ρ (ours).
+        """Scale the step δθ (AdamW's, and this step's reallocation) to a·δθ, a ∈ [0, 1], so that
+        its measured KL is at most ρ (ours).
 
-        The calibrated proxy proposes a (κ(a) ≈ a² κ(1) for small steps); each proposal is
-        checked by measuring; a measured KL above ρ gives the next a = a·√(0.9 ρ / KL). After
-        max_forwards failed checks, or a non-finite step, the step is dropped (a = 0).
+        The calibrated proxy proposes a (κ(a) ≈ a² κ(1) for small steps). Each proposal is
+        checked by a measurement; the next one follows the same quadratic law from what was
+        measured, a ← a·√(0.9 ρ / KL): down when the KL exceeds ρ, up (at most to 1) when it
+        is below ρ/2. The largest a that passed is kept; a = 0 (no step) when none did within
+        max_forwards checks, or when the step or its prediction is not finite.
         """
-        for layer in self.layers.values():
-            layer.apply_mask()                                       # masked λ are not part of δ
         deltas = {n: tuple(p - o for p, o in zip(self._params(m), self._snapshot[n]))
                   for n, m in self.layers.items()}
         rho, self.steps_seen = self.cfg.ctr_rho, self.steps_seen + 1
@@ -1337,22 +1338,30 @@ class CTRLoRAHooks(MethodHooks):
         kappa = self.predicted_kl_of(deltas) if finite else math.inf
         calibrated = math.exp(self.log_ratio) * kappa
         shrink = 1.0 if calibrated <= rho else math.sqrt(0.9 * rho / calibrated)
-        kl = math.inf
-        for _ in range(self.max_forwards if finite and math.isfinite(kappa) else 0):
+        best, best_kl = 0.0, 0.0                             # a = 0 always passes: no change
+        in_place = 1.0                                       # the parameters hold a = 1 now
+        for _ in range(self.max_forwards if math.isfinite(kappa) else 0):
             self._set_step(deltas, shrink)
+            in_place = shrink
             kl = self.measured_kl()
             self.forwards += 1
             predicted = self.predicted_kl_of(deltas, shrink)
             if math.isfinite(kl) and kl > 1e-7 and predicted > 0:   # calibrate on what is seen
                 self.log_ratio += 0.3 * (math.log(kl / predicted) - self.log_ratio)
             if kl <= rho:
+                best, best_kl = shrink, kl
+                if shrink == 1.0 or kl >= 0.5 * rho:
+                    break
+            proposal = shrink * math.sqrt(0.9 * rho / kl) if 0 < kl < math.inf else shrink * 0.1
+            proposal = 1.0 if kl == 0 else min(1.0, proposal)
+            if proposal <= best or abs(proposal - shrink) < 1e-3 * shrink:
                 break
-            shrink *= math.sqrt(0.9 * rho / kl) if math.isfinite(kl) else 0.1
-        if not kl <= rho:                                            # nothing passed: no step
-            shrink, kl = 0.0, 0.0
-            self._set_step(deltas, 0.0)
-        self.steps_clipped += shrink < 1.0
-        self._log = {"kappa": calibrated, "kl": kl, "shrink": shrink}
+            shrink = proposal
+        if in_place != best:               # (a non-finite step is never checked: a = 0 here)
+            self._set_step(deltas, best)
+        self.steps_clipped += best < 1.0
+        self._log = {"kappa": calibrated, "kl": best_kl, "shrink": best,
+                     "kl_max": max(best_kl, self._log.get("kl_max", 0.0))}
 
     # --- the rank scheduler -------------------------------------------------------------------
     @torch.no_grad()
@@ -1374,14 +1383,17 @@ class CTRLoRAHooks(MethodHooks):
         return select_with_hysteresis(scores, budget, active, self.cfg.ctr_hysteresis)
 
     def after_optimizer_step(self, step: int) -> list[nn.Parameter]:
+        """The allocation first, then the trust region: the KL it bounds is that of everything the
+        step changes, the triplets masked at this step included (their λ then reach 0 over the
+        next steps, as fast as the radius allows)."""
         t = self.t = step + 1
-        if self.cfg.ctr_trust_region and self._snapshot is not None:
-            self.trust_region(t)
         if self.schedule is not None:
             self._allocate(t)
         else:
             for layer in self.layers.values():
                 layer.apply_mask()
+        if self.cfg.ctr_trust_region and self._snapshot is not None:
+            self.trust_region(t)
         self._snapshot, self._micro = None, []
         return []
 
@@ -1408,11 +1420,12 @@ class CTRLoRAHooks(MethodHooks):
                   f"{rank_summary(ranks)}", file=sys.stderr)
 
     def log_items(self) -> dict:
-        items = {**self._log, "rho": self.cfg.ctr_rho, "budget": self.budget,
+        items = {**self._log, "rho": self.cfg.ctr_rho, "budget": self.budget,   # kl_max: since the last
                  "total_rank": sum(m.active_rank for m in self.layers.values()),
                  "clip_rate": self.steps_clipped / max(1, self.steps_seen),
                  "check_forwards": self.forwards}
         self.steps_clipped = self.steps_seen = self.forwards = 0
+        self._log["kl_max"] = 0.0
         if self._unlogged_ranks is not None:
             items["ranks"], self._unlogged_ranks = self._unlogged_ranks, None
         return items

@@ -1,8 +1,11 @@
 """
 Dataset formats and batching, shared by train.py and eval.py.
 
-A dataset is a JSONL file: one JSON object per line, all lines in the same format.
+A dataset is a JSONL file (one JSON object per line) or a JSON file holding an array of
+objects, all records in the same format:
 
+    {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
+        chat: rendered with the checkpoint's own chat template; loss on the assistant turns only
     {"text": "..."}
         language modelling: every token after BOS is a target
     {"prompt": "...", "completion": "..."}
@@ -11,6 +14,10 @@ A dataset is a JSONL file: one JSON object per line, all lines in the same forma
         rendered with INSTRUCTION_TEMPLATE; loss on output (+ EOS); "input" may be "" or missing
     {"question": "...", "choices": ["...", ...], "answer": 2}
         multiple choice for eval; answer is an index into choices or the text of the right choice
+
+A record's format is the first in FORMAT_ORDER whose required keys it has; other keys (an "id",
+the "text" column of the Alpaca data beside its instruction/input/output) are ignored, with one
+warning per file that lists them.
 
 An encoded example is a pair (ids, target_mask) of equal length. target_mask[i] is True iff ids[i]
 is a token the model must predict from ids[:i], so BOS and every prompt token are False. Prompt
@@ -43,7 +50,11 @@ FORMATS = {
     "prompt_completion": ({"prompt", "completion"}, set()),
     "instruction": ({"instruction", "output"}, {"input"}),
     "choice": ({"question", "choices", "answer"}, set()),
+    "chat": ({"messages"}, set()),
 }
+# which format a record with the keys of several is read as: the most specific first (Alpaca's
+# records hold "text" beside instruction/input/output)
+FORMAT_ORDER = ("chat", "choice", "instruction", "prompt_completion", "text")
 
 # A small fixed Alpaca-style template for {"instruction","input","output"} records when no chat
 # format is used.
@@ -60,27 +71,31 @@ class DataError(ValueError):
 # reading and validating JSONL
 
 def record_format(record):
-    """Name of the format of one record ("text", "prompt_completion", "instruction", "choice").
-    Raises DataError (without a location; load_jsonl adds it) if the keys or value types are
-    wrong."""
+    """Name of the format of one record ("chat", "choice", "instruction", "prompt_completion",
+    "text"): the first of FORMAT_ORDER whose required keys the record has (ignored_keys names the
+    others). Raises DataError (without a location; load_jsonl adds it) if no format's keys are
+    there or a value has the wrong type."""
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {type(record).__name__}")
     keys = set(record)
-    for name, (required, optional) in FORMATS.items():
-        if required <= keys <= required | optional:
+    for name in FORMAT_ORDER:
+        if FORMATS[name][0] <= keys:
             _check_types(name, record)
             return name
-    # no exact match: explain against the format whose required keys overlap most
+    # no match: explain against the format whose required keys overlap most
     name, (required, optional) = max(FORMATS.items(), key=lambda kv: len(kv[1][0] & keys))
     expected = ", ".join(sorted(required | optional))
     if not required & keys:
-        raise DataError(f"keys {sorted(keys)} match no format; use text | prompt, completion | "
-                        f"instruction, input, output | question, choices, answer")
-    if required - keys:
-        raise DataError(f"missing key {sorted(required - keys)[0]!r} "
-                        f"(keys for this format: {expected})")
-    raise DataError(f"unknown key {sorted(keys - required - optional)[0]!r} "
+        raise DataError(f"keys {sorted(keys)} match no format; use messages | text | prompt, "
+                        f"completion | instruction, input, output | question, choices, answer")
+    raise DataError(f"missing key {sorted(required - keys)[0]!r} "
                     f"(keys for this format: {expected})")
+
+
+def ignored_keys(record, fmt):
+    """The keys of a record that its format does not read."""
+    required, optional = FORMATS[fmt]
+    return set(record) - required - optional
 
 
 def _check_types(name, record):
@@ -101,6 +116,8 @@ def _check_types(name, record):
         need_str("output", nonempty=True)
         if "input" in record:
             need_str("input", nonempty=False)
+    elif name == "chat":
+        _check_messages(record["messages"])
     elif name == "choice":
         need_str("question", nonempty=False)
         choices = record["choices"]
@@ -108,6 +125,19 @@ def _check_types(name, record):
                 and all(isinstance(c, str) and c for c in choices)):
             raise DataError("'choices' must be a list of at least 2 non-empty strings")
         answer_index(record)  # raises if the answer is not one of the choices
+
+
+def _check_messages(messages):
+    if not (isinstance(messages, list) and messages):
+        raise DataError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)):
+            raise DataError(f"messages[{i}] must be an object with a string 'role' and a string "
+                            f"'content'")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError("no message has role 'assistant': there is nothing to learn; "
+                        "add the assistant's answer")
 
 
 def answer_index(record):
@@ -129,12 +159,14 @@ def answer_index(record):
 
 
 def load_jsonl(path):
-    """Read and validate a JSONL dataset -> list of record dicts, all of one format (see
-    record_format).
-    Blank lines are skipped. Every problem is a DataError naming the file and line."""
+    """Read and validate a dataset -> list of record dicts, all of one format (see record_format).
+
+    A JSONL file (blank lines are skipped) or, when the file's text starts with "[", a JSON array
+    of records (alpaca_data.json). Every problem is a DataError naming the file and line (or
+    record). Keys the format does not read are ignored, with one warning for the file."""
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            content = f.read()
     except FileNotFoundError:
         raise DataError(f"{path}: no such file; check the data path") from None
     except IsADirectoryError:
@@ -143,30 +175,48 @@ def load_jsonl(path):
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); "
                         f"save the file as UTF-8") from None
-    records, first_format, first_line = [], None, None
-    for line_number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {line_number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
-                            f"fix or remove the line") from None
+    records, first_format, first_where, ignored = [], None, None, set()
+    for where, record in _raw_records(path, content):
         try:
             fmt = record_format(record)
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
         if first_format is None:
-            first_format, first_line = fmt, line_number
+            first_format, first_where = fmt, where.rpartition(", ")[2]
         elif fmt != first_format:
             raise DataError(f"{where}: a {fmt} record in a file of {first_format} records "
-                            f"(line {first_line}); use one format per file")
+                            f"({first_where}); use one format per file")
+        ignored |= ignored_keys(record, fmt)
         records.append(record)
     if not records:
         raise DataError(f"{path}: no records (the file is empty or blank); "
                         f"write one JSON object per line")
+    if ignored:
+        warnings.warn(f"{path}: ignored key(s) {', '.join(map(repr, sorted(ignored)))}, which "
+                      f"{first_format} records do not use", stacklevel=2)
     return records
+
+
+def _raw_records(path, content):
+    """(location, parsed JSON value) of every record of a JSONL text or a JSON array text."""
+    if content.lstrip().startswith("["):
+        try:
+            array = json.loads(content)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not a valid JSON array ({e.msg} at line {e.lineno}, "
+                            f"column {e.colno}); fix the file, or write one JSON object per "
+                            f"line") from None
+        return [(f"{path}, record {i}", record) for i, record in enumerate(array, start=1)]
+    out = []
+    for line_number, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"{path}, line {line_number}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {line_number}: not valid JSON ({e.msg} at column "
+                            f"{e.colno}); fix or remove the line") from None
+    return out
 
 
 def dataset_format(records):
@@ -180,11 +230,17 @@ def dataset_format(records):
 def render(record, tok, chat=False):
     """(prompt_text, target_text) of a record: the text the model is given and the text it must
     produce. For "text" records the prompt is empty; for "choice" records the target is the right
-    choice. With chat=True the prompt is wrapped in the model's chat format (tok.chat_prompt), if
-    it has one."""
+    choice; for "chat" records the conversation up to its last assistant turn and that turn's
+    content. With chat=True the prompt is wrapped in the checkpoint's chat template
+    (tok.chat_prompt); a tokenizer without one is an error, not a silent plain prompt."""
     fmt = record_format(record)
     if fmt == "text":
         return "", record["text"]
+    if fmt == "chat":
+        messages = record["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        return (tok.apply_chat_template(messages[:last], add_generation_prompt=True),
+                messages[last]["content"])
     if fmt == "prompt_completion":
         user, target = record["prompt"], record["completion"]
         plain = user
@@ -197,8 +253,12 @@ def render(record, tok, chat=False):
     else:  # choice
         user, target = record["question"], record["choices"][answer_index(record)]
         plain = user
-    wrapped = tok.chat_prompt(user) if chat else None
-    return (plain if wrapped is None else wrapped), target
+    if not chat:
+        return plain, target
+    wrapped = tok.chat_prompt(user)
+    if wrapped is None:
+        raise DataError("chat=True but the tokenizer has no chat template; drop --chat")
+    return wrapped, target
 
 
 def _prepend_bos(ids, mask, tok):
@@ -216,7 +276,11 @@ def encode_example(record, tok, max_len=None, chat=False):
     tokens and EOS (the model must learn to stop). BOS only if tok.bos_id is not None.
     target_mask[0] is always False: the first token has nothing before it to be predicted from.
     With max_len the pair is cut to max_len tokens from the right, silently (so the EOS may be
-    lost, and all targets may be); encode_dataset counts and reports that."""
+    lost, and all targets may be); encode_dataset counts and reports that.
+    "chat" records go to encode_chat (the template closes each turn: no EOS is added)."""
+    if record_format(record) == "chat":
+        ids, mask = encode_chat(record["messages"], tok)
+        return (ids[:max_len], mask[:max_len]) if max_len is not None else (ids, mask)
     prompt_text, target_text = render(record, tok, chat)
     prompt_ids = tok.encode(prompt_text) if prompt_text else []
     target_ids = tok.encode(target_text) + [tok.eos_id]
@@ -226,6 +290,46 @@ def encode_example(record, tok, max_len=None, chat=False):
     mask[0] = False
     if max_len is not None:
         ids, mask = ids[:max_len], mask[:max_len]
+    return ids, mask
+
+
+def assistant_spans(messages, tok):
+    """(text, [(start, end), ...]): a conversation as the chat template writes it, and the
+    character spans of the assistant turns in it, the only text that carries a loss.
+
+    Assistant turn i is what the template adds between messages[:i] rendered with the opening of
+    an assistant turn (add_generation_prompt) and messages[:i + 1]: its content and the end of
+    its turn, up to and including the last EOS in it (for SmolLM2 "Paris<|im_end|>", without the
+    newline that follows). This needs a template that renders a prefix of a conversation as a
+    prefix of the whole; one that does not is an error naming the turn."""
+    text = tok.apply_chat_template(messages)
+    eos = tok.special_tokens.get("eos_token")
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tok.apply_chat_template(messages[:i], add_generation_prompt=True)
+        through = tok.apply_chat_template(messages[:i + 1])
+        if not (through.startswith(before) and text.startswith(through)):
+            raise DataError(f"the chat template writes the conversation before assistant turn "
+                            f"messages[{i}] differently once more follows, so the turn cannot be "
+                            f"located; use prompt/completion records with --chat instead")
+        start, end = len(before), len(through)
+        if eos and (k := through.rfind(eos, start)) >= 0:
+            end = k + len(eos)
+        spans.append((start, end))
+    return text, spans
+
+
+def encode_chat(messages, tok):
+    """A chat conversation -> (ids, target_mask): the template's text tokenized as one string,
+    so the ids are those the checkpoint's chat format produces, and target_mask True on the tokens
+    that start inside an assistant span (assistant_spans): masked by position, never by value."""
+    text, spans = assistant_spans(messages, tok)
+    ids, offsets = tok.encode_with_offsets(text)
+    mask = [any(a <= start < b for a, b in spans) for start, _ in offsets]
+    ids, mask = _prepend_bos(ids, mask, tok)
+    mask[0] = False
     return ids, mask
 
 
@@ -285,7 +389,8 @@ def encode_choices(record, tok, max_len, chat=False):
 # batching
 
 def collate(examples, pad_id):
-    """List of (ids, target_mask) -> {"input_ids": LongTensor [B, T], "labels": LongTensor [B, T]}.
+    """List of (ids, target_mask) -> {"input_ids": LongTensor [B, T], "labels": LongTensor [B, T],
+    "attention_mask": LongTensor [B, T], 1 where an example's token is, 0 on padding}.
 
     T = (longest example in the batch) - 1: the last token of an example is never an input, since
     nothing follows it. Row b holds ids[:-1] then pad_id; labels[b, t] = ids[t + 1] where
@@ -301,6 +406,7 @@ def collate(examples, pad_id):
                         "there is nothing to predict")
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)  # (B, T)
     for b, (ids, mask) in enumerate(examples):
         if len(ids) != len(mask):
             raise DataError(f"example {b}: {len(ids)} ids but {len(mask)} target_mask entries")
@@ -309,13 +415,34 @@ def collate(examples, pad_id):
         is_target = torch.tensor(mask[1:], dtype=torch.bool)  # (n,)
         input_ids[b, :n] = torch.tensor(ids[:-1], dtype=torch.long)
         labels[b, :n] = torch.where(is_target, next_ids, IGNORE_INDEX)
-    return {"input_ids": input_ids, "labels": labels}
+        attention_mask[b, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
 def count_label_tokens(batch):
     """Number of positions that carry a loss in a collated batch (train.py divides the summed loss
     of an optimizer step by the total over its micro-batches)."""
     return int((batch["labels"] != IGNORE_INDEX).sum())
+
+
+def count_input_tokens(batch):
+    """Number of real tokens in a collated batch, padding excluded (train.py's tokens_per_s)."""
+    return int(batch["attention_mask"].sum())
+
+
+def split_validation(records, fraction, seed):
+    """(training records, validation records): a fraction of the records, at least one, drawn by
+    a permutation seeded with `seed`, held out; the same split for the same seed (on resume)."""
+    if not 0 < fraction < 1:
+        raise DataError(f"--val-fraction {fraction} must be between 0 and 1 (e.g. 0.05)")
+    n_val = max(1, round(fraction * len(records)))
+    if n_val >= len(records):
+        raise DataError(f"--val-fraction {fraction} of {len(records)} records leaves none to "
+                        f"train on; lower it")
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    held_out = set(order[:n_val])
+    return ([r for i, r in enumerate(records) if i not in held_out],
+            [records[i] for i in sorted(held_out)])
 
 
 def iter_batches(examples, batch_size, pad_id):

@@ -4,8 +4,9 @@ checkpoint).
 
     python eval.py --adapter runs/demo --data data/wordnet_val.jsonl data/wordnet_val_choice.jsonl
 
-Per data file, by its format (see data.py):
-  {"text"} / {"prompt","completion"} / {"instruction",...}
+The base model, chat setting and weights dtype are the --adapter run's (run_config.json) unless
+given. Per data file, by its format (see data.py):
+  {"messages"} / {"text"} / {"prompt","completion"} / {"instruction",...}
       ->  loss and perplexity over the target tokens, and for prompt/completion data the exact
           match of greedy generations
   {"question","choices","answer"}
@@ -256,8 +257,8 @@ def plot_rank_heatmap(ranks: dict[str, int], out_png: str | Path,
 
 
 def saved_ranks(adapter_dir) -> dict[str, int]:
-    """Per-module ranks recorded in a saved adapter's adapter_config.json."""
-    meta = json.loads((Path(adapter_dir) / IO.ADAPTER_CONFIG_NAME).read_text())
+    """Per-module ranks recorded in a saved adapter's adapter.json."""
+    meta = json.loads(Path(IO.adapter_config_path(adapter_dir)).read_text())
     # masked methods: the ranks in use, not tensor shapes
     return meta.get("active_ranks", meta["ranks"])
 
@@ -267,51 +268,54 @@ def saved_ranks(adapter_dir) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------------
 
 
-def load_tuned(base: str, adapter_dir: str | None, dtype, device):
+def load_tuned(base: str, adapter_dir: str | None, dtype, device, compute_dtype=None):
     """The base model, or the base with an adapter from `adapter_dir`, or a full checkpoint saved
-    there."""
+    there (model.load_run)."""
     if adapter_dir is None:
-        return M.load_pretrained(base, dtype, device)
-    d = Path(adapter_dir)
-    damaged = unreadable_files(d) if d.is_dir() else []
-    if damaged:
-        raise M.CheckpointError(f"{d}: {', '.join(damaged)}: truncated or corrupt"
-                                f"{intact_checkpoint_hint(d)}")
-    if (d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file():
-        return M.load_pretrained(d, dtype, device)          # --method full saves a whole model
-    if not (d / IO.ADAPTER_CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{d}: no {IO.ADAPTER_CONFIG_NAME} (adapter) or model.safetensors "
-                                f"(full model); pass the --out folder of a train.py run")
-    net = M.load_pretrained(base, dtype, device)
-    IO.load_adapter(net, str(d))
-    return net.to(device).eval()
+        return M.load_pretrained(base, dtype, device, compute_dtype)
+    check_intact(Path(adapter_dir))
+    return M.load_run(adapter_dir, base, dtype, device, compute_dtype)[0]
 
 
-def intact_checkpoint_hint(run_or_checkpoint: Path) -> str:
-    """'; ... pass --adapter X' naming the newest checkpoint of the same run (train.py's layout:
-    RUN/checkpoints/step-N) whose files all read back, or '' if there is none."""
-    d = run_or_checkpoint
-    ckpt_dir = d.parent if d.parent.name == "checkpoints" else d / "checkpoints"
+def check_intact(run: Path) -> None:
+    """A CheckpointError naming the files of a run or checkpoint folder (and of its full model,
+    RUN/model/) that do not read back whole, and the newest checkpoint of the run to use instead
+    (train.py's layout: RUN/checkpoints/step-N)."""
+    if not run.is_dir():
+        return                                          # (load_run says so)
+    model_dir = run / IO.FULL_MODEL_DIR
+    damaged = unreadable_files(run) + ([f"{IO.FULL_MODEL_DIR}/{problem}"
+                                        for problem in unreadable_files(model_dir)]
+                                       if model_dir.is_dir() else [])
+    if not damaged:
+        return
+    hint = ""
+    ckpt_dir = run.parent if run.parent.name == "checkpoints" else run / "checkpoints"
     for ckpt in sorted(ckpt_dir.glob("step-*"), reverse=True):
-        if ckpt.is_dir() and ckpt != d and not unreadable_files(ckpt):
-            return f"; the newest intact checkpoint of this run is {ckpt}: pass --adapter {ckpt}"
-    return ""
+        if ckpt.is_dir() and ckpt != run and not unreadable_files(ckpt):
+            hint = f"; the newest intact checkpoint of this run is {ckpt}: pass --adapter {ckpt}"
+            break
+    raise M.CheckpointError(f"{run}: {', '.join(damaged)}: truncated or corrupt{hint}")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Evaluate a base model and an adapter side by side.")
-    ap.add_argument("--model", default="smollm2-135m",
-                    help="base checkpoint folder or name (default: smollm2-135m)")
+    ap.add_argument("--model", default=None,
+                    help="base checkpoint folder, name or HF repo id (default: the --adapter "
+                         f"run's base, else {M.DEFAULT_MODEL})")
     ap.add_argument("--adapter", default=None,
                     help="a train.py --out folder (adapter, or full model for --method full); "
                          "omit for base only")
     ap.add_argument("--data", nargs="*", default=[],
-                    help="JSONL files to evaluate (format detected per file)")
+                    help="data files to evaluate, JSONL or JSON arrays (format detected per "
+                         "file)")
     ap.add_argument("--max-examples", type=int, default=None,
                     help="evaluate only the first N records of each file")
     ap.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     ap.add_argument("--seq-len", type=int, default=256, help="maximum tokens per example")
-    ap.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat format")
+    ap.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                    help="wrap prompts in the checkpoint's chat template (default: the --adapter "
+                         "run's --chat setting, else off)")
     ap.add_argument("--no-generate", action="store_true",
                     help="skip greedy generation (exact match)")
     ap.add_argument("--no-base", action="store_true",
@@ -330,7 +334,7 @@ def main(argv=None):
                          "(prediction alignment)")
     ap.add_argument("--rank-heatmap", default=None,
                     help="draw the per-module ranks of --adapter as a heatmap into this PNG file")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     args = ap.parse_args(argv)
 
     if args.trust_region_plot:
@@ -356,15 +360,20 @@ def main(argv=None):
             ap.error("nothing to do: give --data files (and --adapter), --plot-metrics "
                      "or --rank-heatmap")
         return
+    # what the run was trained with, unless given: base model, chat template, weights dtype
+    settings = IO.read_run_config(args.adapter) if args.adapter else {}
+    args.model = args.model or settings.get("model", M.DEFAULT_MODEL)
+    args.chat = settings.get("chat", False) if args.chat is None else args.chat
     device = M.parse_device(args.device)
-    dtype = M.default_dtype(device)
+    dtype, compute_dtype = M.weights_dtype_policy(settings.get("weights_dtype", "auto"), device)
     tok = load_tokenizer(M.resolve_checkpoint(args.model))
     variants = (([] if args.no_base else [("base", None)])
                 + ([("adapter", args.adapter)] if args.adapter else []))
     results = {}
-    reference = load_tuned(args.model, args.reference, dtype, device) if args.reference else None
+    reference = (load_tuned(args.model, args.reference, dtype, device, compute_dtype)
+                 if args.reference else None)
     for label, adapter_dir in variants:
-        net = load_tuned(args.model, adapter_dir, dtype, device)
+        net = load_tuned(args.model, adapter_dir, dtype, device, compute_dtype)
         for path in args.data:
             t0 = time.perf_counter()
             r = evaluate_file(net, tok, path, args.seq_len, args.batch_size, args.chat,

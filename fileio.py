@@ -95,3 +95,49 @@ def unreadable_files(folder) -> list[str]:
         except Exception as e:           # each reader has its own error types for a damaged file
             problems.append(f"{path.name} ({str(e).splitlines()[0][:120]})")
     return problems
+
+
+# Hugging Face's default shard size (decimal GB, as transformers counts): a 7B model in bf16
+# becomes 3 files, each small enough for hosts that cap file sizes.
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+SINGLE_WEIGHTS_NAME = "model.safetensors"
+SHARD_INDEX_NAME = "model.safetensors.index.json"
+
+
+def write_model_safetensors(folder, tensors: dict[str, torch.Tensor],
+                            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+    """A model's tensors in Hugging Face's layout, which transformers, vLLM and llama.cpp's
+    converter read: one model.safetensors when the tensors fit in max_shard_bytes, otherwise
+    model-0000i-of-0000n.safetensors files of at most max_shard_bytes each (a larger tensor gets a
+    file of its own) and model.safetensors.index.json mapping every tensor to its file.
+
+    The index is written last, so a folder with an index is complete. Files of the other layout
+    left by an earlier write are removed: a loader that prefers the index must not read stale
+    shards. Returns the names of the files written."""
+    folder = Path(folder)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = t
+        shard_bytes += size
+    stale = set(folder.glob("model-*-of-*.safetensors")) | {folder / SHARD_INDEX_NAME}
+    if len(shards) == 1:
+        write_safetensors(folder / SINGLE_WEIGHTS_NAME, shards[0])
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return [SINGLE_WEIGHTS_NAME]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        write_safetensors(folder / name, shard)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
+    write_json(folder / SHARD_INDEX_NAME, {"metadata": {"total_size": total},
+                                           "weight_map": weight_map})
+    for path in stale | {folder / SINGLE_WEIGHTS_NAME}:
+        if path.name not in names and path.name != SHARD_INDEX_NAME:
+            path.unlink(missing_ok=True)
+    return names + [SHARD_INDEX_NAME]

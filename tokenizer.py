@@ -1,10 +1,12 @@
 """
-The tokenizer of a checkpoint folder: HF `tokenizers` with BOS/EOS made explicit, and chat prompts.
+The tokenizer of a checkpoint folder: HF `tokenizers` with BOS/EOS made explicit, and the
+checkpoint's own chat template.
 
 model.load_model_and_tokenizer returns one beside the model; eval.py and the tests load one with
-load_tokenizer; data.py renders examples through its encode / chat_prompt. The folder is an HF one:
-tokenizer.json, with the special tokens named in tokenizer_config.json (or special_tokens_map.json)
-and their ids, as a fallback, in config.json / generation_config.json.
+load_tokenizer; data.py renders examples through its encode / chat_prompt / apply_chat_template.
+The folder is an HF one: tokenizer.json, with the special tokens named in tokenizer_config.json (or
+special_tokens_map.json) and their ids, as a fallback, in config.json / generation_config.json; the
+chat template is tokenizer_config.json's "chat_template" or the file chat_template.jinja.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from fileio import CheckpointError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
+                   "generation_config.json", "chat_template.jinja")
 
 
 class Tokenizer:
@@ -29,6 +31,7 @@ class Tokenizer:
     def __init__(self, path: str | Path):
         from tokenizers import Tokenizer as HFTokenizer
         path = Path(path)
+        self.path = path
         file = path / "tokenizer.json"
         if not file.is_file():
             raise CheckpointError(f"{file}: not found; the checkpoint folder needs the HF "
@@ -64,16 +67,12 @@ class Tokenizer:
         pad = token_id("pad_token")
         self.pad_id = pad if pad is not None else self.eos_id
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
-        self.chat_template = tcfg.get("chat_template")
-        self.chat_format = self._detect_chat_format()
-
-    def _detect_chat_format(self):
-        has = lambda token: self.tk.token_to_id(token) is not None
-        if has("<|im_start|>") and has("<|im_end|>"):
-            return "chatml"                      # SmolLM2, Qwen
-        if has("<|start_header_id|>"):
-            return "llama3"
-        return None
+        # the special tokens' text, as chat templates use them ({{ bos_token }}, {{ eos_token }})
+        ids = {key: token_id(key) for key in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        self.special_tokens = {key: self.tk.id_to_token(i) for key, i in ids.items()
+                               if i is not None and self.tk.id_to_token(i) is not None}
+        self.chat_template = chat_template_source(tcfg, path)
+        self._compiled_template = None
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self.tk.encode(text, add_special_tokens=False).ids
@@ -86,29 +85,90 @@ class Tokenizer:
     def decode(self, ids, skip_special: bool = True) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special)
 
-    def chat_prompt(self, user: str, system: str | None = None) -> str | None:
-        """The text of a one-turn conversation up to the assistant's answer; None for a base model.
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """ids of `text` (no BOS/EOS added) and each token's (start, end) character span in it:
+        how data.py finds which tokens a span of the text became."""
+        enc = self.tk.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
 
-        ChatML (SmolLM2), one line per turn:
-            <|im_start|>system\\n...<|im_end|>\\n
-            <|im_start|>user\\n...<|im_end|>\\n
-            <|im_start|>assistant\\n
-        The answer ends with eos (<|im_end|> for SmolLM2-Instruct). SmolLM2's template inserts its
-        default system message when none is given; so do we, so that prompts match what the model
-        was tuned on.
-        """
-        if self.chat_format == "chatml":
-            smollm = "You are a helpful AI assistant named SmolLM"
-            if system is None and self.chat_template and smollm in self.chat_template:
-                system = smollm + ", trained by Hugging Face"
-            head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
-            return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-        if self.chat_format == "llama3":
-            head = (f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
-                    if system else "")
-            return (f"{head}<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
-                    f"<|start_header_id|>assistant<|end_header_id|>\n\n")
-        return None
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The text of a conversation as the checkpoint's chat template writes it, rendered as
+        transformers does (jinja2, sandboxed: a template from a downloaded folder cannot reach
+        Python objects); add_generation_prompt appends the opening of the assistant's turn."""
+        if self.chat_template is None:
+            raise CheckpointError(f"{self.path}: the checkpoint has no chat template "
+                                  f"(tokenizer_config.json 'chat_template' or "
+                                  f"chat_template.jinja); use a chat (Instruct) model, or data "
+                                  f"and flags without chat")
+        if self._compiled_template is None:
+            self._compiled_template = compile_chat_template(self.chat_template)
+        return self._compiled_template.render(messages=messages,
+                                              add_generation_prompt=add_generation_prompt,
+                                              **self.special_tokens)
+
+    def chat_prompt(self, user: str, system: str | None = None) -> str:
+        """The text of a one-turn conversation up to the assistant's answer, from the chat
+        template; for SmolLM2 (ChatML, its default system message inserted by the template):
+            <|im_start|>system\nYou are a helpful AI assistant named SmolLM, ...<|im_end|>\n
+            <|im_start|>user\n{user}<|im_end|>\n
+            <|im_start|>assistant\n
+        The answer then ends with EOS (<|im_end|> for SmolLM2-Instruct). A checkpoint without a
+        template is a CheckpointError."""
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": user})
+        return self.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def chat_template_source(tcfg: dict, path: Path) -> str | None:
+    """The chat template of a checkpoint: tokenizer_config.json's "chat_template" (a string, or a
+    list of named templates, of which "default" is used), else chat_template.jinja."""
+    template = tcfg.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is None and (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    return template
+
+
+def compile_chat_template(source: str):
+    """A jinja2 template in the environment transformers renders chat templates in: sandboxed
+    (ImmutableSandboxedEnvironment), trim_blocks and lstrip_blocks, loop controls, a tojson that
+    keeps non-ASCII text, raise_exception and strftime_now. {% generation %} blocks (transformers
+    marks assistant text with them) render their body: data.py finds the assistant's text by
+    rendering, not by these marks."""
+    import json
+    from datetime import datetime
+
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlock(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body, lineno=lineno)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationBlock, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise CheckpointError(f"the checkpoint's chat template does not parse ({e.message}, "
+                              f"line {e.lineno})") from None
 
 
 def _read_json(p: Path) -> dict:

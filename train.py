@@ -61,12 +61,14 @@ import eval as E
 import memory
 import model as M
 from fileio import atomic_write, first_nonfinite, unreadable_files
+from tokenizer import load_tokenizer
 
 # ----------------------------------------------------------------------------------------------------------------
 # configuration: one dataclass; the command line is generated from it (every field has a help text)
 # ----------------------------------------------------------------------------------------------------------------
 
 ALL_LINEARS = ",".join(A.LLAMA_LINEAR_NAMES)
+DEMO_DATA, DEMO_VAL_DATA = "data/wordnet_train.jsonl", "data/wordnet_val.jsonl"
 
 
 @dataclass
@@ -74,12 +76,20 @@ class TrainConfig:
     model: str = field(default="smollm2-135m", metadata={"help": "checkpoint folder or name under checkpoints/"})
     method: str = field(default="lora", metadata={"help": "adapter method: " + ", ".join(A.METHODS) +
                                                   "; or 'full' (all weights, small models: a reference run)"})
-    data: str = field(default="data/wordnet_train.jsonl", metadata={"help": "training JSONL (see data.py)"})
-    val_data: str = field(default="data/wordnet_val.jsonl",
-                          metadata={"help": "validation JSONL for the loss logged every --eval-every steps "
-                                            "('' to skip)"})
+    data: str = field(default=DEMO_DATA, metadata={
+        "help": "training data: JSONL, or a JSON array (formats: README, data.py)"})
+    val_data: str = field(default="auto", metadata={
+        "help": "validation data for the loss logged every --eval-every steps: a file, '' for "
+                "none, or auto: the demo's validation file when --data is the demo's, else none "
+                "(or --val-fraction)"})
+    val_fraction: float = field(default=0.0, metadata={
+        "help": "hold out this fraction of --data (drawn with --seed) as the validation data, "
+                "instead of a --val-data file"})
     out: str = field(default="runs/lora", metadata={"help": "output folder: adapter, peft/, metrics.jsonl, plots"})
     steps: int = field(default=100, metadata={"help": "optimizer steps"})
+    epochs: float = field(default=0.0, metadata={
+        "help": "passes over --data to train for, instead of --steps (0: use --steps); the run "
+                "start prints the steps per epoch"})
     batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     seq_len: int = field(default=256, metadata={"help": "maximum tokens per example (longer ones are cut, "
@@ -94,7 +104,9 @@ class TrainConfig:
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
     targets: str = field(default=ALL_LINEARS, metadata={"help": "comma-separated linear names to adapt"})
-    chat: bool = field(default=False, metadata={"help": "wrap prompts in the model's chat format"})
+    chat: bool = field(default=False, metadata={
+        "help": "wrap prompts in the checkpoint's chat template (chat 'messages' records always "
+                "use it)"})
     seed: int = field(default=0, metadata={"help": "seed for adapter init, dropout and data order"})
     device: str = field(default="", metadata={"help": "cpu or cuda (default: cuda if available)"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default, one per core; "
@@ -114,7 +126,9 @@ class TrainConfig:
     eval_examples: int = field(default=200, metadata={"help": "validation examples used for the loss"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
-    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue from the latest checkpoint in --out, with the settings saved there "
+                "(--resume --out RUN is the whole command)"})
     overwrite: bool = field(default=False, metadata={"help": "start afresh in an --out that holds an earlier "
                                                              "run's checkpoints (they are replaced)"})
     max_nonfinite: int = field(default=20, metadata={"help": "abort after this many consecutive NaN/inf losses"})
@@ -143,16 +157,15 @@ def method_option_fields():
 
 # settings that may differ between a run and its resumption; everything else must match the checkpoint
 RESUMABLE_CHANGES = {"out", "steps", "resume", "overwrite", "log_every", "eval_every", "save_every", "keep_checkpoints",
-                     "device", "eval_examples", "max_nonfinite", "dry_run", "threads", "compile"}
+                     "device", "eval_examples", "max_nonfinite", "dry_run", "threads", "compile",
+                     "epochs"}
 
 
 def parse_args(argv=None) -> TrainConfig:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip(),
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_flags(ap, [f for f in fields(TrainConfig) if f.name != "method_options"])
-    group = ap.add_argument_group("method hyper-parameters (used by the methods that name them)")
-    add_flags(group, method_option_fields())
-    args = vars(ap.parse_args(argv))
+    args = vars(build_parser().parse_args(argv))
+    if args["resume"]:      # the flags typed on the command line, defaults left out
+        explicit = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+        args = settings_for_resume(args, explicit)
     options = {f.name: args.pop(f.name) for f in method_option_fields()}
     defaults = A.AdapterConfig()
     cfg = TrainConfig(**args, method_options={k: v for k, v in options.items() if v != getattr(defaults, k)})
@@ -160,12 +173,53 @@ def parse_args(argv=None) -> TrainConfig:
     return cfg
 
 
-def add_flags(ap, flds):
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """The command line, one flag per field; suppress_defaults leaves a flag that is not typed out
+    of the parsed namespace (how --resume tells typed flags from defaults)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip(),
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_flags(ap, [f for f in fields(TrainConfig) if f.name != "method_options"], suppress_defaults)
+    group = ap.add_argument_group("method hyper-parameters (used by the methods that name them)")
+    add_flags(group, method_option_fields(), suppress_defaults)
+    return ap
+
+
+def settings_for_resume(args: dict, explicit: set[str]) -> dict:
+    """--resume continues with the settings the run saved in --out (run_config.json), so that
+    `--resume --out RUN` is the whole command. A typed flag that may change on resume
+    (RESUMABLE_CHANGES: --steps, --device, ...) replaces the saved value; any other typed flag
+    must equal it, else the error names the flag. Without saved settings: the flags as typed."""
+    saved = IO.read_run_config(args["out"])
+    if not saved:
+        return args
+    saved_options = saved.get("method_options", {})
+    option_names = {f.name for f in method_option_fields()}
+    defaults = A.AdapterConfig()
+    merged, conflicts = {}, []
+    for name, value in args.items():
+        if name in option_names:
+            saved_value = saved_options.get(name, getattr(defaults, name))
+        else:
+            saved_value = saved.get(name, value)
+        if name in explicit and name not in RESUMABLE_CHANGES and value != saved_value:
+            conflicts.append(f"--{name.replace('_', '-')} {value!r} (the run has {saved_value!r})")
+        merged[name] = value if name in explicit else saved_value
+    if conflicts:
+        raise ValueError(f"--resume: {'; '.join(conflicts)}: not the settings saved in "
+                         f"{args['out']}; drop the flag to continue the run as it was, or start a "
+                         f"new --out")
+    if "steps" in explicit and "epochs" not in explicit:
+        merged["epochs"] = 0.0                           # a typed --steps replaces a saved --epochs
+    return merged
+
+
+def add_flags(ap, flds, suppress_defaults: bool = False):
     """One --flag per dataclass field: bools get --x/--no-x, the rest their type; help from field metadata."""
     for f in flds:
         flag = "--" + f.name.replace("_", "-")
         tname = f.type if isinstance(f.type, str) else f.type.__name__
         default = f.default_factory() if callable(f.default_factory) else f.default
+        default = argparse.SUPPRESS if suppress_defaults else default
         help_text = f.metadata.get("help", "")
         if tname == "bool":
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
@@ -218,7 +272,8 @@ def validate(cfg: TrainConfig):
         raise ValueError(f"unknown method '{cfg.method}'; choose one of: {', '.join(A.METHODS)}, full")
     check_numbers(cfg)
     if cfg.method != "full":
-        cfg.adapter_config()                              # validates the method's hyper-parameters now
+        if not cfg.epochs:                     # (with --epochs: in train, once the steps are known)
+            cfg.adapter_config()               # validates the method's hyper-parameters now
     elif cfg.weights_dtype not in ("auto", "float32"):
         raise ValueError("--method full trains fp32 master weights; drop --weights-dtype (or use float32)")
     M.weights_dtype_policy(cfg.weights_dtype, "cpu")      # an unknown --weights-dtype fails here
@@ -226,12 +281,22 @@ def validate(cfg: TrainConfig):
     if cfg.compile and cfg.method in COMPILE_UNSUPPORTED:
         raise ValueError(f"--compile does not support --method {cfg.method} ({COMPILE_UNSUPPORTED[cfg.method]}); "
                          f"drop --compile")
-    for name in ("data", "val_data") if not cfg.dry_run else ():   # ('' = no validation data)
+    for name in ("data", "val_data") if not cfg.dry_run else ():   # ('' = none, auto: see below)
         path = getattr(cfg, name)
-        if (path or name == "data") and not Path(path).is_file():
+        if (path or name == "data") and path != "auto" and not Path(path).is_file():
             folder = bool(path) and Path(path).is_dir()
             what = "is a directory, not a data file" if folder else "no such file"
             raise FileNotFoundError(f"--{name.replace('_', '-')} {path!r}: {what}")
+    validate_data_options(cfg)
+
+
+def validate_data_options(cfg: TrainConfig):
+    if cfg.epochs < 0:
+        raise ValueError("--epochs must be positive (or 0 to use --steps)")
+    if not 0 <= cfg.val_fraction < 1:
+        raise ValueError(f"--val-fraction {cfg.val_fraction} must be in [0, 1), e.g. 0.05")
+    if cfg.val_fraction and cfg.val_data not in ("auto", ""):
+        raise ValueError("give --val-data FILE or --val-fraction, not both")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -275,6 +340,38 @@ def save_weights(net, cfg: TrainConfig, folder: Path):
         M.save_pretrained(net.state_dict(), net.config, folder, tokenizer_dir=M.resolve_checkpoint(cfg.model))
     else:
         IO.save_adapter(net, cfg.adapter_config(), str(folder), base_model_name_or_path=cfg.model)
+
+
+def read_datasets(cfg: TrainConfig) -> tuple[list, list | None, str]:
+    """(training records, validation records or None, the validation data's name). Validation is
+    --val-data, or --val-fraction of --data held out, or for the demo's --data (val-data auto) the
+    demo's validation file; otherwise none, so that val_loss is never measured on other data."""
+    train_records = D.load_jsonl(cfg.data)
+    if cfg.val_fraction:
+        train_records, val_records = D.split_validation(train_records, cfg.val_fraction, cfg.seed)
+        name = f"{cfg.data} (held out: {cfg.val_fraction:g})"
+    elif cfg.val_data == "auto":
+        is_demo = Path(cfg.data).resolve() == (M.REPO_DIR / DEMO_DATA).resolve()
+        name = str(Path(cfg.data).with_name(Path(DEMO_VAL_DATA).name)) if is_demo else ""
+        val_records = D.load_jsonl(name) if name else None
+    else:
+        name = cfg.val_data
+        val_records = D.load_jsonl(name) if name else None
+    return train_records, val_records[:cfg.eval_examples] if val_records else None, name
+
+
+def steps_from_epochs(cfg: TrainConfig, n_examples: int, world: int) -> str:
+    """Set cfg.steps from --epochs (when given), and the line that tells how the run covers the
+    data: examples, steps per epoch, epochs. One epoch is the Batcher's: n // (batch x processes)
+    micro-batches (the leftover is skipped), grad_accum of them per step."""
+    micro_per_epoch = n_examples // (cfg.batch_size * world)
+    steps_per_epoch = micro_per_epoch / cfg.grad_accum
+    if cfg.epochs:
+        cfg.steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    return (f"data: {n_examples} examples, {per_step} per step (batch {cfg.batch_size} x "
+            f"accumulation {cfg.grad_accum} x {world} processes): {steps_per_epoch:g} steps per "
+            f"epoch; {cfg.steps} steps = {cfg.steps / max(steps_per_epoch, 1e-9):.2f} epochs")
 
 
 def save_checkpoint(out: Path, step: int, net, optimizer, batcher, cfg: TrainConfig, extra: dict):
@@ -625,9 +722,11 @@ class Progress:
 
 def write_products(out: Path, net, cfg: TrainConfig, step: int, wall: float) -> None:
     """The run's products (rank 0): weights, the peft export, the plots."""
-    save_weights(net, cfg, out)
-    if cfg.method != "full":
-        IO.export_peft(net, cfg.adapter_config(), str(out / "peft"), base_model_name_or_path=cfg.model)
+    # --method full: the HF model folder goes to out/model/, apart from run_config.json
+    save_weights(net, cfg, out / IO.FULL_MODEL_DIR if cfg.method == "full" else out)
+    if cfg.method != "full":                           # its base named as transformers can open it
+        IO.export_peft(net, cfg.adapter_config(), str(out / "peft"),
+                       base_model_name_or_path=M.hf_reference(cfg.model))
     E.plot_loss_curves({cfg.method: out / "metrics.jsonl"}, out / "loss.png")
     if cfg.method != "full":
         E.plot_rank_heatmap(A.adapter_ranks(net), out / "ranks.png", f"{cfg.method} ranks")   # ranks in use
@@ -635,6 +734,7 @@ def write_products(out: Path, net, cfg: TrainConfig, step: int, wall: float) -> 
         E.plot_trust_region(out / "metrics.jsonl", out / "trust_region.png")
     print(f"done: {step} steps in {wall:.0f}s; wrote {out}/ (weights, peft/, metrics.jsonl, loss.png, ranks.png)",
           file=sys.stderr)
+    print(f"try it: python model.py --adapter {out} --prompt \"...\"", file=sys.stderr)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -649,8 +749,21 @@ def train(cfg: TrainConfig) -> dict:
                          f"--overwrite to start again, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
-    train_records = D.load_jsonl(cfg.data)                 # read and validated before the (slow) model load
-    val_records = D.load_jsonl(cfg.val_data)[:cfg.eval_examples] if cfg.val_data else None
+    train_records, val_records, val_name = read_datasets(cfg)   # validated before the model load
+    # encoded with the checkpoint's tokenizer before the model is built: --epochs sets --steps,
+    # which the methods' schedules need when their adapters are built
+    tok = load_tokenizer(M.resolve_checkpoint(cfg.model))
+    train_examples = D.encode_dataset(train_records, tok, cfg.seq_len, cfg.chat, name=cfg.data)
+    val_examples = (D.encode_dataset(val_records, tok, cfg.seq_len, cfg.chat, name=val_name)
+                    if val_records else None)
+    coverage = steps_from_epochs(cfg, len(train_examples), world)
+    if main_rank:
+        print(coverage + (f"; validation: {len(val_examples)} examples of {val_name}"
+                          if val_examples else
+                          "; no validation data (--val-data FILE or --val-fraction F)"),
+              file=sys.stderr)
+    if cfg.epochs and cfg.method != "full":
+        cfg.adapter_config()                     # the methods' schedules, checked for these steps
     net, tok = build_model(cfg, device)
     if cfg.seq_len > net.config.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} is longer than the model allows "
@@ -663,9 +776,6 @@ def train(cfg: TrainConfig) -> dict:
         print(f"{cfg.method}: {sum(p.numel() for p in params):,} trainable parameters"
               + (f"; {world} processes, global batch {cfg.batch_size * world} x {cfg.grad_accum} micro-batches"
                  if world > 1 else ""), file=sys.stderr)
-    train_examples = D.encode_dataset(train_records, tok, cfg.seq_len, cfg.chat, name=cfg.data)
-    val_examples = (D.encode_dataset(val_records, tok, cfg.seq_len, cfg.chat, name=cfg.val_data)
-                    if val_records else None)
     batcher = D.Batcher(train_examples, cfg.batch_size, tok.pad_id, seed=cfg.seed, rank=rank, world_size=world)
     # AdamW on the trainable parameters; each group remembers the step it joined (for its warm-up).
     # fused: one kernel for all tensors, the same arithmetic as the loop
@@ -687,7 +797,7 @@ def train(cfg: TrainConfig) -> dict:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
     if main_rank:
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        (out / IO.RUN_CONFIG_NAME).write_text(json.dumps(asdict(cfg), indent=2))
     if cfg.compile:                    # after CG-LoRA's calibration (its hooks run eager); compiles at first step
         net.compile_blocks()
         if main_rank:
@@ -750,7 +860,7 @@ def train(cfg: TrainConfig) -> dict:
 
             # ---- 5. log, evaluate, checkpoint
             if finite:
-                tokens = sum(b["input_ids"].numel() for b in micro)
+                tokens = sum(D.count_input_tokens(b) for b in micro)  # real tokens, not padding
                 progress.step_done(step, loss, tokens, optimizer.param_groups[0]["lr"], grad_norm,
                                    method)
             if val_examples and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):

@@ -2,12 +2,14 @@
 What CTR-LoRA's trust region does to real steps, measured from outside the method.
 
     python benchmarks/ctr_trust_region.py                       # SmolLM2, lr 1e-2 and 1e-1, 50 steps
-    python benchmarks/ctr_trust_region.py --lrs 1 --steps 20
+    python benchmarks/ctr_trust_region.py --model TINY --runs lora adalora ctr ctr-no-tr \
+        --lrs 0.01 0.3 1 --steps 25 --batch-size 4 --rank 4 --targets q_proj,v_proj,down_proj \
+        --warmup-steps 0 --clip 0        # notes/ctr_lora.md's stability table (TINY: its script 1)
 
 Runs train.py's step functions (accumulate_gradients, optimizer_step) on the demo data for CTR-LoRA
-with and without its trust region (--ctr-trust-region / --no-ctr-trust-region, every other setting
-train.py's default) and, after every step, measures the KL the applied step caused on its own
-batch: the mean over its label tokens of KL(p_before ‖ p_after), from two no-grad forwards in
+with and without its trust region (runs "ctr" and "ctr-no-tr"; also "lora" and "adalora" as
+controls; every other setting train.py's default unless given) and, after every step, measures the
+KL the applied step caused on its own batch: the mean over its label tokens of KL(p_before ‖ p_after), from two no-grad forwards in
 float64 that do not involve the method. Prints, per run, the fraction of steps the trust region
 clipped (shrink < 1), the largest and median measured per-step KL, and the training loss at the
 start, its peak and at the end.
@@ -28,7 +30,6 @@ import torch  # noqa: E402
 
 import adapters as A  # noqa: E402
 import data as D  # noqa: E402
-import model as M  # noqa: E402
 import train as T  # noqa: E402
 from convert_gguf import ensure_default_model  # noqa: E402
 
@@ -41,10 +42,17 @@ def label_log_probs(net, ids, labels) -> torch.Tensor:
     return out
 
 
-def run(model_dir, trust_region: bool, lr: float, steps: int, batch_size: int, seed: int) -> dict:
-    cfg = T.TrainConfig(model=str(model_dir), method="ctr", lr=lr, steps=steps,
-                        batch_size=batch_size, seed=seed,
-                        method_options={"ctr_trust_region": trust_region})
+RUNS = {"ctr": ("ctr", {}), "ctr-no-tr": ("ctr", {"ctr_trust_region": False}),
+        "lora": ("lora", {}), "adalora": ("adalora", {})}
+
+
+def run(model_dir, name: str, lr: float, steps: int, args) -> dict:
+    method, options = RUNS[name]
+    cfg = T.TrainConfig(model=str(model_dir), method=method, lr=lr, steps=steps, seed=args.seed,
+                        batch_size=args.batch_size, rank=args.rank, targets=args.targets,
+                        warmup_steps=args.warmup_steps, clip=args.clip, method_options=options)
+    trust_region = method == "ctr" and options.get("ctr_trust_region", True)
+    batch_size, seed = args.batch_size, args.seed
     net, tok = T.build_model(cfg, torch.device("cpu"))
     acfg = cfg.adapter_config()
     hooks = A.training_hooks(net, acfg)
@@ -71,7 +79,12 @@ def run(model_dir, trust_region: bool, lr: float, steps: int, batch_size: int, s
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
     ap.add_argument("--model", default="", help="checkpoint folder (default: the embedded SmolLM2)")
+    ap.add_argument("--runs", nargs="+", default=["ctr", "ctr-no-tr"], choices=list(RUNS))
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-2, 1e-1])
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--targets", default=",".join(A.LLAMA_LINEAR_NAMES))
+    ap.add_argument("--warmup-steps", type=int, default=10)
+    ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
@@ -81,14 +94,15 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     model_dir = args.model or ensure_default_model()
     rho = A.AdapterConfig().ctr_rho
-    print(f"| lr | trust region | steps clipped | largest KL | median KL | loss start / peak / end |")
+    print("| lr | run | steps clipped | largest KL | median KL | loss start / peak / end |")
     print("|---|---|---|---|---|---|")
     for lr in args.lrs:
-        for trust_region in (True, False):
+        for name in args.runs:
             t0 = time.perf_counter()
-            r = run(model_dir, trust_region, lr, args.steps, args.batch_size, args.seed)
+            r = run(model_dir, name, lr, args.steps, args)
             clipped = sum(s < 1.0 for s in r["shrink"]) / len(r["shrink"])
-            print(f"| {lr:g} | {'on (ρ = %g)' % rho if trust_region else 'off'} | {clipped:.0%} | "
+            label = f"ctr (ρ = {rho:g})" if name == "ctr" else name
+            print(f"| {lr:g} | {label} | {clipped:.0%} | "
                   f"{max(r['kl']):.3g} | {statistics.median(r['kl']):.3g} | "
                   f"{r['loss'][0]:.3f} / {max(r['loss']):.3f} / {r['loss'][-1]:.3f} |", flush=True)
             print(f"  ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)

@@ -208,7 +208,7 @@ def load(model_name: str, workdir: Path):
     T.train(T.TrainConfig(model=str(small), val_data="", out=str(out), method="full", lr=3e-3,
                           steps=60, batch_size=8, warmup_steps=5, log_every=60, eval_every=0,
                           save_every=0))
-    return out
+    return out / "model"                                # the run's HF model folder
 
 
 def batch_list(tok, n: int, batch_size: int, seed: int):

@@ -151,12 +151,18 @@ def module_dims(model_dir: Path) -> dict[str, tuple[int, int]]:
             "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
 
 
+def adapter_config_file(run_dir: Path) -> Path:
+    """A run's adapter.json (adapter_config.json in runs written before that name)."""
+    new, legacy = run_dir / "adapter.json", run_dir / "adapter_config.json"
+    return legacy if legacy.is_file() and not new.is_file() else new
+
+
 def parameter_counts(run_dir: Path, method: str) -> dict:
     """Trainable parameters a run ends with. 'stored': every tensor of adapter.safetensors except rank masks (for
     the SVD-form methods that includes masked-out triplets); 'effective': what the final adapter uses — for
     AdaLoRA/CTR-LoRA the active triplets × (d_in + d_out + 1), otherwise the stored count."""
     from safetensors import safe_open                    # imported here: --report does not need it
-    cfg = json.loads((run_dir / "adapter_config.json").read_text())
+    cfg = json.loads(adapter_config_file(run_dir).read_text())
     stored = 0
     with safe_open(str(run_dir / "adapter.safetensors"), "pt") as f:
         for k in f.keys():
@@ -481,7 +487,7 @@ def plot_heatmaps(results) -> list[tuple[str, Path, str]]:
         run = RUNS / rec.get("reused_from", f"main/{m}-s0")
         png = OUT / f"ranks_{m}.png"
         cmd = [PY, "eval.py", "--adapter", str(run.relative_to(ROOT)), "--rank-heatmap", str(png.relative_to(ROOT))]
-        if (run / "adapter_config.json").is_file():
+        if adapter_config_file(run).is_file():
             subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         if png.is_file():
             out.append((m, png, " ".join([".venv/bin/python"] + cmd[1:])))

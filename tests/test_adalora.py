@@ -259,7 +259,7 @@ def test_masked_adalora_saves_loads_and_exports_to_peft_with_our_logits(base, id
     assert len(set(ranks.values())) == 5
 
     IO.save_adapter(model, cfg, str(tmp_path / "ours"))
-    meta = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    meta = json.loads((tmp_path / "ours" / "adapter.json").read_text())
     # in use vs shape rank r₀
     assert meta["active_ranks"] == ranks and set(meta["ranks"].values()) == {6}
     fresh = copy.deepcopy(base)

@@ -214,7 +214,7 @@ def test_save_then_load_into_a_fresh_base_reproduces_logits_exactly(base, idx, t
     randomize_B(model)
     IO.save_adapter(model, cfg, str(tmp_path))
     # no temp files left
-    assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "adapter_config.json"]
+    assert sorted(os.listdir(tmp_path)) == ["adapter.json", "adapter.safetensors"]
     assert (set(load_file(tmp_path / "adapter.safetensors"))
             == set(adapters.adapter_state_dict(model)))
 
@@ -366,9 +366,9 @@ def test_missing_and_unexpected_tensors_in_saved_adapter_are_listed(base, tmp_pa
 def test_bad_adapter_config_json_is_an_error_naming_the_key(base, tmp_path, edit, named):
     cfg = AdapterConfig(r=4, alpha=8, targets=["q_proj"])
     IO.save_adapter(with_lora(base, cfg), cfg, str(tmp_path))
-    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    meta = json.loads((tmp_path / "adapter.json").read_text())
     edit(meta)
-    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    (tmp_path / "adapter.json").write_text(json.dumps(meta))
     msg = _one_line_error(ValueError, IO.load_adapter, copy.deepcopy(base), str(tmp_path))
     assert named in msg
 

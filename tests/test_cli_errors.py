@@ -112,8 +112,7 @@ def truncate(path):
     path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
 
 
-@pytest.mark.parametrize("damaged", ["adapter.safetensors", "trainer_state.pt",
-                                     "adapter_config.json"])
+@pytest.mark.parametrize("damaged", ["adapter.safetensors", "trainer_state.pt", "adapter.json"])
 def test_resume_passes_over_a_damaged_latest_checkpoint(run_with_checkpoints, tiny_dir, damaged,
                                                         capsys):
     """A truncated file in the latest checkpoint: --resume warns, names the file, and continues

@@ -125,7 +125,7 @@ def measured_run(model_dir, method, lr, steps=8, rho=0.05, mutate=None):
     """A plain loop (train.py's step functions) that measures, independently of the method, the KL of every
     applied step on the step's own batch: mean over its label tokens of KL(p_before ‖ p_after), in float64.
     Returns (per-step KLs, per-step training losses, hooks)."""
-    cfg = ctr_cfg(ctr_rho=rho, ctr_schedule=False, orth_reg=0.0) if method == "ctr" else \
+    cfg = ctr_cfg(ctr_rho=rho, orth_reg=0.0) if method == "ctr" else \
         A.AdapterConfig(method="lora", r=4, alpha=8.0, targets=["q_proj", "v_proj", "down_proj"])
     net, tok = M.load_model_and_tokenizer(model_dir, torch.float32, "cpu")
     torch.manual_seed(0)
@@ -154,8 +154,9 @@ def measured_run(model_dir, method, lr, steps=8, rho=0.05, mutate=None):
 
 def test_every_applied_step_measures_at_most_rho_while_lora_spikes(trained_dir):
     """The trust region's guarantee, measured from outside: on the pre-trained tiny model at lr 1.0 (no clipping),
-    every step CTR-LoRA applies moves the predictions by at most 1.1 ρ nats per label token on its batch, and the
-    training loss stays below 1.5× its start, while plain LoRA's steps move them by nats and its loss spikes."""
+    every step CTR-LoRA applies (rank reallocations at t = 4, 6, 8 included) moves the predictions by at most
+    1.1 ρ nats per label token on its batch, and the training loss stays below 1.5× its start, while plain
+    LoRA's steps move them by nats and its loss spikes."""
     rho = 0.05
     kls, losses, _ = measured_run(trained_dir, "ctr", lr=1.0, rho=rho)
     assert max(kls) <= 1.1 * rho, kls
@@ -163,6 +164,24 @@ def test_every_applied_step_measures_at_most_rho_while_lora_spikes(trained_dir):
     assert max(losses) < 1.5 * losses[0], losses
     lora_kls, lora_losses, _ = measured_run(trained_dir, "lora", lr=1.0)
     assert max(lora_kls) > 20 * rho and max(lora_losses) > 2 * lora_losses[0], (lora_kls, lora_losses)
+
+
+def test_a_reallocation_is_part_of_the_step_the_trust_region_bounds(trained_dir):
+    """Masking triplets changes the predictions too. Here the first reallocation (t = 4) removes the *most*
+    useful triplets (utilities negated) of an adapter with large λ, P and Q, which would move the predictions by
+    more than ρ at once: the trust region bounds that step as well, and the masked λ reach 0 over the next steps."""
+    def adversarial(hooks):
+        with torch.no_grad():
+            for m in hooks.layers.values():
+                m.lora_lambda.copy_(8.0 * (-1.0) ** torch.arange(m.r))
+                m.lora_P.mul_(8.0)
+                m.lora_Q.mul_(8.0)
+        utilities = hooks.utility_scores
+        hooks.utility_scores = lambda: {n: -u for n, u in utilities().items()}
+    kls, _, hooks = measured_run(trained_dir, "ctr", lr=1e-3, steps=4, mutate=adversarial)
+    assert max(kls) <= 1.1 * 0.05, kls
+    masked_but_moving = sum(int(((m.lora_mask == 0) & (m.lora_lambda != 0)).sum()) for m in hooks.layers.values())
+    assert masked_but_moving > 0                        # the reallocation was scaled down, not applied at once
 
 
 def test_a_trust_region_that_skips_its_check_fails_the_bound(trained_dir):
@@ -294,7 +313,7 @@ def trained_dir(small_dir, tmp_path_factory):
     too-large step can wreck — the random model's near-uniform predictions cannot show instability."""
     out = tmp_path_factory.mktemp("trained")
     T.train(train_cfg(small_dir, out, method="full", lr=3e-3, steps=60, batch_size=8, warmup_steps=5))
-    return out
+    return out / "model"                                # the run's HF model folder
 
 
 def test_stability_ctr_stays_finite_where_lora_blows_up(trained_dir, tmp_path):

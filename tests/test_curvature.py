@@ -567,18 +567,27 @@ def block_linears(net):
     return {n: m for n, m in net.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
 
 
+def lm_with_block_weights_trainable():
+    """(tiny Llama, ids, labels, its block linears): only the linears' weights require grad (curvlinops
+    differentiates w.r.t. exactly those)."""
+    net = tiny_lm()
+    ids, labels = lm_batch()
+    linears = block_linears(net)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for m in linears.values():
+        m.weight.requires_grad_(True)
+    return net, ids, labels, linears
+
+
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_kfac_factors_equal_curvlinops_kfac(approx):
     """Our KFACCollector against curvlinops' KFACLinearOperator (empirical Fisher, mean loss over every position),
     K-FAC "expand" and "reduce" (Eschenhagen et al. 2023): S equals its input covariance and (n/N)·Γ its gradient
     covariance, n the rows (positions or sequences) and N the loss terms, so the two Kronecker products agree."""
     curvlinops = pytest.importorskip("curvlinops")
-    net = tiny_lm()
-    ids, labels = lm_batch()
-    linears = block_linears(net)
-    for p in net.parameters():
-        p.requires_grad_(False)
-    params = [m.weight.requires_grad_(True) for m in linears.values()]
+    net, ids, labels, linears = lm_with_block_weights_trainable()
+    params = [m.weight for m in linears.values()]
     theirs = curvlinops.KFACLinearOperator(LogitsFirst(net), nn.CrossEntropyLoss(), params, [(ids, labels)],
                                            fisher_type="empirical", kfac_approx=approx, check_deterministic=False)
     theirs.compute_kronecker_factors()
@@ -620,13 +629,7 @@ def test_measured_kl_of_a_small_step_is_the_exact_ggn_quadratic_form():
     """What the CTR-LoRA trust region measures, KL(p_before ‖ p_after) averaged over the label tokens, is to
     second order ½ δᵀGδ with the exact GGN (= Fisher for softmax cross-entropy): within 2 % for a small step,
     and no longer for a large one (the third-order terms the measurement keeps and every proxy drops)."""
-    net = tiny_lm()
-    ids, labels = lm_batch()
-    linears = block_linears(net)
-    for p in net.parameters():
-        p.requires_grad_(False)
-    for m in linears.values():
-        m.weight.requires_grad_(True)
+    net, ids, labels, linears = lm_with_block_weights_trainable()
     direction = {n: torch.randn(m.weight.shape, generator=gen(7)) for n, m in linears.items()}
     small = {n: 1e-3 * d for n, d in direction.items()}
     quad = ggn_quadratic_form(net, linears, small, ids, labels)
@@ -641,13 +644,7 @@ def test_kfac_predicted_kl_against_the_exact_ggn():
     averaged over 64 draws) against ½ δᵀGδ. For random directions its scale is right: each of eight ratios lies
     in [1/2, 2] (notes/curvature.md, "Calibration": for AdamW's steps, which are aligned across positions,
     K-FAC falls short by 10-10³; the positions it treats as independent are correlated)."""
-    net = tiny_lm()
-    ids, labels = lm_batch()
-    linears = block_linears(net)
-    for p in net.parameters():
-        p.requires_grad_(False)
-    for m in linears.values():
-        m.weight.requires_grad_(True)
+    net, ids, labels, linears = lm_with_block_weights_trainable()
     factors = C.collect_fisher(net, linears, [(ids, labels)] * 64, kind="sampled", stats=("full",),
                                generator=gen(3))
     ratios = []

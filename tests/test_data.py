@@ -2,6 +2,7 @@
 validation, and the shipped demo dataset. A character-level tokenizer stands in for model.py's
 (same interface)."""
 
+import json
 import os
 import random
 import sys
@@ -132,9 +133,10 @@ def test_exactly_one_bos():
     assert all(ids[:2] != [1, 1] for ids, _ in candidates)
 
 
-def test_chat_false_or_no_chat_format_uses_the_plain_prompt():
+def test_chat_wraps_the_prompt_and_a_tokenizer_without_template_is_an_error():
     record = {"prompt": "Word: owl\nCategory:", "completion": " bird"}
-    assert data.render(record, CharTokenizer(chat=False), chat=True)[0] == "Word: owl\nCategory:"
+    with pytest.raises(DataError, match="no chat template"):
+        data.render(record, CharTokenizer(chat=False), chat=True)
     assert data.render(record, CharTokenizer(chat=True), chat=False)[0] == "Word: owl\nCategory:"
     wrapped = data.render(record, CharTokenizer(chat=True), chat=True)[0]
     assert wrapped == "<s>user\nWord: owl\nCategory:</s>\n<s>assistant\n"
@@ -327,7 +329,6 @@ def test_empty_file_raises_data_error(tmp_path):
 
 @pytest.mark.parametrize("line, message", [
     ('{"prompt": "a"}', "missing key 'completion'"),
-    ('{"prompt": "a", "completion": "b", "id": 3}', "unknown key 'id'"),
     ('{"prompt": "a", "completion": 5}', "'completion' must be a string"),
     ('{"text": ""}', "'text' is empty"),
     ('{"question": "q", "choices": ["a"], "answer": 0}', "at least 2"),
@@ -381,3 +382,142 @@ def test_shipped_demo_files_parse_and_train_val_words_are_disjoint():
         assert r["choices"][data.answer_index(r)] == val_answer[demo_word(r["question"])]
     # the categories of val all appear in train (the task is learnable from the train file)
     assert {r["completion"] for r in val} <= {r["completion"] for r in train}
+
+
+# --- data as people have it: extra keys, JSON arrays, chat records --------------------------------
+
+def test_extra_keys_are_ignored_with_one_warning_per_file_listing_them(tmp_path):
+    lines = ['{"id": 1, "prompt": "a", "completion": "b"}',
+             '{"id": 2, "source": "x", "prompt": "c", "completion": "d"}']
+    with pytest.warns(UserWarning) as caught:
+        records = data.load_jsonl(write_lines(tmp_path, lines))
+    assert len(caught) == 1 and "'id', 'source'" in str(caught[0].message)
+    assert data.dataset_format(records) == "prompt_completion"
+    assert data.encode_example(records[0], CharTokenizer(), 64) == \
+        data.encode_example({"prompt": "a", "completion": "b"}, CharTokenizer(), 64)
+    # Alpaca's records carry a rendered "text" beside instruction/input/output: read as
+    # instruction records, "text" ignored
+    alpaca = ['{"instruction": "Name it.", "input": "", "output": "owl", "text": "### ..."}'] * 2
+    with pytest.warns(UserWarning, match="'text'") as caught:
+        records = data.load_jsonl(write_lines(tmp_path, alpaca, "alpaca.jsonl"))
+    assert len(caught) == 1 and data.dataset_format(records) == "instruction"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                        # no extra key: no warning
+        data.load_jsonl(write_lines(tmp_path, ['{"text": "a"}'], "plain.jsonl"))
+
+
+def test_json_array_file_loads_the_records_a_jsonl_file_would(tmp_path):
+    records = [{"instruction": "Say hi.", "input": "", "output": "hi"},
+               {"instruction": "Count.", "input": "1, 2", "output": "3"}]
+    as_array = tmp_path / "alpaca_data.json"
+    as_array.write_text(json.dumps(records, indent=4))
+    as_lines = write_lines(tmp_path, [json.dumps(r) for r in records])
+    assert data.load_jsonl(str(as_array)) == data.load_jsonl(as_lines) == records
+    as_array.write_text(json.dumps([records[0], {"output": "x"}]))
+    with pytest.raises(DataError, match="record 2: missing key 'instruction'"):
+        data.load_jsonl(str(as_array))
+    as_array.write_text('[{"text": "a"},')
+    with pytest.raises(DataError, match="not a valid JSON array"):
+        data.load_jsonl(str(as_array))
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"messages": []}', "non-empty list"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "no message has role 'assistant'"),
+    ('{"messages": [{"role": "user", "content": ["hi"]}]}', "messages[0] must be an object"),
+])
+def test_bad_chat_records_are_named(tmp_path, line, message):
+    with pytest.raises(DataError, match="line 1") as err:
+        data.load_jsonl(write_lines(tmp_path, [line]))
+    assert message in str(err.value)
+
+
+def test_count_input_tokens_leaves_padding_out():
+    examples = [([1, 5, 6, 7], [False, False, True, True]), ([1, 8], [False, True])]
+    batch = data.collate(examples, pad_id=0)
+    assert batch["input_ids"].numel() == 6 and data.count_input_tokens(batch) == 3 + 1
+
+
+def test_validation_fraction_is_held_out_of_training_and_the_same_for_a_seed():
+    records = [{"text": str(i)} for i in range(40)]
+    train, val = data.split_validation(records, 0.1, seed=3)
+    assert len(val) == 4 and len(train) == 36
+    assert sorted(r["text"] for r in train + val) == sorted(r["text"] for r in records)
+    assert data.split_validation(records, 0.1, seed=3) == (train, val)
+    assert data.split_validation(records, 0.1, seed=4)[1] != val
+
+
+CONVERSATION = [{"role": "system", "content": "Answer in one word."},
+                {"role": "user", "content": "Capital of France?"},
+                {"role": "assistant", "content": "Paris"},
+                {"role": "user", "content": "And of Italy?"},
+                {"role": "assistant", "content": "Rome, of course."}]
+
+
+def target_runs(ids, mask):
+    """The contiguous runs of target tokens, as lists of ids."""
+    runs, current = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            current.append(i)
+        elif current:
+            runs, current = runs + [current], []
+    return runs + ([current] if current else [])
+
+
+@pytest.mark.smollm2
+@pytest.mark.parametrize("messages", [CONVERSATION, CONVERSATION[1:]])
+def test_chat_records_are_the_templates_tokens_with_labels_on_assistant_turns_only(
+        smollm2_dir, messages):
+    """ids are exactly transformers' apply_chat_template tokens (with or without a system
+    message: the template inserts SmolLM2's default one); the labelled tokens are, turn by turn,
+    the assistant's content and its closing <|im_end|> (EOS), nothing else."""
+    from transformers import AutoTokenizer
+    from tokenizer import load_tokenizer
+    tok, hf = load_tokenizer(smollm2_dir), AutoTokenizer.from_pretrained(smollm2_dir)
+    ids, mask = data.encode_example({"messages": messages}, tok, max_len=512)
+    assert ids == list(hf.apply_chat_template(messages, tokenize=True)["input_ids"])
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert target_runs(ids, mask) == [hf.encode(a + "<|im_end|>") for a in answers]
+    batch = data.collate([(ids, mask)], tok.pad_id)
+    assert labeled_tokens(batch, 0) == [t for run in target_runs(ids, mask) for t in run]
+
+
+@pytest.mark.smollm2
+def test_chat_labels_equal_transformers_assistant_mask(smollm2_dir, tmp_path):
+    """A template that marks the assistant's text with {% generation %} lets transformers compute
+    the assistant-token mask itself: an independent oracle for our positions."""
+    import shutil
+    from transformers import AutoTokenizer
+    from tokenizer import load_tokenizer
+    tcfg = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
+    plain = "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    marked = ("{% if message['role'] == 'assistant' %}{{'<|im_start|>assistant\n'}}"
+              "{% generation %}{{message['content'] + '<|im_end|>'}}{% endgeneration %}{{'\n'}}"
+              "{% else %}" + plain + "{% endif %}")
+    assert plain in tcfg["chat_template"]
+    tcfg["chat_template"] = tcfg["chat_template"].replace(plain, marked)
+    shutil.copy(smollm2_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    tok, hf = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    ids, mask = data.encode_example({"messages": CONVERSATION}, tok, max_len=512)
+    want = hf.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True,
+                                  return_assistant_tokens_mask=True)
+    assert ids == list(want["input_ids"])
+    assert mask == [bool(m) for m in want["assistant_masks"]] and sum(mask) > 5
+
+
+@pytest.mark.smollm2
+def test_chat_without_a_template_is_an_error_not_a_plain_prompt(smollm2_dir, tmp_path):
+    import shutil
+    from fileio import CheckpointError
+    from tokenizer import load_tokenizer
+    tcfg = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
+    del tcfg["chat_template"]
+    shutil.copy(smollm2_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    tok = load_tokenizer(tmp_path)
+    for record, chat in (({"messages": CONVERSATION}, False),
+                         ({"prompt": "Capital of France?", "completion": " Paris"}, True)):
+        with pytest.raises(CheckpointError, match="no chat template"):
+            data.encode_example(record, tok, 512, chat=chat)

@@ -98,7 +98,8 @@ def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(tiny_dir, t
         assert max(clipped) > 0              # steps were shrunk, by a κ from all-reduced curvature
     # rank 0 alone wrote the run folder; its adapter is rank 0's weights; the logged loss is the
     # global one
-    weights = "model.safetensors" if method == "full" else IO.ADAPTER_WEIGHTS_NAME
+    weights = (f"{IO.FULL_MODEL_DIR}/model.safetensors" if method == "full"
+               else IO.ADAPTER_WEIGHTS_NAME)
     saved = load_file(str(tmp_path / "ddp" / weights))
     assert saved.keys() and all(torch.equal(saved[k], r0["state"][k])
                                 for k in saved if k in r0["state"])

@@ -336,9 +336,10 @@ def test_peft_export_gives_our_logits_in_peft_and_transformers(runs, tiny_dir, m
     out = runs(method, "a")
     with torch.no_grad():
         base = M.load_pretrained(tiny_dir, torch.float32, "cpu")(IDS)
-        if method == "full":
-            ours = M.load_pretrained(out, torch.float32, "cpu")(IDS)
-            theirs = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        if method == "full":                                   # RUN/model/: an HF folder
+            ours = M.load_pretrained(out / IO.FULL_MODEL_DIR, torch.float32, "cpu")(IDS)
+            theirs = LlamaForCausalLM.from_pretrained(out / IO.FULL_MODEL_DIR,
+                                                      dtype=torch.float32).eval()
         else:
             from peft import PeftModel
             ours = tuned(tiny_dir, out)(IDS)

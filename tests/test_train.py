@@ -184,8 +184,8 @@ def test_run_folder_holds_the_documented_products_and_peft_gives_our_logits(tiny
     from transformers import LlamaForCausalLM
     out = tmp_path / "run"
     T.train(tiny_cfg(tiny_dir, out, steps=4))
-    for name in ("adapter.safetensors", "adapter_config.json", "peft/adapter_model.safetensors",
-                 "peft/adapter_config.json", "metrics.jsonl", "config.json", "loss.png"):
+    for name in ("adapter.safetensors", "adapter.json", "peft/adapter_model.safetensors",
+                 "peft/adapter_config.json", "metrics.jsonl", "run_config.json", "loss.png"):
         assert (out / name).is_file(), name
     ours = M.load_pretrained(tiny_dir, torch.float32, "cpu")
     IO.load_adapter(ours, str(out))
@@ -202,7 +202,8 @@ def test_run_folder_holds_the_documented_products_and_peft_gives_our_logits(tiny
 def test_full_finetuning_writes_a_loadable_model(tiny_dir, tmp_path):
     out = tmp_path / "full"
     T.train(tiny_cfg(tiny_dir, out, method="full", steps=3, lr=1e-3))
-    tuned = M.load_pretrained(out, torch.float32, "cpu")
+    assert json.loads((out / "run_config.json").read_text())["method"] == "full"
+    tuned = M.load_pretrained(out / "model", torch.float32, "cpu")
     base = M.load_pretrained(tiny_dir, torch.float32, "cpu")
     assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight,
                            base.model.layers[0].mlp.up_proj.weight)
@@ -245,7 +246,7 @@ def test_weights_that_overflow_are_never_saved_and_the_checkpoints_stay(tiny_dir
     assert "--lr 0.001 too high?" in msg and "latest: step-000002" in msg and "\n" not in msg
     assert T.latest_checkpoint(out).name == "step-000002"
     assert checkpoint_bytes(out) == before                        # no .tmp folder either
-    weights = "model.safetensors" if method == "full" else IO.ADAPTER_WEIGHTS_NAME
+    weights = IO.FULL_MODEL_DIR if method == "full" else IO.ADAPTER_WEIGHTS_NAME
     assert not (out / weights).exists() and not (out / "peft").exists()
 
 

@@ -250,7 +250,7 @@ def test_save_then_load_rebuilds_the_grown_blocks(base, idx, tmp_path):
     assert {n: m.num_blocks for n, m in A.adapter_layers(fresh).items()} == blocks
     assert torch.equal(logits(fresh, idx), logits(model, idx))
     # load_adapter_weights into freshly built (un-grown) adapters grows them from
-    # adapter_config.json first
+    # adapter.json first
     ungrown, _ = with_triadapt(base, total_steps=30)
     IO.load_adapter_weights(ungrown, str(tmp_path))
     assert {n: m.num_blocks for n, m in A.adapter_layers(ungrown).items()} == blocks
