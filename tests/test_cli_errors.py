@@ -78,22 +78,23 @@ def test_a_directory_given_as_a_data_file(tiny_dir, tmp_path, capsys):
     assert str(folder) in msg and "is a directory" in msg
 
 
-@pytest.mark.parametrize("main", [T.parse_args, E.main, M.main])
-def test_an_unknown_device_is_named(main, tiny_dir, capsys):
-    argv = {T.parse_args: ["--data", TRAIN_DATA],
+def device_argv(main, tiny_dir) -> list[str]:
+    """The rest of a command line of train.py (parsing only), eval.py or model.py."""
+    return {T.parse_args: ["--data", TRAIN_DATA],
             E.main: ["--model", str(tiny_dir), "--data", VAL_DATA],
             M.main: ["--model", str(tiny_dir)]}[main]
-    assert "--device 'gpu' is not a device name" in cli_error(main, argv + ["--device", "gpu"],
-                                                            capsys)
+
+
+@pytest.mark.parametrize("main", [T.parse_args, E.main, M.main])
+def test_an_unknown_device_is_named(main, tiny_dir, capsys):
+    argv = device_argv(main, tiny_dir) + ["--device", "gpu"]
+    assert "--device 'gpu' is not a device name" in cli_error(main, argv, capsys)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 @pytest.mark.parametrize("main", [T.parse_args, E.main, M.main])
 def test_cuda_without_a_gpu_says_so(main, tiny_dir, capsys):
-    argv = {T.parse_args: ["--data", TRAIN_DATA],
-            E.main: ["--model", str(tiny_dir), "--data", VAL_DATA],
-            M.main: ["--model", str(tiny_dir)]}[main]
-    msg = cli_error(main, argv + ["--device", "cuda"], capsys)
+    msg = cli_error(main, device_argv(main, tiny_dir) + ["--device", "cuda"], capsys)
     assert "--device cuda: CUDA is not available here" in msg and "--device cpu" in msg
 
 
