@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import adapter_io as IO
 import data as D
 import model as M
+import runs
 from fileio import unreadable_files
 from tokenizer import load_tokenizer
 
@@ -270,11 +270,11 @@ def saved_ranks(adapter_dir) -> dict[str, int]:
 
 def load_tuned(base: str, adapter_dir: str | None, dtype, device, compute_dtype=None):
     """The base model, or the base with an adapter from `adapter_dir`, or a full checkpoint saved
-    there (model.load_run)."""
+    there (runs.load_run)."""
     if adapter_dir is None:
         return M.load_pretrained(base, dtype, device, compute_dtype)
     check_intact(Path(adapter_dir))
-    return M.load_run(adapter_dir, base, dtype, device, compute_dtype)[0]
+    return runs.load_run(adapter_dir, base, dtype, device, compute_dtype)[0]
 
 
 def check_intact(run: Path) -> None:

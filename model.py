@@ -14,10 +14,8 @@ synthetic_checkpoint.py (random weights of any preset's shape).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import re
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -30,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from convert_gguf import DEFAULT_MODEL_DIR, ensure_default_model
 from fileio import (DEFAULT_MAX_SHARD_BYTES, CheckpointError, atomic_write, write_json,
                     write_model_safetensors)
+from hf_cache import HF_REPO_ID, hf_cache_dir, hf_cache_snapshot, hf_download_command
 from tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -476,41 +475,6 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
                           f"(owner/name), or one of: {', '.join(sorted(HF_REPOS))}")
 
 
-# An HF repo id: owner/name (one slash; letters, digits, '-', '_', '.').
-HF_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def hf_download_command(repo_id: str) -> str:
-    """The command that puts what loading needs (configs, safetensors weights, the tokenizer and
-    its chat template) into the HF cache, where resolve_checkpoint finds it; not the .bin/.pth
-    copies some repositories also hold."""
-    return (f'hf download {repo_id} --include "*.json" --include "*.safetensors" '
-            f'--include "*.jinja"')
-
-
-def hf_cache_dir() -> str:
-    """Where huggingface_hub keeps its cache: HF_HUB_CACHE, HF_HOME/hub, or its default."""
-    try:
-        from huggingface_hub import constants
-    except ImportError:
-        return "~/.cache/huggingface/hub"
-    return constants.HF_HUB_CACHE
-
-
-def hf_cache_snapshot(repo_id: str) -> Path | None:
-    """The folder of `repo_id` in the local Hugging Face cache (HF_HUB_CACHE, or HF_HOME/hub),
-    or None when it is not there. Never downloads: local_files_only."""
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-    except ImportError:
-        return None
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except (LocalEntryNotFoundError, HFValidationError, OSError):
-        return None
-
-
 def hf_reference(name_or_path) -> str:
     """What transformers' from_pretrained opens as this checkpoint, for files that name their
     base model (peft's base_model_name_or_path): the repo id when the checkpoint is a snapshot in
@@ -704,133 +668,6 @@ def generate(model: Llama, prompt_ids: list[int], max_new_tokens: int = 64,
     return new
 
 
-# 5. A train.py run as a model: its base with its adapter, or its --method full model ----------
-def load_run(run_dir, base=None, dtype: torch.dtype | None = None, device=None,
-             compute_dtype: torch.dtype | None = None) -> tuple[Llama, Tokenizer, dict]:
-    """The model a train.py run produced: the base checkpoint with the run's adapter, or the
-    fine-tuned model of a --method full run.
-
-    base: the base checkpoint (default: the --model saved in the run's settings). dtype None:
-    the run's --weights-dtype policy on this device. Returns (model in eval mode, its tokenizer,
-    the run's saved settings, {} for an adapter folder without them)."""
-    import adapter_io as IO                     # (adapter_io never imports model.py: no cycle)
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise FileNotFoundError(f"{run}: no such folder; pass the --out folder of a train.py run")
-    settings = IO.read_run_config(run)
-    device = parse_device(device)
-    if dtype is None:
-        dtype, compute_dtype = weights_dtype_policy(settings.get("weights_dtype", "auto"), device)
-    full = IO.full_model_dir(run)
-    if full is not None:                        # --method full: a whole HF model folder
-        model, tok = load_model_and_tokenizer(full, dtype, device, compute_dtype)
-        return model, tok, settings
-    if not IO.is_adapter_dir(run):
-        raise FileNotFoundError(f"{run}: holds neither an adapter ({IO.ADAPTER_WEIGHTS_NAME} + "
-                                f"{IO.ADAPTER_CONFIG_NAME}) nor a model ({IO.FULL_MODEL_DIR}/); "
-                                f"pass the --out folder of a train.py run")
-    model, tok = load_model_and_tokenizer(base or run_base_model(run, settings), dtype, device,
-                                          compute_dtype)
-    IO.load_adapter(model, str(run))
-    return model.to(device).eval(), tok, settings
-
-
-def run_base_model(run: Path, settings: dict) -> str:
-    """The base checkpoint of an adapter run: its --model, or, when that does not resolve from
-    here (a path relative to another working folder), what its peft export names (an absolute
-    path or a repo id, see hf_reference)."""
-    import adapter_io as IO
-    model = settings.get("model", DEFAULT_MODEL)
-    try:
-        resolve_checkpoint(model)
-        return model
-    except CheckpointError:
-        peft_config = run / "peft" / IO.PEFT_CONFIG_NAME
-        if not peft_config.is_file():
-            raise
-        recorded = json.loads(peft_config.read_text()).get("base_model_name_or_path")
-        if not recorded:
-            raise
-        return recorded
-
-
-def save_merged(model: Llama, tok: Tokenizer, out_dir,
-                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-    """A model with adapters written as one plain HF model folder (W0 + ΔW in each adapted
-    linear, computed in fp32, stored in the weights' dtype; config.json; the tokenizer files):
-    what transformers' from_pretrained, vLLM and llama.cpp's convert_hf_to_gguf.py read."""
-    import adapter_io as IO
-    save_pretrained(IO.merged_state_dict(model), model.config, out_dir, tokenizer_dir=tok.path,
-                    max_shard_bytes=max_shard_bytes)
-
-
-# 6. Command line: `python model.py --prompt "..."` loads a checkpoint and answers -----------------
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Load a Llama checkpoint (and a train.py run's "
-                                             "adapter) and generate text, or merge the adapter "
-                                             "into its base as an HF model folder.")
-    ap.add_argument("--model", default=None,
-                    help="checkpoint folder, name under checkpoints/, or HF repo id in the local "
-                         "HF cache (default: the run's base with --adapter, else the embedded "
-                         f"{DEFAULT_MODEL})")
-    ap.add_argument("--adapter", default=None, metavar="RUN",
-                    help="a train.py --out folder: generate with its adapter on its base model "
-                         "(or with its --method full model), in its chat setting")
-    ap.add_argument("--merge", default=None, metavar="OUT",
-                    help="instead of generating, write the base with --adapter merged in to the "
-                         "HF model folder OUT (config.json, safetensors, tokenizer files)")
-    ap.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9,
-                    help="--merge: above this size the weights are split into files of at most "
-                         "this many GB, with an index")
-    ap.add_argument("--prompt", default="What is the capital of France?", help="the user's message")
-    ap.add_argument("--max-new-tokens", type=int, default=48, help="at most this many new tokens")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
-    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus threshold (temperature > 0)")
-    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
-    ap.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                    help="wrap the prompt in the checkpoint's chat template (default: the run's "
-                         "--chat setting with --adapter, else whenever the checkpoint has one)")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                    help="weight dtype (default: bf16 on GPU, fp32 on CPU; with --adapter the "
-                         "run's --weights-dtype)")
-    args = ap.parse_args(argv)
-    if args.merge and not args.adapter:
-        ap.error("--merge needs --adapter RUN (the run whose adapter is merged into its base)")
-    import time
-    t0 = time.perf_counter()
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    settings = {}
-    if args.adapter:
-        model, tok, settings = load_run(args.adapter, args.model, dtype, args.device)
-        name = f"{args.adapter} ({settings.get('method', 'adapter')})"
-    else:
-        model, tok = load_model_and_tokenizer(args.model or DEFAULT_MODEL, dtype, args.device)
-        name = args.model or DEFAULT_MODEL
-    n = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"loaded {name}: {n:.1f}M parameters in {time.perf_counter() - t0:.1f}s",
-          file=sys.stderr)
-    if args.merge:
-        out = Path(args.merge)
-        if out.resolve() in (Path(args.adapter).resolve(), Path(tok.path).resolve()):
-            raise ValueError(f"--merge {out}: choose a new folder, not the run or the base")
-        save_merged(model, tok, out, max_shard_bytes=int(args.max_shard_gb * 1e9))
-        print(f"wrote {out}/ (config.json, weights, tokenizer); load it with transformers' "
-              f"AutoModelForCausalLM.from_pretrained('{out}')")
-        return
-    chat = args.chat
-    if chat is None:
-        chat = settings.get("chat", False) if args.adapter else tok.chat_template is not None
-    ids = tok.encode(tok.chat_prompt(args.prompt) if chat else args.prompt, bos=True)
-    print(f"> {args.prompt}")
-    t0 = time.perf_counter()
-    out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_p, tok.eos_id,
-                   seed=args.seed)
-    print(tok.decode(out).strip())
-    print(f"({len(out)} tokens, {len(out) / (time.perf_counter() - t0):.1f} tokens/s)",
-          file=sys.stderr)
-
-
 def cli(main_fn, argv=None):
     """Run a CLI entry point: expected errors become one line on stderr and exit code 1.
     FloatingPointError is a run that diverged (NaN/inf): train.py says which step and why."""
@@ -844,5 +681,6 @@ def cli(main_fn, argv=None):
         sys.exit(130)
 
 
-if __name__ == "__main__":
-    cli(main)
+if __name__ == "__main__":     # the command line (generate with a checkpoint or a run, or merge)
+    import runs                # lives with the run loading it needs: runs.py
+    cli(runs.main)

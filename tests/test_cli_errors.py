@@ -12,6 +12,7 @@ import torch
 
 import eval as E
 import model as M
+import runs
 import train as T
 from tests.conftest import write_hf_tiny_with_tokenizer
 
@@ -82,17 +83,17 @@ def device_argv(main, tiny_dir) -> list[str]:
     """The rest of a command line of train.py (parsing only), eval.py or model.py."""
     return {T.parse_args: ["--data", TRAIN_DATA],
             E.main: ["--model", str(tiny_dir), "--data", VAL_DATA],
-            M.main: ["--model", str(tiny_dir)]}[main]
+            runs.main: ["--model", str(tiny_dir)]}[main]
 
 
-@pytest.mark.parametrize("main", [T.parse_args, E.main, M.main])
+@pytest.mark.parametrize("main", [T.parse_args, E.main, runs.main])
 def test_an_unknown_device_is_named(main, tiny_dir, capsys):
     argv = device_argv(main, tiny_dir) + ["--device", "gpu"]
     assert "--device 'gpu' is not a device name" in cli_error(main, argv, capsys)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-@pytest.mark.parametrize("main", [T.parse_args, E.main, M.main])
+@pytest.mark.parametrize("main", [T.parse_args, E.main, runs.main])
 def test_cuda_without_a_gpu_says_so(main, tiny_dir, capsys):
     msg = cli_error(main, device_argv(main, tiny_dir) + ["--device", "cuda"], capsys)
     assert "--device cuda: CUDA is not available here" in msg and "--device cpu" in msg

@@ -16,6 +16,7 @@ import adapter_io as IO
 import adapters as A
 import eval as E
 import model as M
+import runs
 import train as T
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,7 +79,7 @@ def test_cli_generates_with_the_runs_adapter_greedy_and_sampled(tiny_dir, tmp_pa
     assert r.returncode == 0, r.stderr
     assert stdout_answer(r.stdout, PROMPT) == greedy
     # sampled, in the checkpoint's chat template (explicit --chat overrides the run's setting)
-    M.main(["--adapter", str(run), "--prompt", PROMPT, "--max-new-tokens", "8", "--chat",
+    runs.main(["--adapter", str(run), "--prompt", PROMPT, "--max-new-tokens", "8", "--chat",
             "--temperature", "0.9", "--top-p", "0.9", "--seed", "3", "--device", "cpu"])
     sampled = generated_text(net, tok, tok.chat_prompt(PROMPT), temperature=0.9, top_p=0.9,
                              seed=3)
@@ -93,7 +94,7 @@ def test_cli_generates_with_a_full_finetuning_run(tiny_dir, tmp_path, capsys):
     assert (run / IO.FULL_MODEL_DIR / "model.safetensors").is_file()
     assert json.loads((run / IO.RUN_CONFIG_NAME).read_text())["method"] == "full"
     tuned, tok = M.load_model_and_tokenizer(run / IO.FULL_MODEL_DIR, torch.float32, "cpu")
-    M.main(["--adapter", str(run), "--prompt", PROMPT, "--max-new-tokens", "8"])
+    runs.main(["--adapter", str(run), "--prompt", PROMPT, "--max-new-tokens", "8"])
     assert stdout_answer(capsys.readouterr().out, PROMPT) == generated_text(tuned, tok, PROMPT)
 
 
@@ -107,7 +108,7 @@ def test_merged_folder_loads_in_transformers_with_our_logits(tiny_dir, tmp_path,
     from transformers import AutoTokenizer, LlamaForCausalLM
     run, merged = tmp_path / "run", tmp_path / "merged"
     ours = write_run(tiny_dir, run, method, std=0.05, **options)
-    M.main(["--adapter", str(run), "--merge", str(merged), "--device", "cpu"]
+    runs.main(["--adapter", str(run), "--merge", str(merged), "--device", "cpu"]
            + (["--max-shard-gb", str(shard_gb)] if shard_gb else []))
     if shard_gb:                       # 5 MB shards: the 12.6 MB embedding gets a file to itself
         index = json.loads((merged / "model.safetensors.index.json").read_text())
@@ -157,7 +158,7 @@ def test_autopeft_loads_the_peft_export_by_itself_with_our_logits(trained_run, t
     from transformers import AutoModelForCausalLM
     peft_cfg = json.loads((trained_run / "peft" / IO.PEFT_CONFIG_NAME).read_text())
     assert peft_cfg["base_model_name_or_path"] == str(tiny_dir.resolve())
-    ours, _, settings = M.load_run(trained_run, device="cpu")
+    ours, _, settings = runs.load_run(trained_run, device="cpu")
     assert settings["method"] == "lora" and settings["model"] == tiny_dir.name
     idx = random_ids(1)
     for auto in (AutoPeftModelForCausalLM, AutoModelForCausalLM):
@@ -173,12 +174,12 @@ def test_run_folder_names_do_not_collide_with_hf_and_older_runs_still_load(train
     assert not {"config.json", "adapter_config.json"} & names      # HF's names mean HF's files
     idx = random_ids(2)
     with torch.no_grad():
-        want = M.load_run(trained_run, device="cpu")[0](idx)
+        want = runs.load_run(trained_run, device="cpu")[0](idx)
     old = tmp_path / "old"                                  # as runs were written before
     shutil.copytree(trained_run, old)
     (old / "adapter.json").rename(old / "adapter_config.json")
     (old / "run_config.json").rename(old / "config.json")
-    net, _, settings = M.load_run(old, device="cpu")
+    net, _, settings = runs.load_run(old, device="cpu")
     assert settings == IO.read_run_config(trained_run)
     assert E.saved_ranks(old) == E.saved_ranks(trained_run)
     with torch.no_grad():
@@ -190,7 +191,7 @@ def test_run_folder_names_do_not_collide_with_hf_and_older_runs_still_load(train
     M.save_pretrained(tuned.state_dict(), tuned.config, old_full, tokenizer_dir=base_dir)
     assert IO.read_run_config(old_full) == {}              # its config.json is the model's
     with torch.no_grad():
-        assert torch.equal(M.load_run(old_full, device="cpu")[0](idx), tuned(idx))
+        assert torch.equal(runs.load_run(old_full, device="cpu")[0](idx), tuned(idx))
 
 
 # ------------------------------------------------------------------------ run ergonomics
