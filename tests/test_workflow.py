@@ -295,8 +295,8 @@ def test_hf_repo_id_resolves_from_the_local_cache(tiny_dir, tmp_path):
     shutil.copytree(tiny_dir, snapshot)
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
-    code = ("import sys, model; print(model.hf_reference('someone/tiny-llama'));"
-            "model.main(sys.argv[1:])")
+    code = ("import sys, model, runs; print(model.hf_reference('someone/tiny-llama'));"
+            "runs.main(sys.argv[1:])")
     r = run_model_cli(tmp_path, "--model", "someone/tiny-llama", "--prompt", "hi",
                       "--max-new-tokens", "2", "--no-chat", code=code)
     assert r.returncode == 0, r.stderr
