@@ -22,7 +22,8 @@ import torch.nn as nn
 
 METHOD_NAMES = ("lora", "adalora", "triadapt", "ctr", "cg")
 LLAMA_LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SVD_INIT_STD = 0.02  # AdaLoRA's P, Q ~ N(0, 0.02²) (official code and peft); TriAdaptLoRA's new rows of A
+# AdaLoRA's P, Q ~ N(0, 0.02²) (official code and peft); TriAdaptLoRA's new rows of A
+SVD_INIT_STD = 0.02
 
 BUDGET_SHAPES = ("cubic", "linear")
 THRESHOLD_MODES = ("linear", "exponential", "fixed")
@@ -139,8 +140,8 @@ class AdapterConfig:
     cg_memory_cap_mb: float = option(1024.0, "CG-LoRA: memory for dense gradients before auto "
                                              "mode switches to sketches")
     cg_dense_svd: str = option("exact", "CG-LoRA dense mode: exact (full SVD of each whitened "
-                                        "gradient) or randomized (top-r with 4r columns and 4 power "
-                                        "iterations, as LoRA-GA's code)")
+                                        "gradient) or randomized (top-r with 4r columns and 4 "
+                                        "power iterations, as LoRA-GA's code)")
     cg_oversample: int = option(10, "CG-LoRA: extra sketch columns beyond the rank")
 
     def __post_init__(self):
@@ -181,7 +182,8 @@ class AdapterConfig:
         if unknown:
             raise ValueError(f"unknown adapter config key(s) {unknown}; known keys: "
                              f"{', '.join(known)}")
-        check_types(d, typing.get_type_hints(cls))  # before __post_init__'s comma-string convenience
+        # before __post_init__'s comma-string convenience
+        check_types(d, typing.get_type_hints(cls))
         return cls(**d)
 
     def to_json(self) -> str:
@@ -197,7 +199,8 @@ class AdapterConfig:
 
 
 def flag(name: str) -> str:
-    """The train.py flag of a config field: t_init -> --t-init (messages name what the user typed)."""
+    """The train.py flag of a config field: t_init -> --t-init (messages name what the user
+    typed)."""
     return "--" + name.replace("_", "-")
 
 
@@ -210,7 +213,8 @@ def steps_or_fraction(cfg: AdapterConfig, name: str, fraction: float, minimum: i
         raise ValueError(f"{flag(name)} must be >= 0 (or -1 for the default), got {value}")
     if cfg.total_steps < 1:
         raise ValueError(f"{flag(name)} -1 means a fraction of --steps, but total_steps is not "
-                         f"set; pass total_steps (train.py sets it from --steps) or give {flag(name)}")
+                         f"set; pass total_steps (train.py sets it from --steps) or give "
+                         f"{flag(name)}")
     return max(minimum, round(fraction * cfg.total_steps))
 
 
@@ -258,7 +262,8 @@ def check_budget_schedule(initial: int, target: int, total_steps: int, t_init: i
 
 
 def triadapt_init_rank(cfg: AdapterConfig) -> int:
-    """Rank of every TriAdaptLoRA module before growth: --tri-init-rank, default max(1, r_ref // 2)."""
+    """Rank of every TriAdaptLoRA module before growth: --tri-init-rank, default
+    max(1, r_ref // 2)."""
     init = cfg.tri_init_rank or max(1, cfg.r // 2)
     if cfg.tri_init_rank < 0 or init > cfg.r:
         raise ValueError(f"--tri-init-rank {cfg.tri_init_rank} must be in [1, --rank {cfg.r}] "
@@ -375,7 +380,8 @@ def check_types(values: dict, hints: dict) -> None:
 
 
 def has_type(value, tp) -> bool:
-    """Does a JSON value match a type hint (int, float, str, bool, list[X], dict[str, X], X | None)?"""
+    """Does a JSON value match a type hint (int, float, str, bool, list[X], dict[str, X],
+    X | None)?"""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is bool:
         return isinstance(value, bool)

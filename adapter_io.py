@@ -161,7 +161,8 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str) -> None:
     weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME)
     layers = A.adapter_layers(model)
     config_path = adapter_config_path(adapter_dir)
-    if any(isinstance(m, A.TriAdaptLinear) for m in layers.values()) and os.path.exists(config_path):
+    if (any(isinstance(m, A.TriAdaptLinear) for m in layers.values())
+            and os.path.exists(config_path)):
         _, saved_ranks = read_adapter_config(config_path)
         for name, layer in layers.items():
             if isinstance(layer, A.TriAdaptLinear) and saved_ranks.get(name, 0) > layer.rank:

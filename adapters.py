@@ -465,8 +465,8 @@ class BudgetSchedule:
     def for_svd_layers(cls, cfg: AdapterConfig, n_modules: int) -> BudgetSchedule:
         """AdaLoRA's and CTR-LoRA's budget in triplets: r₀ → target rank per module."""
         if cfg.total_steps < 1:
-            raise ValueError(f"{cfg.method}'s budget schedule needs the run's total optimizer steps: "
-                             f"set total_steps (train.py sets it from --steps)")
+            raise ValueError(f"{cfg.method}'s budget schedule needs the run's total optimizer "
+                             f"steps: set total_steps (train.py sets it from --steps)")
         initial_rank, target_rank = svd_ranks(cfg)
         return cls(initial_rank * n_modules, target_rank * n_modules, cfg.total_steps,
                    *svd_schedule_steps(cfg), cfg.delta_t, cfg.budget_schedule)
@@ -1420,7 +1420,8 @@ class CTRLoRAHooks(MethodHooks):
                   f"{rank_summary(ranks)}", file=sys.stderr)
 
     def log_items(self) -> dict:
-        items = {**self._log, "rho": self.cfg.ctr_rho, "budget": self.budget,   # kl_max: since the last
+        # kl_max: the largest since the last log line (reset below)
+        items = {**self._log, "rho": self.cfg.ctr_rho, "budget": self.budget,
                  "total_rank": sum(m.active_rank for m in self.layers.values()),
                  "clip_rate": self.steps_clipped / max(1, self.steps_seen),
                  "check_forwards": self.forwards}

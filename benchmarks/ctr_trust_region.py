@@ -1,7 +1,7 @@
 """
 What CTR-LoRA's trust region does to real steps, measured from outside the method.
 
-    python benchmarks/ctr_trust_region.py                       # SmolLM2, lr 1e-2 and 1e-1, 50 steps
+    python benchmarks/ctr_trust_region.py           # SmolLM2, lr 1e-2 and 1e-1, 50 steps
     python benchmarks/ctr_trust_region.py --model TINY --runs lora adalora ctr ctr-no-tr \
         --lrs 0.01 0.3 1 --steps 25 --batch-size 4 --rank 4 --targets q_proj,v_proj,down_proj \
         --warmup-steps 0 --clip 0        # notes/ctr_lora.md's stability table (TINY: its script 1)
@@ -9,10 +9,10 @@ What CTR-LoRA's trust region does to real steps, measured from outside the metho
 Runs train.py's step functions (accumulate_gradients, optimizer_step) on the demo data for CTR-LoRA
 with and without its trust region (runs "ctr" and "ctr-no-tr"; also "lora" and "adalora" as
 controls; every other setting train.py's default unless given) and, after every step, measures the
-KL the applied step caused on its own batch: the mean over its label tokens of KL(p_before ‖ p_after), from two no-grad forwards in
-float64 that do not involve the method. Prints, per run, the fraction of steps the trust region
-clipped (shrink < 1), the largest and median measured per-step KL, and the training loss at the
-start, its peak and at the end.
+KL the applied step caused on its own batch: the mean over its label tokens of
+KL(p_before ‖ p_after), from two no-grad forwards in float64 that do not involve the method.
+Prints, per run, the fraction of steps the trust region clipped (shrink < 1), the largest and
+median measured per-step KL, and the training loss at the start, its peak and at the end.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def run(model_dir, name: str, lr: float, steps: int, args) -> dict:
         ids, labels = b["input_ids"], b["labels"]
         before = label_log_probs(net, ids, labels)
         T.set_lrs(opt, step, cfg)
-        losses.append(T.accumulate_gradients(net, [b], D.count_label_tokens(b), "cpu", method=hooks))
+        losses.append(T.accumulate_gradients(net, [b], D.count_label_tokens(b), "cpu",
+                                             method=hooks))
         T.optimizer_step(opt, params, hooks, step, cfg.clip)
         after = label_log_probs(net, ids, labels)
         kls.append(float((before.exp() * (before - after)).sum(-1).mean()))

@@ -204,11 +204,11 @@ def load(model_name: str, workdir: Path):
         return ensure_default_model()
     from tests.conftest import write_hf_tiny_with_tokenizer
     small = write_hf_tiny_with_tokenizer(workdir / "tiny", 3, ensure_default_model())
-    out = workdir / "tiny-trained"                      # as tests/test_ctr.py: confident predictions
+    out = workdir / "tiny-trained"      # as tests/test_ctr.py: confident predictions
     T.train(T.TrainConfig(model=str(small), val_data="", out=str(out), method="full", lr=3e-3,
                           steps=60, batch_size=8, warmup_steps=5, log_every=60, eval_every=0,
                           save_every=0))
-    return out / "model"                                # the run's HF model folder
+    return out / "model"                # the run's HF model folder
 
 
 def batch_list(tok, n: int, batch_size: int, seed: int):
@@ -325,7 +325,8 @@ def run_model(model_name: str, args, rec: Recorder):
             cfg = adapter_config(method, args.steps)
             A.apply_method(net, method, cfg)
             hooks = A.training_hooks(net, cfg)
-            batches = batch_list(tok, args.steps + hooks.calibration_batches, args.batch_size, seed=21)
+            batches = batch_list(tok, args.steps + hooks.calibration_batches, args.batch_size,
+                                 seed=21)
             if hooks.calibration_batches:
                 hooks.calibrate([(b["input_ids"], b["labels"])
                                  for b in batches[:hooks.calibration_batches]])
@@ -343,13 +344,15 @@ def run_model(model_name: str, args, rec: Recorder):
                                         sample_targets(net, ids, labels, gen))
                 use_hess = hess_probes and args.hessian_steps
                 old = [p.detach().clone() for p in params]
-                hess = hessian_diagonal(net, params, ids, labels, hess_probes, gen) if use_hess else None
+                hess = (hessian_diagonal(net, params, ids, labels, hess_probes, gen) if use_hess
+                        else None)
                 before = factors(layers)
                 net.train()
                 T.accumulate_gradients(net, [b], D.count_label_tokens(b), "cpu", method=hooks)
                 _, new = T.optimizer_step(opt, params, hooks, step, clip=1.0)
                 net.eval()
-                if new:      # growth appends blocks: their old value is the function-preserving init
+                # growth appends blocks: their old value is the function-preserving init
+                if new:
                     continue
                 deltas = [p.detach() - o for p, o in zip(params, old)]
                 after = factors(layers)
@@ -360,11 +363,11 @@ def run_model(model_name: str, args, rec: Recorder):
                     preds.update({f"{k} {kind}": v for k, v in ema.items()})
                 rec.add(f"{model_name} {method} lr={lr:g}", kl, preds)
             hooks.close()
-            rec.ema.clear()                                 # (full factors: ~1 GB per run on SmolLM2)
+            rec.ema.clear()                     # (full factors: ~1 GB per run on SmolLM2)
             if args.json:
                 Path(args.json).write_text(json.dumps(rec.records))
-            print(f"{model_name} {method} lr={lr:g}: {time.perf_counter() - t0:.0f}s", file=sys.stderr,
-                  flush=True)
+            print(f"{model_name} {method} lr={lr:g}: {time.perf_counter() - t0:.0f}s",
+                  file=sys.stderr, flush=True)
 
 
 # --- the table -----------------------------------------------------------------------------------

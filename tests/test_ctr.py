@@ -1,4 +1,5 @@
-"""CTR-LoRA: marginal utility, trust region, allocator, curvature state, stability, resume (SPEC §5)."""
+"""CTR-LoRA: marginal utility, trust region, allocator, curvature state, stability, resume
+(SPEC §5)."""
 import json
 import math
 
@@ -21,8 +22,8 @@ def small_dir(tmp_path_factory, smollm2_dir):
 
 
 def ctr_cfg(**kw):
-    base = dict(method="ctr", r=4, alpha=8.0, targets=["q_proj", "v_proj", "down_proj"], total_steps=20, init_rank=6,
-                target_rank=4, t_init=2, t_final=4, delta_t=2)
+    base = dict(method="ctr", r=4, alpha=8.0, targets=["q_proj", "v_proj", "down_proj"],
+                total_steps=20, init_rank=6, target_rank=4, t_init=2, t_final=4, delta_t=2)
     base.update(kw)
     return A.AdapterConfig(**base)
 
@@ -45,9 +46,11 @@ def run_steps(net, hooks, batch_list, lr=1e-2, check=None):
     opt = torch.optim.AdamW(params, lr=lr)
     for step, b in enumerate(batch_list):
         n_label = D.count_label_tokens(b)
-        T.accumulate_gradients(net, [b], n_label, "cpu", method=hooks)     # + the regularizer, as train.py
+        # + the regularizer, as train.py
+        T.accumulate_gradients(net, [b], n_label, "cpu", method=hooks)
         hooks.before_optimizer_step(opt, step)
-        before = {n: tuple(p.detach().clone() for p in hooks._params(l)) for n, l in hooks.layers.items()}
+        before = {n: tuple(p.detach().clone() for p in hooks._params(l))
+                  for n, l in hooks.layers.items()}
         opt.step()
         hooks.after_optimizer_step(step)
         if check is not None:
@@ -55,19 +58,19 @@ def run_steps(net, hooks, batch_list, lr=1e-2, check=None):
         opt.zero_grad(set_to_none=True)
 
 
-# --------------------------------------------------------------------------------------------- the math
+# ----------------------------------------------------------------------------------------- the math
 
 def test_marginal_utility_equals_exact_loss_change_on_a_quadratic():
-    """L(λ) = ½ tr(Γ (ΔW − W*) S (ΔW − W*)ᵀ) with ΔW = c P diag(λ) Q is exactly quadratic in λ, with curvature
-    c²(PᵀΓP)_ii (QSQᵀ)_ii along λ_i: removing an active triplet or a Newton step on a masked one changes the loss by
-    exactly the predicted utility."""
+    """L(λ) = ½ tr(Γ (ΔW − W*) S (ΔW − W*)ᵀ) with ΔW = c P diag(λ) Q is exactly quadratic in λ, with
+    curvature c²(PᵀΓP)_ii (QSQᵀ)_ii along λ_i: removing an active triplet or a Newton step on a
+    masked one changes the loss by exactly the predicted utility."""
     g = torch.Generator().manual_seed(0)
     d_out, d_in, r, c = 7, 5, 4, 0.75
     X, Y = torch.randn(32, d_in, generator=g), torch.randn(32, d_out, generator=g)
     S, Gamma = X.T @ X / 32, Y.T @ Y / 32
     P, Q = torch.randn(d_out, r, generator=g), torch.randn(r, d_in, generator=g)
     W_star = torch.randn(d_out, d_in, generator=g)
-    lam = torch.tensor([0.8, -0.5, 0.0, 0.0], dtype=torch.float32)       # two active, two masked (λ = 0)
+    lam = torch.tensor([0.8, -0.5, 0.0, 0.0], dtype=torch.float32)  # two active, two masked (λ = 0)
     active = torch.tensor([True, True, False, False])
 
     def loss(l):
@@ -82,19 +85,19 @@ def test_marginal_utility_equals_exact_loss_change_on_a_quadratic():
     for i in range(r):
         moved = lam.clone()
         if active[i]:
-            moved[i] = 0.0                                                # remove it
+            moved[i] = 0.0                                  # remove it
             assert u[i] == pytest.approx(abs(loss(moved) - base).item(), rel=1e-4)
         else:
-            moved[i] = -grad[i] / H[i]                                    # Newton step switches it on
+            moved[i] = -grad[i] / H[i]                      # Newton step switches it on
             assert u[i] == pytest.approx((base - loss(moved)).item(), rel=1e-4)
 
 
 def test_hysteresis_needs_a_margin_to_swap_and_keeps_the_budget():
     active = {"a": torch.tensor([True, True]), "b": torch.tensor([False, False])}
     scores = {"a": torch.tensor([1.0, 5.0]), "b": torch.tensor([1.05, 0.1])}
-    keep = A.select_with_hysteresis(scores, 2, active, eta=0.1)           # 1.05 < 1.1 · 1.0: no swap
+    keep = A.select_with_hysteresis(scores, 2, active, eta=0.1)     # 1.05 < 1.1 · 1.0: no swap
     assert keep["a"].tolist() == [1.0, 1.0] and keep["b"].sum() == 0
-    scores["b"][0] = 1.2                                                  # 1.2 > 1.1: swap
+    scores["b"][0] = 1.2                                            # 1.2 > 1.1: swap
     keep = A.select_with_hysteresis(scores, 2, active, eta=0.1)
     assert keep["a"].tolist() == [0.0, 1.0] and keep["b"].tolist() == [1.0, 0.0]
 
@@ -108,23 +111,25 @@ def test_step_metric_equals_dense_metric_of_the_exact_step(small_dir, metric):
         for name, layer in hooks.layers.items():
             P, lam, Q = before[name]
             dP, dlam, dQ = (p.detach() - o for p, o in zip(hooks._params(layer), before[name]))
-            dW1 = layer.scale * ((P + dP) * (lam + dlam) @ (Q + dQ) - (P * lam) @ Q)  # dense, exact change
+            # dense, exact change
+            dW1 = layer.scale * ((P + dP) * (lam + dlam) @ (Q + dQ) - (P * lam) @ Q)
             f = hooks.curvature[name]
-            S, Gamma = (f["S"], f["Gamma"]) if metric == "kfac-full" else (torch.diag(f["s"]), torch.diag(f["gamma"]))
+            S, Gamma = ((f["S"], f["Gamma"]) if metric == "kfac-full"
+                        else (torch.diag(f["s"]), torch.diag(f["gamma"])))
             got = hooks.step_metric(name, before[name], (dP, dlam, dQ))
             want = f["rows_per_label"] * C.metric_norm_sq(dW1, S, Gamma)   # (n/N) tr(Γ δW S δWᵀ)
             assert got.item() == pytest.approx(want.item(), rel=1e-3, abs=1e-12)
             seen.append(want.item())
 
-    hooks.cfg.ctr_trust_region = False                                   # compare the raw AdamW step
+    hooks.cfg.ctr_trust_region = False                  # compare the raw AdamW step
     run_steps(net, hooks, batches(tok, 3), check=check)
     assert max(seen) > 0
 
 
 def measured_run(model_dir, method, lr, steps=8, rho=0.05, mutate=None):
-    """A plain loop (train.py's step functions) that measures, independently of the method, the KL of every
-    applied step on the step's own batch: mean over its label tokens of KL(p_before ‖ p_after), in float64.
-    Returns (per-step KLs, per-step training losses, hooks)."""
+    """A plain loop (train.py's step functions) that measures, independently of the method, the KL
+    of every applied step on the step's own batch: mean over its label tokens of
+    KL(p_before ‖ p_after), in float64. Returns (per-step KLs, per-step training losses, hooks)."""
     cfg = ctr_cfg(ctr_rho=rho, orth_reg=0.0) if method == "ctr" else \
         A.AdapterConfig(method="lora", r=4, alpha=8.0, targets=["q_proj", "v_proj", "down_proj"])
     net, tok = M.load_model_and_tokenizer(model_dir, torch.float32, "cpu")
@@ -142,7 +147,8 @@ def measured_run(model_dir, method, lr, steps=8, rho=0.05, mutate=None):
         with torch.no_grad():
             before = torch.log_softmax(net.label_logits(ids, mask).double(), -1)
         net.train()
-        losses.append(T.accumulate_gradients(net, [b], D.count_label_tokens(b), "cpu", method=hooks))
+        losses.append(T.accumulate_gradients(net, [b], D.count_label_tokens(b), "cpu",
+                                             method=hooks))
         T.optimizer_step(opt, params, hooks, step, clip=0.0)
         net.eval()
         with torch.no_grad():
@@ -153,23 +159,26 @@ def measured_run(model_dir, method, lr, steps=8, rho=0.05, mutate=None):
 
 
 def test_every_applied_step_measures_at_most_rho_while_lora_spikes(trained_dir):
-    """The trust region's guarantee, measured from outside: on the pre-trained tiny model at lr 1.0 (no clipping),
-    every step CTR-LoRA applies (rank reallocations at t = 4, 6, 8 included) moves the predictions by at most
-    1.1 ρ nats per label token on its batch, and the training loss stays below 1.5× its start, while plain
-    LoRA's steps move them by nats and its loss spikes."""
+    """The trust region's guarantee, measured from outside: on the pre-trained tiny model at lr 1.0
+    (no clipping), every step CTR-LoRA applies (rank reallocations at t = 4, 6, 8 included) moves
+    the predictions by at most 1.1 ρ nats per label token on its batch, and the training loss stays
+    below 1.5× its start, while plain LoRA's steps move them by nats and its loss spikes."""
     rho = 0.05
     kls, losses, _ = measured_run(trained_dir, "ctr", lr=1.0, rho=rho)
     assert max(kls) <= 1.1 * rho, kls
-    assert max(kls) > 0.3 * rho, kls                  # the steps were shrunk to the radius, not far below it
+    # the steps were shrunk to the radius, not far below it
+    assert max(kls) > 0.3 * rho, kls
     assert max(losses) < 1.5 * losses[0], losses
     lora_kls, lora_losses, _ = measured_run(trained_dir, "lora", lr=1.0)
-    assert max(lora_kls) > 20 * rho and max(lora_losses) > 2 * lora_losses[0], (lora_kls, lora_losses)
+    assert (max(lora_kls) > 20 * rho
+            and max(lora_losses) > 2 * lora_losses[0]), (lora_kls, lora_losses)
 
 
 def test_a_reallocation_is_part_of_the_step_the_trust_region_bounds(trained_dir):
-    """Masking triplets changes the predictions too. Here the first reallocation (t = 4) removes the *most*
-    useful triplets (utilities negated) of an adapter with large λ, P and Q, which would move the predictions by
-    more than ρ at once: the trust region bounds that step as well, and the masked λ reach 0 over the next steps."""
+    """Masking triplets changes the predictions too. Here the first reallocation (t = 4) removes the
+    *most* useful triplets (utilities negated) of an adapter with large λ, P and Q, which would move
+    the predictions by more than ρ at once: the trust region bounds that step as well, and the
+    masked λ reach 0 over the next steps."""
     def adversarial(hooks):
         with torch.no_grad():
             for m in hooks.layers.values():
@@ -180,13 +189,15 @@ def test_a_reallocation_is_part_of_the_step_the_trust_region_bounds(trained_dir)
         hooks.utility_scores = lambda: {n: -u for n, u in utilities().items()}
     kls, _, hooks = measured_run(trained_dir, "ctr", lr=1e-3, steps=4, mutate=adversarial)
     assert max(kls) <= 1.1 * 0.05, kls
-    masked_but_moving = sum(int(((m.lora_mask == 0) & (m.lora_lambda != 0)).sum()) for m in hooks.layers.values())
-    assert masked_but_moving > 0                        # the reallocation was scaled down, not applied at once
+    masked_but_moving = sum(int(((m.lora_mask == 0) & (m.lora_lambda != 0)).sum())
+                            for m in hooks.layers.values())
+    # the reallocation was scaled down, not applied at once
+    assert masked_but_moving > 0
 
 
 def test_a_trust_region_that_skips_its_check_fails_the_bound(trained_dir):
-    """The mutant: a trust region whose measurement always reports 0 accepts AdamW's steps as they are, and the
-    outside measurement of the test above catches it."""
+    """The mutant: a trust region whose measurement always reports 0 accepts AdamW's steps as they
+    are, and the outside measurement of the test above catches it."""
     def skip_check(hooks):
         hooks.measured_kl = lambda: 0.0
     kls, _, _ = measured_run(trained_dir, "ctr", lr=1.0, mutate=skip_check)
@@ -203,7 +214,8 @@ def test_at_a_normal_learning_rate_the_trust_region_clips_no_step(trained_dir):
             real(t)
             clipped.append(hooks._log["shrink"] < 1.0)
         hooks.trust_region = trust_region
-    kls, _, hooks = measured_run(trained_dir, "ctr", lr=1e-3, rho=A.AdapterConfig().ctr_rho, mutate=record)
+    kls, _, hooks = measured_run(trained_dir, "ctr", lr=1e-3, rho=A.AdapterConfig().ctr_rho,
+                                 mutate=record)
     assert len(clipped) == 8 and not any(clipped), (clipped, kls)
 
 
@@ -229,8 +241,8 @@ def test_a_nonfinite_proposal_never_reaches_the_parameters(small_dir, bad):
 
 
 def test_statistics_are_collected_inside_training_steps_only(small_dir):
-    """A forward and backward between steps (a user's own pass, an evaluation with gradients) neither raises nor
-    changes the next step's statistics."""
+    """A forward and backward between steps (a user's own pass, an evaluation with gradients)
+    neither raises nor changes the next step's statistics."""
     def run(extra_pass):
         net, tok, hooks = ctr_model(small_dir, ctr_cfg(ctr_schedule=False))
         bs = batches(tok, 3)
@@ -260,13 +272,14 @@ def test_allocator_keeps_exactly_the_budget(small_dir):
             active = sum(m.active_rank for m in hooks.layers.values())
             assert active == budget, (t, active, budget)
             n_alloc.append(t)
-        for m in hooks.layers.values():                                  # masked λ are zero after the step
+        for m in hooks.layers.values():                 # masked λ are zero after the step
             assert (m.lora_lambda[m.lora_mask == 0] == 0).all()
 
     run_steps(net, hooks, batches(tok, 14), check=check)
     assert len(n_alloc) >= 3
     assert sum(m.active_rank for m in hooks.layers.values()) == hooks.schedule.target
-    assert len({m.active_rank for m in hooks.layers.values()}) > 1        # ranks differ across modules
+    # ranks differ across modules
+    assert len({m.active_rank for m in hooks.layers.values()}) > 1
 
 
 def test_curvature_state_is_linear_in_width_by_default(small_dir):
@@ -275,13 +288,15 @@ def test_curvature_state_is_linear_in_width_by_default(small_dir):
     for name, layer in hooks.layers.items():
         state = list(hooks.curvature[name].values()) + [hooks.grad_lambda[name]]
         measured = sum(t.numel() * t.element_size() for t in state)
-        assert measured == A.curvature_state_bytes(layer.in_features, layer.out_features, layer.r), name
-    seven_b = A.curvature_state_bytes(4096, 11008, 16)                     # a Llama-2-7B MLP projection
+        assert measured == A.curvature_state_bytes(layer.in_features, layer.out_features,
+                                                   layer.r), name
+    seven_b = A.curvature_state_bytes(4096, 11008, 16)  # a Llama-2-7B MLP projection
     assert seven_b < 100_000 and A.curvature_state_bytes(4096, 11008, 16, "kfac-full") > 500_000_000
 
 
 def test_hessian_metric_runs_on_the_math_path_and_restores_sdpa(small_dir):
-    net, tok, hooks = ctr_model(small_dir, ctr_cfg(ctr_metric="hessian", ctr_probes=2, ctr_schedule=False))
+    net, tok, hooks = ctr_model(small_dir, ctr_cfg(ctr_metric="hessian", ctr_probes=2,
+                                                   ctr_schedule=False))
     assert net.attention_impl == "sdpa"
     run_steps(net, hooks, batches(tok, 2))
     assert net.attention_impl == "sdpa"
@@ -298,29 +313,32 @@ def test_impossible_ctr_settings_are_one_line_errors():
         ctr_cfg(total_steps=5, t_init=3, t_final=3)
 
 
-# --------------------------------------------------------------------------------------------- runs
+# ----------------------------------------------------------------------------------------- runs
 
 def train_cfg(small_dir, out, **kw):
-    base = dict(model=str(small_dir), data=TRAIN_DATA, val_data="", out=str(out), steps=8, batch_size=4,
-                log_every=1, eval_every=0, save_every=0, rank=4, targets="q_proj,v_proj,down_proj")
+    base = dict(model=str(small_dir), data=TRAIN_DATA, val_data="", out=str(out), steps=8,
+                batch_size=4, log_every=1, eval_every=0, save_every=0, rank=4,
+                targets="q_proj,v_proj,down_proj")
     base.update(kw)
     return T.TrainConfig(**base)
 
 
 @pytest.fixture(scope="module")
 def trained_dir(small_dir, tmp_path_factory):
-    """The tiny model after 60 steps of full fine-tuning on the task (loss ≈ 2.7): confident predictions that a
-    too-large step can wreck — the random model's near-uniform predictions cannot show instability."""
+    """The tiny model after 60 steps of full fine-tuning on the task (loss ≈ 2.7): confident
+    predictions that a too-large step can wreck — the random model's near-uniform predictions cannot
+    show instability."""
     out = tmp_path_factory.mktemp("trained")
-    T.train(train_cfg(small_dir, out, method="full", lr=3e-3, steps=60, batch_size=8, warmup_steps=5))
+    T.train(train_cfg(small_dir, out, method="full", lr=3e-3, steps=60, batch_size=8,
+                      warmup_steps=5))
     return out / "model"                                # the run's HF model folder
 
 
 def test_stability_ctr_stays_finite_where_lora_blows_up(trained_dir, tmp_path):
-    """SPEC §5's stability claim, measured: at a learning rate where plain LoRA's loss blows up, CTR-LoRA (default
-    settings) stays bounded — and it is the trust region that does it (the same run without it, which is the
-    SVD-form parametrization alone, spikes much higher). Measured when written, start 2.71: peak loss LoRA 20.9,
-    CTR-LoRA without trust region 10.7, CTR-LoRA 5.6."""
+    """SPEC §5's stability claim, measured: at a learning rate where plain LoRA's loss blows up,
+    CTR-LoRA (default settings) stays bounded — and it is the trust region that does it (the same
+    run without it, which is the SVD-form parametrization alone, spikes much higher). Measured when
+    written, start 2.71: peak loss LoRA 20.9, CTR-LoRA without trust region 10.7, CTR-LoRA 5.6."""
     common = dict(lr=0.3, steps=25, warmup_steps=0, clip=0.0)
     runs = {"lora": dict(method="lora"), "ctr": dict(method="ctr"),
             "ctr_no_tr": dict(method="ctr", method_options={"ctr_trust_region": False})}

@@ -1,8 +1,10 @@
-"""Tests for curvature.py: every proxy is compared with an explicit computation or an independent implementation.
+"""Tests for curvature.py: every proxy is compared with an explicit computation or an independent
+implementation.
 
-Oracles: per-token gradients written out by hand for a two-layer MLP, dense Kronecker products, torch.autograd's
-own Hessian (torch.autograd.functional.hessian), float64 eigh/SVD of dense matrices, and closed-form Fisher matrices
-of softmax regression. Everything is tiny and runs on CPU in seconds.
+Oracles: per-token gradients written out by hand for a two-layer MLP, dense Kronecker products,
+torch.autograd's own Hessian (torch.autograd.functional.hessian), float64 eigh/SVD of dense
+matrices, and closed-form Fisher matrices of softmax regression. Everything is tiny and runs on CPU
+in seconds.
 """
 
 import math
@@ -28,7 +30,8 @@ def gen(seed):
 
 
 def make_mlp(seed=0, lora=False):
-    """Linear(5→7) → tanh → Linear(7→4): logits of a 4-way softmax at every position (a token-wise model)."""
+    """Linear(5→7) → tanh → Linear(7→4): logits of a 4-way softmax at every position (a token-wise
+    model)."""
     torch.manual_seed(seed)
     first = nn.Linear(D_IN, HIDDEN)
     if lora:
@@ -64,7 +67,8 @@ def collect_mlp(mlp, X, labels, stats, mask=None, n_loss_tokens=None, autocast=F
 
 
 def per_token_by_hand(mlp, X, labels, mask):
-    """x rows and ĝ_t = ∂ℓ_t/∂y_t of both layers, written out: softmax − onehot, then back through tanh."""
+    """x rows and ĝ_t = ∂ℓ_t/∂y_t of both layers, written out: softmax − onehot, then back through
+    tanh."""
     W2 = mlp[2].weight.detach()
     with torch.no_grad():
         y1 = mlp[0](X)                                        # (B, T, 7)
@@ -76,7 +80,7 @@ def per_token_by_hand(mlp, X, labels, mask):
     return {"fc1": (X[mask], g1[mask]), "fc2": (h[mask], g2[mask])}
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # K-FAC statistics
 
 
@@ -95,7 +99,8 @@ def test_kfac_factors_equal_explicit_per_token_sums_and_diag_equals_diag_of_full
         torch.testing.assert_close(f.s, f.S.diagonal())
         torch.testing.assert_close(f.gamma, f.Gamma.diagonal())
         assert f.S.dtype == f.Gamma.dtype == torch.float32
-    # G is the gradient of the mean loss (a token-wise MLP gives no gradient at unlabelled positions)
+    # G is the gradient of the mean loss (a token-wise MLP gives no gradient at
+    # unlabelled positions)
     torch.testing.assert_close(got["fc1"].G, mlp[0].weight.grad)
     torch.testing.assert_close(got["fc2"].G, mlp[2].weight.grad)
 
@@ -110,8 +115,8 @@ def test_masked_positions_never_enter_the_factors():
     for name in base:
         torch.testing.assert_close(noisy[name].S, base[name].S)
         torch.testing.assert_close(noisy[name].Gamma, base[name].Gamma)
-    # a mask narrower than the loss: tokens with a non-zero gradient but outside the mask are dropped too, and the
-    # scale still uses the N the loss was divided by (n_loss_tokens)
+    # a mask narrower than the loss: tokens with a non-zero gradient but outside the mask are
+    # dropped too, and the scale still uses the N the loss was divided by (n_loss_tokens)
     full_mask = labels != -100
     sub = full_mask.clone()
     sub[0] = False
@@ -139,14 +144,17 @@ def test_statistics_are_fp32_under_bf16_autocast():
     for name in ref:
         for key in ("S", "Gamma", "s", "gamma"):
             assert getattr(got[name], key).dtype == torch.float32
-    torch.testing.assert_close(got["fc1"].S, ref["fc1"].S)                 # fp32 input: no rounding at all
-    torch.testing.assert_close(got["fc2"].Gamma, ref["fc2"].Gamma, rtol=0.05, atol=0.01)   # bf16 forward
+    # fp32 input: no rounding at all
+    torch.testing.assert_close(got["fc1"].S, ref["fc1"].S)
+    # bf16 forward
+    torch.testing.assert_close(got["fc2"].Gamma, ref["fc2"].Gamma, rtol=0.05, atol=0.01)
 
 
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
     model = M.Llama(M.LlamaConfig(**M.PRESETS["tiny"]))
-    adapters.apply_method(model, "lora", adapters.AdapterConfig(r=4, alpha=8.0, targets=["q_proj", "v_proj"]))
+    adapters.apply_method(model, "lora",
+                          adapters.AdapterConfig(r=4, alpha=8.0, targets=["q_proj", "v_proj"]))
     with torch.no_grad():
         for layer in adapters.adapter_layers(model).values():
             layer.lora_B.normal_(0, 0.1, generator=gen(7))
@@ -177,7 +185,8 @@ def test_gradient_checkpointing_counts_each_micro_batch_once():
     for ckpt in (False, True):
         model.grad_checkpoint = ckpt
         calls = {"n": 0}
-        counter = mods["q0"].register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+        counter = mods["q0"].register_forward_hook(
+            lambda *a: calls.__setitem__("n", calls["n"] + 1))
         proj = {k: m for k, m in mods.items() if k in ("q0", "v1")}
         plain = {k: m for k, m in mods.items() if k not in proj}
         with C.KFACCollector(proj, ("full", "diag", "projected", "grad")) as kp, \
@@ -189,7 +198,8 @@ def test_gradient_checkpointing_counts_each_micro_batch_once():
         model.zero_grad(set_to_none=True)
         results[ckpt] = {**kp.factors(), **kq.factors()}
         forward_calls[ckpt] = calls["n"]
-    assert forward_calls == {False: 1, True: 2}               # the recomputation really re-ran the forward hooks
+    # the recomputation really re-ran the forward hooks
+    assert forward_calls == {False: 1, True: 2}
     n = int((labels != -100).sum())
     for name, f in results[True].items():
         ref = results[False][name]
@@ -221,27 +231,35 @@ def test_sampled_label_fisher_matches_the_exact_fisher_of_softmax_regression():
     x0 = torch.randn(3, 3, generator=gen(1))                 # three distinct inputs
     K = 4000                                                  # label draws per input
     X = x0.repeat(K, 1)                                       # (3K, 3)
-    labels = torch.zeros(X.shape[0], dtype=torch.long)        # data labels are ignored by the sampled Fisher
-    got = C.collect_fisher(lin, {"lin": lin}, [(X, labels)], "sampled", ("full",), generator=gen(2))["lin"]
+    # data labels are ignored by the sampled Fisher
+    labels = torch.zeros(X.shape[0], dtype=torch.long)
+    got = C.collect_fisher(lin, {"lin": lin}, [(X, labels)], "sampled", ("full",),
+                           generator=gen(2))["lin"]
     with torch.no_grad():
         p = lin(x0).softmax(-1)                               # (3, V)
-    exact_gamma = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mean(0)   # E_{y~p}[(p−e_y)(p−e_y)ᵀ]
+    # E_{y~p}[(p−e_y)(p−e_y)ᵀ]
+    exact_gamma = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mean(0)
     torch.testing.assert_close(got.Gamma, exact_gamma, rtol=0, atol=0.01)
-    torch.testing.assert_close(got.S, x0.T @ x0 / 3, rtol=1e-4, atol=1e-6)        # fp32 sum of 12000 rows
+    # fp32 sum of 12000 rows
+    torch.testing.assert_close(got.S, x0.T @ x0 / 3, rtol=1e-4, atol=1e-6)
     empirical = C.collect_fisher(lin, {"lin": lin}, [(X, labels)], "empirical", ("full",))["lin"]
-    assert (empirical.Gamma - exact_gamma).abs().max() > 0.1   # the data-label version is a different matrix
+    # the data-label version is a different matrix
+    assert (empirical.Gamma - exact_gamma).abs().max() > 0.1
 
-    # one input: S ⊗ Γ is the exact Fisher E_{y~p}[vec(g) vec(g)ᵀ], g = ∂ℓ(y)/∂W, by enumerating every label
+    # one input: S ⊗ Γ is the exact Fisher E_{y~p}[vec(g) vec(g)ᵀ], g = ∂ℓ(y)/∂W,
+    # by enumerating every label
     x = x0[:1]
-    one = C.collect_fisher(lin, {"lin": lin}, [(x.repeat(20000, 1), torch.zeros(20000, dtype=torch.long))],
+    one = C.collect_fisher(lin, {"lin": lin},
+                           [(x.repeat(20000, 1), torch.zeros(20000, dtype=torch.long))],
                            "sampled", ("full",), generator=gen(3))["lin"]
     p1 = lin(x).softmax(-1)[0].detach()
     exact = torch.zeros(3 * VOCAB, 3 * VOCAB)
     for y in range(VOCAB):
-        g = torch.autograd.grad(F.cross_entropy(lin(x), torch.tensor([y])), lin.weight)[0]   # (V, 3)
+        g = torch.autograd.grad(F.cross_entropy(lin(x), torch.tensor([y])), lin.weight)[0]  # (V, 3)
         vec = g.T.reshape(-1)                                 # column-stacking vec
         exact += p1[y] * torch.outer(vec, vec)
-    torch.testing.assert_close(torch.kron(one.S, one.Gamma), exact, rtol=0, atol=0.02 * float(exact.abs().max()))
+    torch.testing.assert_close(torch.kron(one.S, one.Gamma), exact, rtol=0,
+                               atol=0.02 * float(exact.abs().max()))
 
 
 def test_collector_requires_set_batch_and_rejects_a_mismatched_mask():
@@ -258,7 +276,7 @@ def test_collector_requires_set_batch_and_rejects_a_mismatched_mask():
         C.KFACCollector({"fc2": mlp[2]}, ("projected",))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Factor algebra and metric norms
 
 
@@ -274,7 +292,8 @@ def test_damping_and_inverse_powers():
     lam = 1e-2 * float(S.diagonal().mean())
     torch.testing.assert_close(C.damp(S, 1e-2), S + lam * torch.eye(6))
     Sd = (S + lam * torch.eye(6)).double()
-    torch.testing.assert_close(C.damped_inverse(S, 1e-2).double(), torch.linalg.inv(Sd), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(C.damped_inverse(S, 1e-2).double(), torch.linalg.inv(Sd),
+                               rtol=1e-4, atol=1e-5)
     R = C.damped_inverse_sqrt(S, 1e-2).double()
     torch.testing.assert_close(R @ Sd @ R, torch.eye(6, dtype=torch.float64), rtol=1e-4, atol=1e-4)
     s = torch.rand(5) + 0.1
@@ -299,7 +318,8 @@ def test_low_rank_metric_norm_equals_vec_kronecker_form(diagonal):
     S_mat = S.diag() if diagonal else S
     G_mat = Gamma.diag() if diagonal else Gamma
     dW = c * (dB @ A + B @ dA)
-    vec = dW.T.reshape(-1).double()                           # column-stacking: vec(ΓXS) = (Sᵀ ⊗ Γ) vec(X)
+    # column-stacking: vec(ΓXS) = (Sᵀ ⊗ Γ) vec(X)
+    vec = dW.T.reshape(-1).double()
     explicit = vec @ torch.kron(S_mat, G_mat).double() @ vec
     got = C.low_rank_metric_norm_sq(B, A, dB, dA, S, Gamma, scale=c)
     torch.testing.assert_close(got.double(), explicit, rtol=1e-5, atol=0)
@@ -312,12 +332,13 @@ def test_low_rank_metric_norm_equals_vec_kronecker_form(diagonal):
                                    v @ torch.kron(S_mat, G_mat).double() @ v, rtol=1e-5, atol=0)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Hessian-vector products, Hutchinson, power iteration
 
 
 def mlp_problem():
-    """A tiny MLP loss and its exact Hessian (torch.autograd.functional.hessian) over [W1, b1, W2] (27 numbers)."""
+    """A tiny MLP loss and its exact Hessian (torch.autograd.functional.hessian) over [W1, b1, W2]
+    (27 numbers)."""
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3, bias=False))
     X = torch.randn(8, 3, generator=gen(1))
@@ -354,10 +375,12 @@ def test_hvp_equals_explicit_hessian_on_mlp():
 def test_hvp_on_tiny_llama_plain_paths_and_the_switch_is_automatic():
     model = tiny_llama().eval()
     idx, labels = llama_batch(T=8)
-    layer = model.model.layers[1].self_attn.q_proj             # LoRA upstream of attention: needs its 2nd derivative
+    # LoRA upstream of attention: needs its 2nd derivative
+    layer = model.model.layers[1].self_attn.q_proj
     names = ["model.norm.weight", "model.layers.1.self_attn.q_proj.lora_A",
              "model.layers.1.self_attn.q_proj.lora_B"]
-    params = [model.model.norm.weight, layer.lora_A, layer.lora_B]   # norm weight is frozen: hvp enables it
+    # norm weight is frozen: hvp enables it
+    params = [model.model.norm.weight, layer.lora_A, layer.lora_B]
     loss_fn = lambda: model(idx, labels=labels)
     vs = [torch.randn(p.shape, generator=gen(i)) for i, p in enumerate(params)]
     with C.twice_differentiable(model):                        # math attention, unfused adapters
@@ -369,9 +392,11 @@ def test_hvp_on_tiny_llama_plain_paths_and_the_switch_is_automatic():
     torch.testing.assert_close(hv, expected, rtol=1e-4, atol=1e-6)
     assert model.attention_impl == "sdpa" and layer.fused      # restored
 
-    torch.testing.assert_close(flat(C.hvp(loss_fn, params, vs, model=model)), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(flat(C.hvp(loss_fn, params, vs, model=model)), expected,
+                               rtol=1e-4, atol=1e-6)
     assert model.attention_impl == "sdpa" and layer.fused
-    with pytest.raises(RuntimeError, match="twice_differentiable"):  # without model=, a clear error (never a number)
+    # without model=, a clear error (never a number)
+    with pytest.raises(RuntimeError, match="twice_differentiable"):
         C.hvp(loss_fn, params, vs)
     model.set_attention("math")                                # the fused adapters alone raise too
     with pytest.raises(RuntimeError, match="fused adapter layer"):
@@ -388,14 +413,17 @@ def test_hvp_on_tiny_llama_plain_paths_and_the_switch_is_automatic():
 def test_hutchinson_trace_converges_to_the_exact_trace():
     loss_fn, params, H = mlp_problem()
     exact = float(H.trace())
-    sigma = math.sqrt(2 * float((H ** 2).sum() - (H.diagonal() ** 2).sum()))  # std of one probe z^T H z
-    errors_20 = [C.hutchinson_trace(loss_fn, params, 20, generator=gen(s))[0] - exact for s in range(10)]
+    # std of one probe z^T H z
+    sigma = math.sqrt(2 * float((H ** 2).sum() - (H.diagonal() ** 2).sum()))
+    errors_20 = [C.hutchinson_trace(loss_fn, params, 20, generator=gen(s))[0] - exact
+                 for s in range(10)]
     rms_20 = math.sqrt(sum(e * e for e in errors_20) / 10)
-    assert 0.4 * sigma / math.sqrt(20) < rms_20 < 2.0 * sigma / math.sqrt(20)    # error ~ σ/√n ...
+    assert 0.4 * sigma / math.sqrt(20) < rms_20 < 2.0 * sigma / math.sqrt(20)  # error ~ σ/√n ...
     est, stderr = C.hutchinson_trace(loss_fn, params, 2000, generator=gen(99))
-    assert abs(est - exact) < 4 * sigma / math.sqrt(2000)                       # ... and shrinks with n
+    assert abs(est - exact) < 4 * sigma / math.sqrt(2000)  # ... and shrinks with n
     assert abs(est - exact) < rms_20 / 3
-    assert 0.8 < stderr / (sigma / math.sqrt(2000)) < 1.2                       # the reported error bar is right
+    # the reported error bar is right
+    assert 0.8 < stderr / (sigma / math.sqrt(2000)) < 1.2
 
 
 def test_hutchinson_diagonal_converges_to_the_exact_diagonal():
@@ -409,9 +437,11 @@ def test_hutchinson_diagonal_converges_to_the_exact_diagonal():
 
 def test_power_iteration_finds_the_top_eigenvalue():
     Q = torch.linalg.qr(torch.randn(8, 8, generator=gen(0), dtype=torch.float64))[0]
-    for eigs, top in (([5.0, 3.0, 2.0, 1.0, 0.5, 0.1, -1.0, -2.0], 5.0), ([-6.0, 5.0, 1, 1, 1, 0, 0, 0], -6.0)):
+    for eigs, top in (([5.0, 3.0, 2.0, 1.0, 0.5, 0.1, -1.0, -2.0], 5.0),
+                      ([-6.0, 5.0, 1, 1, 1, 0, 0, 0], -6.0)):
         A = (Q * torch.tensor(eigs, dtype=torch.float64)) @ Q.T
-        lam, v, _ = C.power_iteration(lambda v: [A @ v[0]], [torch.randn(8, generator=gen(1), dtype=torch.float64)],
+        lam, v, _ = C.power_iteration(lambda v: [A @ v[0]],
+                                      [torch.randn(8, generator=gen(1), dtype=torch.float64)],
                                       n_iter=500, tol=1e-12)
         assert abs(lam - top) < 1e-6                          # signed: the largest |λ|
         torch.testing.assert_close(A @ v[0], top * v[0], rtol=0, atol=1e-4)
@@ -422,7 +452,7 @@ def test_power_iteration_finds_the_top_eigenvalue():
     assert abs(lam - top) < 1e-3 * abs(top)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Whitened gradient SVD (CG-LoRA init)
 
 
@@ -456,7 +486,8 @@ def test_whitened_svd_init_equals_dense_formula_and_has_predicted_kl_kappa0(diag
     torch.testing.assert_close(c * (out.B0 @ out.A0).double(), expected, rtol=1e-3, atol=1e-6)
     assert out.B0.shape == (d_out, r) and out.A0.shape == (r, d_in)
     # the initial step has predicted KL κ0 in the (damped) metric it was built with
-    kl = C.predicted_kl(torch.zeros(d_out, r), out.A0, out.B0, None, C.damp(S, rel), C.damp(Gamma, rel), scale=c)
+    kl = C.predicted_kl(torch.zeros(d_out, r), out.A0, out.B0, None, C.damp(S, rel),
+                        C.damp(Gamma, rel), scale=c)
     assert abs(float(kl) - kappa0) < 1e-4 * kappa0
 
 
@@ -472,7 +503,8 @@ def test_identity_curvature_gives_the_plain_gradient_svd():
 
 
 def low_rank_tokens(N=2000, d_in=200, d_out=150, k=4, noise=1.0, seed=0):
-    """Per-token rows whose gradient G = (1/N) Σ ĝ xᵀ is rank k plus noise: x = P z + ε, ĝ = Q z + ε'."""
+    """Per-token rows whose gradient G = (1/N) Σ ĝ xᵀ is rank k plus noise: x = P z + ε,
+    ĝ = Q z + ε'."""
     g = gen(seed)
     z = torch.randn(N, k, generator=g) * torch.tensor([4.0, 3.0, 2.0, 1.5])
     P, Q = torch.randn(d_in, k, generator=g), torch.randn(d_out, k, generator=g)
@@ -482,11 +514,12 @@ def low_rank_tokens(N=2000, d_in=200, d_out=150, k=4, noise=1.0, seed=0):
 
 
 def test_sketched_whitened_svd_matches_dense_on_low_rank_plus_noise():
-    """Whitened M has singular values ≈ 67, 46, 30, 17, then a noise tail (‖tail‖_F ≈ 0.25, σ_5 ≈ 0.07).
+    """Whitened M has singular values ≈ 67, 46, 30, 17, then a noise tail (‖tail‖_F ≈ 0.25,
+    σ_5 ≈ 0.07).
 
-    Stated tolerances: the single-pass sketch (k = r + 8) is within 2% of the dense B0·A0 (measured 0.4–0.5% over
-    seeds; its error scales with ‖tail‖_F / σ_r); the two-pass randomized SVD with 2 power iterations is within
-    1e-4·σ_1 of the dense [M]_r (measured 1e-6).
+    Stated tolerances: the single-pass sketch (k = r + 8) is within 2% of the dense B0·A0 (measured
+    0.4–0.5% over seeds; its error scales with ‖tail‖_F / σ_r); the two-pass randomized SVD with 2
+    power iterations is within 1e-4·σ_1 of the dense [M]_r (measured 1e-6).
     """
     x, ghat = low_rank_tokens()
     N, r, kappa0 = x.shape[0], 3, 0.05
@@ -496,35 +529,40 @@ def test_sketched_whitened_svd_matches_dense_on_low_rank_plus_noise():
     ref = dense.B0 @ dense.A0
 
     sketch = C.WhitenedGradientSketch(x.shape[1], ghat.shape[1], r, oversample=8, generator=gen(1))
-    for xb, gb in zip(x.split(500), ghat.split(500)):          # accumulated over 4 "calibration batches"
-        n = xb.shape[0]                                         # (the gradient of each batch's mean loss)
+    # accumulated over 4 "calibration batches" (the gradient of each batch's mean loss)
+    for xb, gb in zip(x.split(500), ghat.split(500)):
+        n = xb.shape[0]
         sketch.update(xb, gb / n, None, n_loss_tokens=n)
     U, sigma, V, s_is, g_is = sketch.factors(rel_damping=1e-3)
     B0, A0, _ = C.lora_init_from_whitened_svd(U, sigma, V, s_is, g_is, kappa0)
     one_pass = C.WhitenedSVD(None, U, sigma, V, B0, A0, 0.0)
     sketch_numbers = sum(t.numel() for t in (sketch.Y, sketch.W, sketch.Omega, sketch.Psi))
-    assert sketch_numbers < 0.5 * G.numel()                   # O((d_in + d_out)·k) memory, no d_out×d_in matrix
+    # O((d_in + d_out)·k) memory, no d_out×d_in matrix
+    assert sketch_numbers < 0.5 * G.numel()
     rel_err = float((one_pass.B0 @ one_pass.A0 - ref).norm() / ref.norm())
     assert rel_err < 2e-2, rel_err
     torch.testing.assert_close(one_pass.sigma, dense.sigma, rtol=1e-2, atol=0)
 
     M = dense.M
-    U, sig, V = C.randomized_svd(lambda Om: M @ Om, lambda Ps: M.T @ Ps, M.shape, r, generator=gen(2))
+    U, sig, V = C.randomized_svd(lambda Om: M @ Om, lambda Ps: M.T @ Ps, M.shape, r,
+                                 generator=gen(2))
     torch.testing.assert_close((U * sig) @ V.T, (dense.U * dense.sigma) @ dense.V.T, rtol=0,
                                atol=1e-4 * float(dense.sigma[0]))
 
 
 def test_one_pass_sketch_is_exact_when_its_columns_cover_the_matrix():
-    """The sketch accumulates G, s and γ in the same pass; fed with the per-token rows of a real layer, and with
-    k = min(r + oversample, d_in, d_out) covering the whole 4×7 matrix, it equals the dense computation."""
+    """The sketch accumulates G, s and γ in the same pass; fed with the per-token rows of a real
+    layer, and with k = min(r + oversample, d_in, d_out) covering the whole 4×7 matrix, it equals
+    the dense computation."""
     mlp = make_mlp()
     X, labels = mlp_batch()
     mask = labels != -100
-    first = collect_mlp(mlp, X, labels, ("diag", "grad"))["fc2"]           # dense: diagonal factors and G
+    first = collect_mlp(mlp, X, labels, ("diag", "grad"))["fc2"]  # dense: diagonal factors and G
     x, ghat = per_token_by_hand(mlp, X, labels, mask)["fc2"]
     n = x.shape[0]
-    sketch = C.WhitenedGradientSketch(x.shape[1], ghat.shape[1], r=2, oversample=10, generator=gen(0))
-    sketch.update(x, ghat / n, None, n_loss_tokens=n)                       # one pass
+    sketch = C.WhitenedGradientSketch(x.shape[1], ghat.shape[1], r=2, oversample=10,
+                                      generator=gen(0))
+    sketch.update(x, ghat / n, None, n_loss_tokens=n)             # one pass
     assert sketch.n_tokens == first.n_tokens
     U, sigma, V, s_is, g_is = sketch.factors(rel_damping=1e-3)
     B0, A0, _ = C.lora_init_from_whitened_svd(U, sigma, V, s_is, g_is, kappa0=0.1)
@@ -532,13 +570,14 @@ def test_one_pass_sketch_is_exact_when_its_columns_cover_the_matrix():
     torch.testing.assert_close(B0 @ A0, dense.B0 @ dense.A0, rtol=1e-4, atol=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# curvlinops (f-dangel/curvlinops, a test dependency): an independent K-FAC and the exact GGN of a tiny Llama
+# --------------------------------------------------------------------------------------------------
+# curvlinops (f-dangel/curvlinops, a test dependency): an independent K-FAC and the exact
+# GGN of a tiny Llama
 
 
 def tiny_lm(seed=0):
-    """model.py's tiny Llama (2 layers, d = 64) with a 64-token vocabulary, math attention (curvlinops
-    differentiates through it)."""
+    """model.py's tiny Llama (2 layers, d = 64) with a 64-token vocabulary, math attention
+    (curvlinops differentiates through it)."""
     cfg = M.LlamaConfig(**dict(M.PRESETS["tiny"], vocab_size=64, tie_word_embeddings=False))
     torch.manual_seed(seed)
     net = M.Llama(cfg).eval()
@@ -559,7 +598,7 @@ class LogitsFirst(nn.Module):
 
 def lm_batch(seed=1, B=3, T=10):
     ids = torch.randint(0, 64, (B, T), generator=gen(seed))
-    labels = torch.randint(0, 64, (B, T), generator=gen(seed + 1))   # every position carries a label
+    labels = torch.randint(0, 64, (B, T), generator=gen(seed + 1))  # every position carries a label
     return ids, labels
 
 
@@ -568,8 +607,8 @@ def block_linears(net):
 
 
 def lm_with_block_weights_trainable():
-    """(tiny Llama, ids, labels, its block linears): only the linears' weights require grad (curvlinops
-    differentiates w.r.t. exactly those)."""
+    """(tiny Llama, ids, labels, its block linears): only the linears' weights require grad
+    (curvlinops differentiates w.r.t. exactly those)."""
     net = tiny_lm()
     ids, labels = lm_batch()
     linears = block_linears(net)
@@ -582,14 +621,16 @@ def lm_with_block_weights_trainable():
 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_kfac_factors_equal_curvlinops_kfac(approx):
-    """Our KFACCollector against curvlinops' KFACLinearOperator (empirical Fisher, mean loss over every position),
-    K-FAC "expand" and "reduce" (Eschenhagen et al. 2023): S equals its input covariance and (n/N)·Γ its gradient
-    covariance, n the rows (positions or sequences) and N the loss terms, so the two Kronecker products agree."""
+    """Our KFACCollector against curvlinops' KFACLinearOperator (empirical Fisher, mean loss over
+    every position), K-FAC "expand" and "reduce" (Eschenhagen et al. 2023): S equals its input
+    covariance and (n/N)·Γ its gradient covariance, n the rows (positions or sequences) and N the
+    loss terms, so the two Kronecker products agree."""
     curvlinops = pytest.importorskip("curvlinops")
     net, ids, labels, linears = lm_with_block_weights_trainable()
     params = [m.weight for m in linears.values()]
-    theirs = curvlinops.KFACLinearOperator(LogitsFirst(net), nn.CrossEntropyLoss(), params, [(ids, labels)],
-                                           fisher_type="empirical", kfac_approx=approx, check_deterministic=False)
+    theirs = curvlinops.KFACLinearOperator(LogitsFirst(net), nn.CrossEntropyLoss(), params,
+                                           [(ids, labels)], fisher_type="empirical",
+                                           kfac_approx=approx, check_deterministic=False)
     theirs.compute_kronecker_factors()
     state = theirs.state_dict()
     with C.KFACCollector(linears, ("full",), approx=approx) as kfac:
@@ -598,8 +639,10 @@ def test_kfac_factors_equal_curvlinops_kfac(approx):
     ours = kfac.factors()
     N = labels.numel()
     for name, f in ours.items():
-        torch.testing.assert_close(f.S, state["input_covariances"][f"net.{name}"], rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(f.n_tokens / N * f.Gamma, state["gradient_covariances"][f"net.{name}"],
+        torch.testing.assert_close(f.S, state["input_covariances"][f"net.{name}"],
+                                   rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(f.n_tokens / N * f.Gamma,
+                                   state["gradient_covariances"][f"net.{name}"],
                                    rtol=1e-4, atol=1e-9)
     assert {f"net.{n}" for n in ours} == set(state["input_covariances"])
 
@@ -608,8 +651,8 @@ def ggn_quadratic_form(net, linears, steps, ids, labels):
     """½ δᵀ G δ with curvlinops' exact GGN of the mean cross-entropy over every position."""
     curvlinops = pytest.importorskip("curvlinops")
     params = [m.weight for m in linears.values()]
-    ggn = curvlinops.GGNLinearOperator(LogitsFirst(net), nn.CrossEntropyLoss(), params, [(ids, labels)],
-                                       check_deterministic=False)
+    ggn = curvlinops.GGNLinearOperator(LogitsFirst(net), nn.CrossEntropyLoss(), params,
+                                       [(ids, labels)], check_deterministic=False)
     Gd = ggn @ [steps[n] for n in linears]
     return 0.5 * sum(float((g * steps[n]).sum()) for g, n in zip(Gd, linears))
 
@@ -626,30 +669,35 @@ def measured_mean_kl(net, linears, steps, ids):
 
 
 def test_measured_kl_of_a_small_step_is_the_exact_ggn_quadratic_form():
-    """What the CTR-LoRA trust region measures, KL(p_before ‖ p_after) averaged over the label tokens, is to
-    second order ½ δᵀGδ with the exact GGN (= Fisher for softmax cross-entropy): within 2 % for a small step,
-    and no longer for a large one (the third-order terms the measurement keeps and every proxy drops)."""
+    """What the CTR-LoRA trust region measures, KL(p_before ‖ p_after) averaged over the label
+    tokens, is to second order ½ δᵀGδ with the exact GGN (= Fisher for softmax cross-entropy):
+    within 2 % for a small step, and no longer for a large one (the third-order terms the
+    measurement keeps and every proxy drops)."""
     net, ids, labels, linears = lm_with_block_weights_trainable()
     direction = {n: torch.randn(m.weight.shape, generator=gen(7)) for n, m in linears.items()}
     small = {n: 1e-3 * d for n, d in direction.items()}
     quad = ggn_quadratic_form(net, linears, small, ids, labels)
     assert measured_mean_kl(net, linears, small, ids) == pytest.approx(quad, rel=2e-2)
     large = {n: 3e-1 * d for n, d in direction.items()}
-    ratio = measured_mean_kl(net, linears, large, ids) / ggn_quadratic_form(net, linears, large, ids, labels)
+    ratio = (measured_mean_kl(net, linears, large, ids)
+             / ggn_quadratic_form(net, linears, large, ids, labels))
     assert not 0.9 < ratio < 1.1, ratio
 
 
 def test_kfac_predicted_kl_against_the_exact_ggn():
-    """The project's K-FAC prediction ½ Σ_ℓ (n/N) tr(Γ_ℓ δW_ℓ S_ℓ δW_ℓᵀ) (expand, every position, sampled labels
-    averaged over 64 draws) against ½ δᵀGδ. For random directions its scale is right: each of eight ratios lies
-    in [1/2, 2] (notes/curvature.md, "Calibration": for AdamW's steps, which are aligned across positions,
-    K-FAC falls short by 10-10³; the positions it treats as independent are correlated)."""
+    """The project's K-FAC prediction ½ Σ_ℓ (n/N) tr(Γ_ℓ δW_ℓ S_ℓ δW_ℓᵀ) (expand, every position,
+    sampled labels averaged over 64 draws) against ½ δᵀGδ. For random directions its scale is right:
+    each of eight ratios lies in [1/2, 2] (notes/curvature.md, "Calibration": for AdamW's steps,
+    which are aligned across positions, K-FAC falls short by 10-10³; the positions it treats as
+    independent are correlated)."""
     net, ids, labels, linears = lm_with_block_weights_trainable()
     factors = C.collect_fisher(net, linears, [(ids, labels)] * 64, kind="sampled", stats=("full",),
                                generator=gen(3))
     ratios = []
     for k in range(8):
-        steps = {n: 1e-3 * torch.randn(m.weight.shape, generator=gen(100 + k)) for n, m in linears.items()}
-        predicted = sum(0.5 * float(C.metric_norm_sq(steps[n], f.S, f.Gamma)) for n, f in factors.items())
+        steps = {n: 1e-3 * torch.randn(m.weight.shape, generator=gen(100 + k))
+                 for n, m in linears.items()}
+        predicted = sum(0.5 * float(C.metric_norm_sq(steps[n], f.S, f.Gamma))
+                        for n, f in factors.items())
         ratios.append(ggn_quadratic_form(net, linears, steps, ids, labels) / predicted)
     assert all(0.5 <= r <= 2 for r in ratios), ratios          # measured: 0.82 ... 1.17
