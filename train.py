@@ -737,21 +737,11 @@ def write_products(out: Path, net, cfg: TrainConfig, step: int, wall: float) -> 
     print(f"try it: python model.py --adapter {out} --prompt \"...\"", file=sys.stderr)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """The loop of the module docstring. Returns {"steps", "wall_s", "nonfinite_steps", "model"}."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device, rank, world = init_distributed(cfg)
-    main_rank = rank == 0                                  # the only writer of files and progress lines
-    out = Path(cfg.out)
-    if not cfg.resume and latest_checkpoint(out) is not None and not cfg.overwrite:   # never lose a run by accident
-        raise ValueError(f"{out} holds checkpoints of an earlier run; add --resume to continue it, "
-                         f"--overwrite to start again, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    random.seed(cfg.seed)
-    train_records, val_records, val_name = read_datasets(cfg)   # validated before the model load
-    # encoded with the checkpoint's tokenizer before the model is built: --epochs sets --steps,
-    # which the methods' schedules need when their adapters are built
+def prepare_data(cfg: TrainConfig, world: int, main_rank: bool):
+    """(tokenizer, training examples, validation examples or None): read and validated before the
+    (slow) model load, encoded with the checkpoint's tokenizer. --epochs sets --steps here, which
+    the methods' schedules need when their adapters are built."""
+    train_records, val_records, val_name = read_datasets(cfg)
     tok = load_tokenizer(M.resolve_checkpoint(cfg.model))
     train_examples = D.encode_dataset(train_records, tok, cfg.seq_len, cfg.chat, name=cfg.data)
     val_examples = (D.encode_dataset(val_records, tok, cfg.seq_len, cfg.chat, name=val_name)
@@ -764,84 +754,132 @@ def train(cfg: TrainConfig) -> dict:
               file=sys.stderr)
     if cfg.epochs and cfg.method != "full":
         cfg.adapter_config()                     # the methods' schedules, checked for these steps
-    net, tok = build_model(cfg, device)
+    return tok, train_examples, val_examples
+
+
+def prepare_training(cfg: TrainConfig, device, world: int, main_rank: bool):
+    """(model, its trainable parameters, AdamW, the method's hooks, the autocast context)."""
+    net, _ = build_model(cfg, device)
     if cfg.seq_len > net.config.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} is longer than the model allows "
                          f"({net.config.max_position_embeddings}); lower --seq-len")
-    # checkpointing: on by default on CUDA; always with bf16 storage + fp32 compute on CPU, where otherwise autograd
-    # would keep every block's fp32 weight copy (the memory of a whole fp32 model)
-    net.grad_checkpoint = cfg.grad_checkpoint or device.type == "cuda" or net.compute_dtype is not None
+    # checkpointing: on by default on CUDA; always with bf16 storage + fp32 compute on CPU, where
+    # autograd would otherwise keep every block's fp32 weight copy (a whole fp32 model's memory)
+    net.grad_checkpoint = (cfg.grad_checkpoint or device.type == "cuda"
+                           or net.compute_dtype is not None)
     params = A.optimizer_parameters(net)
     if main_rank:
         print(f"{cfg.method}: {sum(p.numel() for p in params):,} trainable parameters"
-              + (f"; {world} processes, global batch {cfg.batch_size * world} x {cfg.grad_accum} micro-batches"
-                 if world > 1 else ""), file=sys.stderr)
-    batcher = D.Batcher(train_examples, cfg.batch_size, tok.pad_id, seed=cfg.seed, rank=rank, world_size=world)
-    # AdamW on the trainable parameters; each group remembers the step it joined (for its warm-up).
+              + (f"; {world} processes, global batch {cfg.batch_size * world} x {cfg.grad_accum} "
+                 f"micro-batches" if world > 1 else ""), file=sys.stderr)
+    # AdamW on the trainable parameters; each group remembers the step it joined (its warm-up).
     # fused: one kernel for all tensors, the same arithmetic as the loop
-    optimizer = torch.optim.AdamW([{"params": params, "start_step": 0}], lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.999), eps=1e-8, fused=device.type in ("cpu", "cuda"))
-    method = A.training_hooks(net, cfg.adapter_config()) if cfg.method != "full" else A.MethodHooks()
-    if world > 1:                                   # statistics behind rank decisions are summed over the ranks
+    optimizer = torch.optim.AdamW([{"params": params, "start_step": 0}], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8,
+                                  fused=device.type in ("cpu", "cuda"))
+    method = (A.training_hooks(net, cfg.adapter_config()) if cfg.method != "full"
+              else A.MethodHooks())
+    if world > 1:                     # statistics behind rank decisions are summed over the ranks
         method.all_reduce_sum, method.world_size = all_reduce_sum, world
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    method.autocast = autocast                      # (CTR-LoRA's KL check runs its own forwards)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else nullcontext())
+    method.autocast = autocast        # (CTR-LoRA's KL check runs forwards of its own)
+    return net, params, optimizer, method, autocast
 
-    start_step, nonfinite_total, calibration_info = 0, 0, {}
+
+def start_or_resume(out: Path, cfg: TrainConfig, net, optimizer, batcher, method, examples,
+                    pad_id: int, device, rank: int, world: int):
+    """(first step, non-finite steps so far, the optimizer's parameters, figures of the
+    calibration): from the latest intact checkpoint with --resume; else a fresh start, after
+    CG-LoRA's data-dependent initialization, replacing an earlier run's checkpoints and metrics."""
     if cfg.resume:
-        start_step, nonfinite_total, params = resume(out, cfg, net, optimizer, batcher, method, device, rank, world)
-    else:
-        if method.calibration_batches:                     # CG-LoRA: data-dependent init before the first step
-            calibration_info = calibrate(method, train_examples, cfg, tok.pad_id, device)
-        if main_rank:
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            (out / "metrics.jsonl").unlink(missing_ok=True)
+        return (*resume(out, cfg, net, optimizer, batcher, method, device, rank, world), {})
+    calibration_info = {}
+    if method.calibration_batches:                # CG-LoRA: initialized before the first step
+        calibration_info = calibrate(method, examples, cfg, pad_id, device)
+    if rank == 0:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    return 0, 0, params, calibration_info
+
+
+def global_label_count(micro: list[dict], world: int, device) -> int:
+    """Label tokens of the step's micro-batches, over every rank: the loss normalizer."""
+    n_label = sum(D.count_label_tokens(b) for b in micro)
+    if world > 1:
+        count = torch.tensor([float(n_label)], device=device)
+        all_reduce_sum([count])
+        n_label = int(count.item())
+    return n_label
+
+
+def share_loss_and_stop(loss: float, stop, device) -> float:
+    """Under DDP: the global loss; any rank's signal stops every rank."""
+    shared = torch.tensor([loss, float(stop.signal is not None)], device=device)
+    all_reduce_sum([shared])
+    if shared[1].item() > 0 and stop.signal is None:
+        stop.signal = signal.SIGTERM
+    return shared[0].item()
+
+
+def train(cfg: TrainConfig) -> dict:
+    """The loop of the module docstring. Returns {"steps", "wall_s", "nonfinite_steps", "model"}."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device, rank, world = init_distributed(cfg)
+    main_rank = rank == 0                          # the only writer of files and progress lines
+    out = Path(cfg.out)
+    if not cfg.resume and latest_checkpoint(out) is not None and not cfg.overwrite:
+        raise ValueError(f"{out} holds checkpoints of an earlier run; add --resume to continue "
+                         f"it, --overwrite to start again, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    random.seed(cfg.seed)
+    tok, train_examples, val_examples = prepare_data(cfg, world, main_rank)
+    net, params, optimizer, method, autocast = prepare_training(cfg, device, world, main_rank)
+    batcher = D.Batcher(train_examples, cfg.batch_size, tok.pad_id, seed=cfg.seed, rank=rank,
+                        world_size=world)
+    start_step, nonfinite_total, params, calibration_info = start_or_resume(
+        out, cfg, net, optimizer, batcher, method, train_examples, tok.pad_id, device, rank, world)
     if main_rank:
         (out / IO.RUN_CONFIG_NAME).write_text(json.dumps(asdict(cfg), indent=2))
-    if cfg.compile:                    # after CG-LoRA's calibration (its hooks run eager); compiles at first step
+    if cfg.compile:               # after CG-LoRA's calibration (its hooks run eager)
         net.compile_blocks()
         if main_rank:
-            print("--compile: the first training step compiles the blocks (tens of seconds on CPU)", file=sys.stderr)
-    ddp = wrap_ddp(net, device, world)                     # the model itself in one process
+            print("--compile: the first training step compiles the blocks (tens of seconds on "
+                  "CPU)", file=sys.stderr)
+    ddp = wrap_ddp(net, device, world)             # the model itself in one process
     progress = Progress(out, cfg, start_step, main_rank)
     if calibration_info:
         progress.write({"step": 0, **calibration_info})
-    if val_examples and start_step == 0:
-        progress.validation(0, net, val_examples, cfg.batch_size * 2, tok.pad_id)   # the curve's starting point
+    if val_examples and start_step == 0:           # the validation curve's starting point
+        progress.validation(0, net, val_examples, cfg.batch_size * 2, tok.pad_id)
     stop = StopFlag()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     net.train()
     consecutive_nonfinite, step = 0, start_step
     try:
         while step < cfg.steps:
-            # ---- 1. fetch the micro-batches of this step and count their label tokens (the loss normalizer)
+            # ---- 1. the step's micro-batches; their label tokens (all ranks) normalize the loss
             micro = [next(batcher) for _ in range(cfg.grad_accum)]
-            n_label = sum(D.count_label_tokens(b) for b in micro)
-            if world > 1:                                  # the normalizer counts the label tokens of every rank
-                count = torch.tensor([float(n_label)], device=device)
-                all_reduce_sum([count])
-                n_label = int(count.item())
+            n_label = global_label_count(micro, world, device)
             set_lrs(optimizer, step, cfg)
-            rng_before = rng_state()                # a dropped step gives back its random draws
+            rng_before = rng_state()               # a dropped step gives back its random draws
 
-            # ---- 2. forward/backward: summed token losses / label tokens of the whole step == one big batch,
-            #         plus the method's penalty (AdaLoRA/TriAdaptLoRA orthogonality; none for LoRA)
+            # ---- 2. forward/backward: summed token losses / label tokens of the whole step (==
+            #         one big batch), plus the method's penalty (orthogonality; none for LoRA)
             loss = accumulate_gradients(ddp, micro, n_label, device, autocast, method, world)
-            if world > 1:                                  # the global loss; any rank's signal stops every rank
-                shared = torch.tensor([loss, float(stop.signal is not None)], device=device)
-                all_reduce_sum([shared])
-                loss = shared[0].item()
-                if shared[1].item() > 0 and stop.signal is None:
-                    stop.signal = signal.SIGTERM
+            if world > 1:
+                loss = share_loss_and_stop(loss, stop, device)
 
             # ---- 3. drop a step whose loss or gradient is NaN/inf: no trace but its batch and
-            #         step number (reported as step N, as the progress lines count; too many in a
-            #         row abort)
+            #         step number (reported as step N, as the progress lines count; too many in
+            #         a row abort)
             finite = math.isfinite(loss) and gradients_are_finite(params)
             if not finite:
                 consecutive_nonfinite += 1
                 nonfinite_total += 1
-                set_rng_state(rng_before)                 # (before skip_step: growth draws from it)
+                set_rng_state(rng_before)          # (before skip_step: growth draws from it)
                 new_params = skip_step(net, optimizer, params, method, step)
                 what = (f"loss ({loss})" if not math.isfinite(loss)
                         else f"gradient (loss {loss:.4f})")
@@ -853,43 +891,48 @@ def train(cfg: TrainConfig) -> dict:
                 consecutive_nonfinite = 0
                 # ---- 4. clip, trust region, optimizer step, allocator
                 grad_norm, new_params = optimizer_step(optimizer, params, method, step, cfg.clip)
-            if new_params and world > 1:                    # DDP buckets are fixed at wrap time: wrap again
+            if new_params and world > 1:           # DDP buckets are fixed at wrap time: rewrap
                 unwrap_ddp(ddp)
                 ddp = wrap_ddp(net, device, world)
             step += 1
 
             # ---- 5. log, evaluate, checkpoint
             if finite:
-                tokens = sum(D.count_input_tokens(b) for b in micro)  # real tokens, not padding
-                progress.step_done(step, loss, tokens, optimizer.param_groups[0]["lr"], grad_norm,
-                                   method)
-            if val_examples and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+                tokens = sum(D.count_input_tokens(b) for b in micro)  # real tokens, no padding
+                progress.step_done(step, loss, tokens, optimizer.param_groups[0]["lr"],
+                                   grad_norm, method)
+            if val_examples and ((cfg.eval_every and step % cfg.eval_every == 0)
+                                 or step == cfg.steps):
                 progress.validation(step, net, val_examples, cfg.batch_size * 2, tok.pad_id)
-            if stop.signal is not None or (cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps):
+            due = cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps
+            if stop.signal is not None or due:
                 rngs = rank_rng_states(world)
                 if main_rank:
                     path = save_checkpoint(out, step, net, optimizer, batcher, cfg,
-                                           {"nonfinite_total": nonfinite_total, "method": method.state_dict(), **rngs})
+                                           {"nonfinite_total": nonfinite_total,
+                                            "method": method.state_dict(), **rngs})
                     print(f"saved checkpoint {path}", file=sys.stderr)
             if stop.signal is not None:
                 if main_rank:
-                    print(f"stopped at step {step}; continue with the same command plus --resume", file=sys.stderr)
+                    print(f"stopped at step {step}; continue with: python train.py --resume "
+                          f"--out {out}", file=sys.stderr)
                 finish_distributed(world)
                 sys.exit(128 + stop.signal)
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
         progress.close()
-        method.close()                                     # e.g. remove CTR-LoRA's statistics hooks
+        method.close()                             # e.g. remove CTR-LoRA's statistics hooks
 
     net.eval()
     wall = time.perf_counter() - progress.t_start
     rngs = rank_rng_states(world)
     if main_rank:
-        check_finite_before_saving(out, step, net, optimizer, cfg)     # nothing NaN/inf is written
+        check_finite_before_saving(out, step, net, optimizer, cfg)     # nothing NaN/inf written
         write_products(out, net, cfg, step, wall)
         save_checkpoint(out, step, net, optimizer, batcher, cfg,
-                        {"nonfinite_total": nonfinite_total, "method": method.state_dict(), **rngs})
+                        {"nonfinite_total": nonfinite_total, "method": method.state_dict(),
+                         **rngs})
     finish_distributed(world)
     return {"steps": step, "wall_s": wall, "nonfinite_steps": nonfinite_total, "model": net}
 
