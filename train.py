@@ -3,13 +3,14 @@ Fine-tune a Llama-architecture model with an adapter method (or fully), in one r
 
     python train.py --method lora --model smollm2-135m --data data/wordnet_train.jsonl --steps 100
     python train.py --method lora --model llama-7b --device cuda --grad-checkpoint ...
-    torchrun --nproc_per_node 2 train.py --method triadapt ...       (DDP: nccl on GPUs, gloo on CPU)
+    torchrun --nproc_per_node 2 train.py --method triadapt ...   (DDP: nccl on GPUs, gloo on CPU)
 
 The loop, top to bottom (each method-specific call is visible where it happens):
 
     for step in steps:
-        micro-batches <- data cursor                       (grad_accum of them; label tokens counted first)
-        loss = sum_t CE_t / N_label_tokens  + method.regularizer()     (AdaLoRA / TriAdaptLoRA orthogonality)
+        micro-batches <- data cursor          (grad_accum of them; label tokens counted first)
+        loss = sum_t CE_t / N_label_tokens + method.regularizer()
+                                              (regularizer: AdaLoRA / TriAdaptLoRA orthogonality)
         backward (under DDP: the adapters' gradients are all-reduced)
         if the loss or a gradient is NaN/inf: drop the step (gradients cleared, RNG rewound)
             method.skip_step(step)            (CTR-LoRA forgets the step's statistics; an allocation
@@ -21,17 +22,18 @@ The loop, top to bottom (each method-specific call is visible where it happens):
                                                TriAdaptLoRA growth)
         log / evaluate / checkpoint
 
-Checkpoints hold the adapter (safetensors), optimizer, LR groups, RNG and data-cursor state, so `--resume` continues
-exactly; they are written to a temporary folder and renamed, so an interruption never leaves a broken one.
-SIGINT/SIGTERM finish the current step, save a checkpoint and exit. A dropped (NaN/inf) step
-leaves no trace but the batch it drew and its step number. Nothing NaN/inf is ever written (such
-a save is refused; the checkpoints on disk stay), and --resume falls back to the newest
-checkpoint whose files all read back.
+Checkpoints hold the adapter (safetensors), optimizer, LR groups, RNG and data-cursor state, so
+`--resume` continues exactly; they are written to a temporary folder and renamed, so an
+interruption never leaves a broken one. SIGINT/SIGTERM finish the current step, save a checkpoint
+and exit. A dropped (NaN/inf) step leaves no trace but the batch it drew and its step number.
+Nothing NaN/inf is ever written (such a save is refused; the checkpoints on disk stay), and
+--resume falls back to the newest checkpoint whose files all read back.
 
-Under torchrun every rank runs this same loop on its own slice of each global batch (Batcher rank/world_size);
-DistributedDataParallel all-reduces the gradients of the trainable parameters only, statistics that drive rank
-decisions (CTR-LoRA's curvature) are all-reduced by the method hooks, so every rank takes identical decisions; only
-rank 0 writes checkpoints, metrics and plots. --batch-size is per rank: the global batch is batch_size x ranks.
+Under torchrun every rank runs this same loop on its own slice of each global batch (Batcher
+rank/world_size); DistributedDataParallel all-reduces the gradients of the trainable parameters
+only, statistics that drive rank decisions (CTR-LoRA's curvature) are all-reduced by the method
+hooks, so every rank takes identical decisions; only rank 0 writes checkpoints, metrics and plots.
+--batch-size is per rank: the global batch is batch_size x ranks.
 """
 
 from __future__ import annotations
@@ -60,12 +62,13 @@ import data as D
 import eval as E
 import memory
 import model as M
+from adapter_config import option
 from fileio import atomic_write, first_nonfinite, unreadable_files
 from tokenizer import load_tokenizer
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # configuration: one dataclass; the command line is generated from it (every field has a help text)
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 ALL_LINEARS = ",".join(A.LLAMA_LINEAR_NAMES)
 DEMO_DATA, DEMO_VAL_DATA = "data/wordnet_train.jsonl", "data/wordnet_val.jsonl"
@@ -73,80 +76,80 @@ DEMO_DATA, DEMO_VAL_DATA = "data/wordnet_train.jsonl", "data/wordnet_val.jsonl"
 
 @dataclass
 class TrainConfig:
-    model: str = field(default="smollm2-135m", metadata={"help": "checkpoint folder or name under checkpoints/"})
-    method: str = field(default="lora", metadata={"help": "adapter method: " + ", ".join(A.METHODS) +
-                                                  "; or 'full' (all weights, small models: a reference run)"})
-    data: str = field(default=DEMO_DATA, metadata={
-        "help": "training data: JSONL, or a JSON array (formats: README, data.py)"})
-    val_data: str = field(default="auto", metadata={
-        "help": "validation data for the loss logged every --eval-every steps: a file, '' for "
-                "none, or auto: the demo's validation file when --data is the demo's, else none "
-                "(or --val-fraction)"})
-    val_fraction: float = field(default=0.0, metadata={
-        "help": "hold out this fraction of --data (drawn with --seed) as the validation data, "
-                "instead of a --val-data file"})
-    out: str = field(default="runs/lora", metadata={"help": "output folder: adapter, peft/, metrics.jsonl, plots"})
-    steps: int = field(default=100, metadata={"help": "optimizer steps"})
-    epochs: float = field(default=0.0, metadata={
-        "help": "passes over --data to train for, instead of --steps (0: use --steps); the run "
-                "start prints the steps per epoch"})
-    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    seq_len: int = field(default=256, metadata={"help": "maximum tokens per example (longer ones are cut, "
-                                                         "with a warning)"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay ends at lr * this"})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps (restarted for parameter "
-                                                            "groups added mid-run)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    clip: float = field(default=1.0, metadata={"help": "gradient-norm clipping threshold (0 = off)"})
-    rank: int = field(default=8, metadata={"help": "adapter rank r (reference / initial rank for adaptive methods)"})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
-    targets: str = field(default=ALL_LINEARS, metadata={"help": "comma-separated linear names to adapt"})
-    chat: bool = field(default=False, metadata={
-        "help": "wrap prompts in the checkpoint's chat template (chat 'messages' records always "
-                "use it)"})
-    seed: int = field(default=0, metadata={"help": "seed for adapter init, dropout and data order"})
-    device: str = field(default="", metadata={"help": "cpu or cuda (default: cuda if available)"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default, one per core; "
-                         "on a machine shared with other jobs, 1 per process can be several times faster)"})
-    weights_dtype: str = field(default="auto", metadata={"help": "storage dtype of the frozen weights: auto (bf16 "
-                               "on a bf16 GPU, fp32 on CPU), float32, or bfloat16 (half the memory; on CPU each "
-                               "block is computed in fp32 — how a 7B model trains in 24 GB of RAM)"})
-    grad_checkpoint: bool = field(default=False, metadata={"help": "recompute each block in backward (saves "
-                                                                   "activation memory; on by default on CUDA)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the transformer block for training "
-                          "steps (inductor fuses the elementwise work; on CPU, SmolLM2 LoRA steps ran 4-10%% faster "
-                          "with 16%% less peak memory, after a first step that compiles for 5-30 s; needs a C++ "
-                          "compiler). For lora, adalora, cg and full; not for ctr (curvature hooks inside the "
-                          "blocks) or triadapt (growth changes the blocks' structure)"})
-    log_every: int = field(default=5, metadata={"help": "progress line and metrics every N steps"})
-    eval_every: int = field(default=50, metadata={"help": "validation loss every N steps (0 = only at the end)"})
-    eval_examples: int = field(default=200, metadata={"help": "validation examples used for the loss"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
-    resume: bool = field(default=False, metadata={
-        "help": "continue from the latest checkpoint in --out, with the settings saved there "
-                "(--resume --out RUN is the whole command)"})
-    overwrite: bool = field(default=False, metadata={"help": "start afresh in an --out that holds an earlier "
-                                                             "run's checkpoints (they are replaced)"})
-    max_nonfinite: int = field(default=20, metadata={"help": "abort after this many consecutive NaN/inf losses"})
-    dry_run: bool = field(default=False, metadata={"help": "print the memory estimate of this run (weights, "
-                          "adapters, optimizer, method state, activations with/without checkpointing, logits; every "
-                          "method) without loading weights, and exit"})
+    model: str = option("smollm2-135m", "checkpoint folder or name under checkpoints/")
+    method: str = option("lora", "adapter method: " + ", ".join(A.METHODS) +
+                         "; or 'full' (all weights, small models: a reference run)")
+    data: str = option(DEMO_DATA,
+                       "training data: JSONL, or a JSON array (formats: README, data.py)")
+    val_data: str = option("auto", "validation data for the loss logged every --eval-every "
+                           "steps: a file, '' for none, or auto: the demo's validation file "
+                           "when --data is the demo's, else none (or --val-fraction)")
+    val_fraction: float = option(0.0, "hold out this fraction of --data (drawn with --seed) as "
+                                 "the validation data, instead of a --val-data file")
+    out: str = option("runs/lora", "output folder: adapter, peft/, metrics.jsonl, plots")
+    steps: int = option(100, "optimizer steps")
+    epochs: float = option(0.0, "passes over --data to train for, instead of --steps (0: use "
+                           "--steps); the run start prints the steps per epoch")
+    batch_size: int = option(8, "sequences per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    seq_len: int = option(256, "maximum tokens per example (longer ones are cut, with a warning)")
+    lr: float = option(1e-3, "peak learning rate")
+    min_lr_ratio: float = option(0.1, "cosine decay ends at lr * this")
+    warmup_steps: int = option(10, "linear warm-up steps (restarted for parameter groups added "
+                               "mid-run)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    clip: float = option(1.0, "gradient-norm clipping threshold (0 = off)")
+    rank: int = option(8, "adapter rank r (reference / initial rank for adaptive methods)")
+    alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / r")
+    dropout: float = option(0.0, "dropout on the adapter input")
+    targets: str = option(ALL_LINEARS, "comma-separated linear names to adapt")
+    chat: bool = option(False, "wrap prompts in the checkpoint's chat template (chat 'messages' "
+                        "records always use it)")
+    seed: int = option(0, "seed for adapter init, dropout and data order")
+    device: str = option("", "cpu or cuda (default: cuda if available)")
+    threads: int = option(0, "CPU threads for torch (0 = torch's default, one per core; on a "
+                          "machine shared with other jobs, 1 per process can be several times "
+                          "faster)")
+    weights_dtype: str = option("auto", "storage dtype of the frozen weights: auto (bf16 on a "
+                                "bf16 GPU, fp32 on CPU), float32, or bfloat16 (half the memory; "
+                                "on CPU each block is computed in fp32 — how a 7B model trains "
+                                "in 24 GB of RAM)")
+    grad_checkpoint: bool = option(False, "recompute each block in backward (saves activation "
+                                   "memory; on by default on CUDA)")
+    compile: bool = option(False, "torch.compile the transformer block for training steps "
+                           "(inductor fuses the elementwise work; on CPU, SmolLM2 LoRA steps ran "
+                           "4-10%% faster with 16%% less peak memory, after a first step that "
+                           "compiles for 5-30 s; needs a C++ compiler). For lora, adalora, cg "
+                           "and full; not for ctr (curvature hooks inside the blocks) or "
+                           "triadapt (growth changes the blocks' structure)")
+    log_every: int = option(5, "progress line and metrics every N steps")
+    eval_every: int = option(50, "validation loss every N steps (0 = only at the end)")
+    eval_examples: int = option(200, "validation examples used for the loss")
+    save_every: int = option(50, "checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
+    resume: bool = option(False, "continue from the latest checkpoint in --out, with the "
+                          "settings saved there (--resume --out RUN is the whole command)")
+    overwrite: bool = option(False, "start afresh in an --out that holds an earlier run's "
+                             "checkpoints (they are replaced)")
+    max_nonfinite: int = option(20, "abort after this many consecutive NaN/inf losses")
+    dry_run: bool = option(False, "print the memory estimate of this run (weights, adapters, "
+                           "optimizer, method state, activations with/without checkpointing, "
+                           "logits; every method) without loading weights, and exit")
 
-    method_options: dict = field(default_factory=dict, metadata={"help": "method hyper-parameters: the "
-                                 "AdapterConfig fields below, one flag each"})
+    method_options: dict = field(default_factory=dict, metadata={
+        "help": "method hyper-parameters: the AdapterConfig fields below, one flag each"})
 
     def adapter_config(self) -> A.AdapterConfig:
-        derived = {"total_steps": self.steps} if "total_steps" in ADAPTER_FIELD_NAMES else {}   # schedules need T
-        return A.AdapterConfig(method=self.method, r=self.rank, alpha=self.alpha, dropout=self.dropout,
-                               targets=self.targets, **derived, **self.method_options)
+        # the rank schedules need the run's total steps T
+        derived = {"total_steps": self.steps} if "total_steps" in ADAPTER_FIELD_NAMES else {}
+        return A.AdapterConfig(method=self.method, r=self.rank, alpha=self.alpha,
+                               dropout=self.dropout, targets=self.targets, **derived,
+                               **self.method_options)
 
 
-# AdapterConfig fields that TrainConfig spells differently; every other AdapterConfig field (the hyper-parameters
-# of AdaLoRA, TriAdaptLoRA, CTR-LoRA, CG-LoRA) becomes a flag of its own, with the help text from its metadata.
+# AdapterConfig fields that TrainConfig spells differently; every other AdapterConfig field (the
+# hyper-parameters of AdaLoRA, TriAdaptLoRA, CTR-LoRA, CG-LoRA) becomes a flag of its own, with
+# the help text from its metadata.
 SHARED_ADAPTER_FIELDS = {"method", "r", "alpha", "dropout", "targets", "total_steps"}
 ADAPTER_FIELD_NAMES = {f.name for f in fields(A.AdapterConfig)}
 
@@ -155,10 +158,10 @@ def method_option_fields():
     return [f for f in fields(A.AdapterConfig) if f.name not in SHARED_ADAPTER_FIELDS]
 
 
-# settings that may differ between a run and its resumption; everything else must match the checkpoint
-RESUMABLE_CHANGES = {"out", "steps", "resume", "overwrite", "log_every", "eval_every", "save_every", "keep_checkpoints",
-                     "device", "eval_examples", "max_nonfinite", "dry_run", "threads", "compile",
-                     "epochs"}
+# the settings a resumption may change; everything else must match the checkpoint
+RESUMABLE_CHANGES = {"out", "steps", "resume", "overwrite", "log_every", "eval_every", "save_every",
+                     "keep_checkpoints", "device", "eval_examples", "max_nonfinite", "dry_run",
+                     "threads", "compile", "epochs"}
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -168,7 +171,8 @@ def parse_args(argv=None) -> TrainConfig:
         args = settings_for_resume(args, explicit)
     options = {f.name: args.pop(f.name) for f in method_option_fields()}
     defaults = A.AdapterConfig()
-    cfg = TrainConfig(**args, method_options={k: v for k, v in options.items() if v != getattr(defaults, k)})
+    cfg = TrainConfig(**args, method_options={k: v for k, v in options.items()
+                                              if v != getattr(defaults, k)})
     validate(cfg)
     return cfg
 
@@ -214,7 +218,8 @@ def settings_for_resume(args: dict, explicit: set[str]) -> dict:
 
 
 def add_flags(ap, flds, suppress_defaults: bool = False):
-    """One --flag per dataclass field: bools get --x/--no-x, the rest their type; help from field metadata."""
+    """One --flag per dataclass field: bools get --x/--no-x, the rest their type; help from the
+    field's metadata."""
     for f in flds:
         flag = "--" + f.name.replace("_", "-")
         tname = f.type if isinstance(f.type, str) else f.type.__name__
@@ -222,21 +227,22 @@ def add_flags(ap, flds, suppress_defaults: bool = False):
         default = argparse.SUPPRESS if suppress_defaults else default
         help_text = f.metadata.get("help", "")
         if tname == "bool":
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif tname in ("int", "float", "str"):
-            ap.add_argument(flag, type={"int": int, "float": float, "str": str}[tname], default=default,
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                             help=help_text)
+        elif tname in ("int", "float", "str"):
+            ap.add_argument(flag, type={"int": int, "float": float, "str": str}[tname],
+                            default=default, help=help_text)
         elif tname.startswith("list"):
-            ap.add_argument(flag, type=lambda t: [x.strip() for x in t.split(",") if x.strip()], default=default,
-                            help=help_text + " (comma-separated)")
+            ap.add_argument(flag, type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+                            default=default, help=help_text + " (comma-separated)")
         else:
             raise TypeError(f"field {f.name} of type {tname} has no command-line form")
 
 
 # methods whose blocks torch.compile cannot serve with one graph
 COMPILE_UNSUPPORTED = {"ctr": "its curvature hooks run inside every block on every step",
-                       "triadapt": "its modules grow to different structures, each needing its own graph: the "
-                                   "compiler would stop after 8 and run the rest eager"}
+                       "triadapt": "its modules grow to different structures, each needing its own "
+                                   "graph: the compiler would stop after 8 and run the rest eager"}
 
 
 # the smallest value of each numeric flag (every float must also be finite)
@@ -269,18 +275,20 @@ def check_numbers(cfg: TrainConfig) -> None:
 
 def validate(cfg: TrainConfig):
     if cfg.method != "full" and cfg.method not in A.METHODS:
-        raise ValueError(f"unknown method '{cfg.method}'; choose one of: {', '.join(A.METHODS)}, full")
+        raise ValueError(f"unknown method '{cfg.method}'; choose one of: "
+                         f"{', '.join(A.METHODS)}, full")
     check_numbers(cfg)
     if cfg.method != "full":
         if not cfg.epochs:                     # (with --epochs: in train, once the steps are known)
             cfg.adapter_config()               # validates the method's hyper-parameters now
     elif cfg.weights_dtype not in ("auto", "float32"):
-        raise ValueError("--method full trains fp32 master weights; drop --weights-dtype (or use float32)")
+        raise ValueError("--method full trains fp32 master weights; drop --weights-dtype (or use "
+                         "float32)")
     M.weights_dtype_policy(cfg.weights_dtype, "cpu")      # an unknown --weights-dtype fails here
     M.parse_device(cfg.device, need_present=not cfg.dry_run)   # (a dry run may plan for a GPU)
     if cfg.compile and cfg.method in COMPILE_UNSUPPORTED:
-        raise ValueError(f"--compile does not support --method {cfg.method} ({COMPILE_UNSUPPORTED[cfg.method]}); "
-                         f"drop --compile")
+        raise ValueError(f"--compile does not support --method {cfg.method} "
+                         f"({COMPILE_UNSUPPORTED[cfg.method]}); drop --compile")
     for name in ("data", "val_data") if not cfg.dry_run else ():   # ('' = none, auto: see below)
         path = getattr(cfg, name)
         if (path or name == "data") and path != "auto" and not Path(path).is_file():
@@ -299,12 +307,13 @@ def validate_data_options(cfg: TrainConfig):
         raise ValueError("give --val-data FILE or --val-fraction, not both")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # learning rate: warm-up from each parameter group's own start step, cosine decay over the whole run
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def lr_at(step: int, group_start: int, cfg: TrainConfig) -> float:
-    """lr(t) = lr · warmup(t − t_group) · decay(t); groups added mid-run (TriAdaptLoRA growth) restart warm-up."""
+    """lr(t) = lr · warmup(t − t_group) · decay(t); groups added mid-run (TriAdaptLoRA growth)
+    restart warm-up."""
     warm = min(1.0, (step - group_start + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
     progress = min(1.0, step / max(1, cfg.steps - 1))
     decay = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -316,9 +325,9 @@ def set_lrs(optimizer, step: int, cfg: TrainConfig):
         group["lr"] = lr_at(step, group["start_step"], cfg)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# checkpoints: <out>/checkpoints/step-000100/{adapter..., trainer_state.pt}, <out>/checkpoints/latest
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# checkpoints: <out>/checkpoints/{step-000100/{adapter..., trainer_state.pt}, latest}
+# --------------------------------------------------------------------------------------------------
 
 def rng_state() -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
@@ -336,8 +345,9 @@ def set_rng_state(state: dict):
 
 def save_weights(net, cfg: TrainConfig, folder: Path):
     """The trained weights: the adapter for adapter methods, the whole model for --method full."""
-    if cfg.method == "full":                          # a complete checkpoint folder, tokenizer included
-        M.save_pretrained(net.state_dict(), net.config, folder, tokenizer_dir=M.resolve_checkpoint(cfg.model))
+    if cfg.method == "full":                 # a complete checkpoint folder, tokenizer included
+        M.save_pretrained(net.state_dict(), net.config, folder,
+                          tokenizer_dir=M.resolve_checkpoint(cfg.model))
     else:
         IO.save_adapter(net, cfg.adapter_config(), str(folder), base_model_name_or_path=cfg.model)
 
@@ -461,12 +471,13 @@ def check_resume_config(saved: dict, cfg: TrainConfig):
                          "use the original flags or a new --out")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # several processes: torchrun + DistributedDataParallel (nccl on CUDA, gloo on CPU)
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def init_distributed(cfg: TrainConfig) -> tuple[torch.device, int, int]:
-    """(device, rank, world_size). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them this is one process."""
+    """(device, rank, world_size). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them
+    this is one process."""
     device = torch.device(cfg.device or M.default_device())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -480,7 +491,8 @@ def init_distributed(cfg: TrainConfig) -> tuple[torch.device, int, int]:
 
 
 def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
-    """Sum tensors over all ranks, in place, with one collective (they are packed into one float64 buffer)."""
+    """Sum tensors over all ranks, in place, with one collective (they are packed into one
+    float64 buffer)."""
     if not tensors or not dist.is_initialized():
         return
     flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
@@ -494,23 +506,26 @@ def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
 def wrap_ddp(net, device, world: int):
     """DDP around the model, or the model itself in one process.
 
-    Only parameters that require grad (the adapters) are in DDP's gradient buckets: the frozen base weights are
-    never all-reduced. Rank 0's trainable values are broadcast here (init_sync=False skips DDP's broadcast of every
-    parameter and buffer, i.e. of the whole frozen model); buffers are not re-broadcast at each forward, since every
-    rank sets them by the same decisions (masks) from the same all-reduced statistics. Gradient checkpointing is
-    non-reentrant (model.py), so each parameter's gradient is ready exactly once per backward under DDP.
+    Only parameters that require grad (the adapters) are in DDP's gradient buckets: the frozen
+    base weights are never all-reduced. Rank 0's trainable values are broadcast here
+    (init_sync=False skips DDP's broadcast of every parameter and buffer, i.e. of the whole frozen
+    model); buffers are not re-broadcast at each forward, since every rank sets them by the same
+    decisions (masks) from the same all-reduced statistics. Gradient checkpointing is non-reentrant
+    (model.py), so each parameter's gradient is ready exactly once per backward under DDP.
     """
     if world == 1:
         return net
     for p in net.parameters():
         if p.requires_grad:
             dist.broadcast(p.data, src=0)
-    return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+    return DistributedDataParallel(net,
+                                   device_ids=[device.index] if device.type == "cuda" else None,
                                    broadcast_buffers=False, init_sync=False)
 
 
 def rank_rng_states(world: int) -> dict:
-    """Every rank's RNG state, for a checkpoint (dropout draws differ per rank); call on all ranks together."""
+    """Every rank's RNG state, for a checkpoint (dropout draws differ per rank); call on all ranks
+    together."""
     if world == 1:
         return {}
     states = [None] * world
@@ -519,15 +534,16 @@ def rank_rng_states(world: int) -> dict:
 
 
 def unwrap_ddp(ddp) -> None:
-    """Drop a DDP wrapper so that its gradient hooks go with it (before wrapping again around grown parameters)."""
+    """Drop a DDP wrapper so that its gradient hooks go with it (before wrapping again around
+    grown parameters)."""
     if isinstance(ddp, DistributedDataParallel):
         del ddp
         gc.collect()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the run: set-up, the loop, and what it leaves behind
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 class StopFlag:
     """SIGINT/SIGTERM set the flag; the loop finishes its step, saves a checkpoint and exits."""
@@ -539,17 +555,19 @@ class StopFlag:
         if self.signal is not None:               # a second Ctrl-C: stop now, without saving
             raise KeyboardInterrupt
         self.signal = signum
-        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step", file=sys.stderr)
+        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step",
+              file=sys.stderr)
 
 
 def build_model(cfg: TrainConfig, device):
     """Load the base model, then (seeded) build the adapters and freeze everything else."""
     full = cfg.method == "full"
-    dtype, compute = M.weights_dtype_policy(cfg.weights_dtype, device)   # (storage, compute: fp32 for bf16 on CPU)
+    # (storage, compute): compute is fp32 for bf16 storage on CPU
+    dtype, compute = M.weights_dtype_policy(cfg.weights_dtype, device)
     if full:
-        dtype = torch.float32                                    # full fine-tuning keeps fp32 master weights
+        dtype = torch.float32                  # full fine-tuning keeps fp32 master weights
     net, tok = M.load_model_and_tokenizer(cfg.model, dtype, device, compute_dtype=compute)
-    torch.manual_seed(cfg.seed)                                   # adapter init depends on the seed, nothing else
+    torch.manual_seed(cfg.seed)                # adapter init depends on the seed, nothing else
     if full:
         for p in net.parameters():
             p.requires_grad_(True)
@@ -561,19 +579,21 @@ def build_model(cfg: TrainConfig, device):
 
 def accumulate_gradients(net, micro: list[dict], n_label: int, device, autocast=None, method=None,
                          world: int = 1) -> float:
-    """Backward over micro-batches so that the gradient equals that of one batch holding all of them.
+    """Backward over micro-batches: the gradient equals that of one batch holding all of them.
 
-    loss = (Σ over every label token t of the step of CE_t) / n_label, where n_label counts the label tokens of
-    *all* micro-batches. Averaging per micro-batch instead would weight a token by 1/len(its micro-batch).
-    The method's regularizer joins the last micro-batch's loss (same gradient as a separate backward; under DDP it
-    keeps the step at one backward per micro-batch). Returns this process's share of the loss (a float, for logging).
-    `method.before_micro_batch` tells curvature collectors (CTR-LoRA) which tokens carry a loss and the scale of
-    the per-token gradients.
+    loss = (Σ over every label token t of the step of CE_t) / n_label, where n_label counts the
+    label tokens of *all* micro-batches. Averaging per micro-batch instead would weight a token by
+    1/len(its micro-batch). The method's regularizer joins the last micro-batch's loss (same
+    gradient as a separate backward; under DDP it keeps the step at one backward per micro-batch).
+    Returns this process's share of the loss (a float, for logging). `method.before_micro_batch`
+    tells curvature collectors (CTR-LoRA) which tokens carry a loss and the scale of the per-token
+    gradients.
 
-    Under DDP (`net` is the DistributedDataParallel wrapper, `world` ranks) n_label counts the label tokens of every
-    rank, and each rank's loss is multiplied by `world`: DDP averages gradients over ranks, so the result is the
-    gradient of Σ_all ranks CE / n_label — exactly the single-process gradient of the global batch. Gradients are
-    all-reduced once, in the backward of the last micro-batch (no_sync before it).
+    Under DDP (`net` is the DistributedDataParallel wrapper, `world` ranks) n_label counts the
+    label tokens of every rank, and each rank's loss is multiplied by `world`: DDP averages
+    gradients over ranks, so the result is the gradient of Σ_all ranks CE / n_label — exactly the
+    single-process gradient of the global batch. Gradients are all-reduced once, in the backward of
+    the last micro-batch (no_sync before it).
     """
     loss_total = torch.zeros((), device=device)
     for i, b in enumerate(micro):
@@ -588,18 +608,21 @@ def accumulate_gradients(net, micro: list[dict], n_label: int, device, autocast=
             reg = method.regularizer() if last and method is not None else None
             (objective if reg is None else objective + reg).backward()
         loss_total += loss.detach().float()
-    return loss_total.item()          # the step's one host-device sync: a NaN/inf loss must skip the step
+    # the step's one host-device sync: a NaN/inf loss must skip the step
+    return loss_total.item()
 
 
 def optimizer_step(optimizer, params: list, method, step: int, clip: float):
-    """What follows the backward of step `step`: clip, the method's hooks around optimizer.step, zero_grad, and new
-    parameters (TriAdaptLoRA growth) joining `optimizer` (a group with fresh warm-up) and `params` (in place).
-    Returns (the pre-clip gradient norm as a tensor — no host sync — or None without clipping, the new parameters)."""
+    """What follows the backward of step `step`: clip, the method's hooks around optimizer.step,
+    zero_grad, and new parameters (TriAdaptLoRA growth) joining `optimizer` (a group with fresh
+    warm-up) and `params` (in place). Returns (the pre-clip gradient norm as a tensor — no host
+    sync — or None without clipping, the new parameters)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else None
-    method.before_optimizer_step(optimizer, step)       # CTR-LoRA: curvature statistics, snapshot
+    method.before_optimizer_step(optimizer, step)     # CTR-LoRA: curvature statistics, snapshot
     optimizer.step()
-    new_params = method.after_optimizer_step(step)      # CTR trust region + allocator / AdaLoRA masking / growth
-    optimizer.zero_grad(set_to_none=True)               # (after the hook: importance scores read .grad)
+    # CTR trust region + allocator / AdaLoRA masking / TriAdaptLoRA growth
+    new_params = method.after_optimizer_step(step)
+    optimizer.zero_grad(set_to_none=True)     # (after the hook: importance scores read .grad)
     join_optimizer(optimizer, params, new_params, step)
     return grad_norm, new_params
 
@@ -652,7 +675,8 @@ def resume(out: Path, cfg: TrainConfig, net, optimizer, batcher, method, device,
     """Load the latest checkpoint of `out` into the model, optimizer, data cursor and RNGs.
     Returns (step, non-finite steps so far, the optimizer's parameters)."""
     ckpt = newest_intact_checkpoint(out, warn=rank == 0)
-    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)  # never unpickles code
+    # weights_only: loading a checkpoint never unpickles code
+    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
     check_resume_config(state["config"], cfg)
     if cfg.method == "full":
         M.load_state_into(net, ckpt, torch.float32, device)
@@ -660,7 +684,8 @@ def resume(out: Path, cfg: TrainConfig, net, optimizer, batcher, method, device,
             p.requires_grad_(True)
         optimizer.param_groups[0]["params"] = list(net.parameters())
     else:
-        # rebuild grown structure (TriAdaptLoRA) first, so tensors and optimizer groups exist to load into
+        # rebuild grown structure (TriAdaptLoRA) first, so that the tensors and optimizer
+        # groups exist to load into
         for group_params, group_start in method.restore_structure(state.get("method", {})):
             optimizer.add_param_group({"params": group_params, "start_step": group_start})
         IO.load_adapter_weights(net, str(ckpt))
@@ -676,8 +701,8 @@ def resume(out: Path, cfg: TrainConfig, net, optimizer, batcher, method, device,
 
 
 class Progress:
-    """The progress line and metrics.jsonl (rank 0 only): loss, lr, grad norm, tokens/s and the method's items,
-    averaged over the steps since the last line."""
+    """The progress line and metrics.jsonl (rank 0 only): loss, lr, grad norm, tokens/s and the
+    method's items, averaged over the steps since the last line."""
 
     def __init__(self, out: Path, cfg: TrainConfig, start_step: int, main_rank: bool):
         self.cfg, self.start_step, self.main_rank = cfg, start_step, main_rank
@@ -702,8 +727,9 @@ class Progress:
         row = {"step": step, "loss": self.loss / self.steps, "lr": lr, "grad_norm": grad_norm,
                "tokens_per_s": self.tokens / (time.perf_counter() - self.t_window),
                "elapsed_s": round(elapsed, 1), **method.log_items()}
-        print(f"step {step:5d}/{self.cfg.steps} | loss {row['loss']:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
-              f"{row['tokens_per_s']:.0f} tok/s | ETA {eta:.0f}s", file=sys.stderr)
+        print(f"step {step:5d}/{self.cfg.steps} | loss {row['loss']:.4f} | lr {lr:.2e} | "
+              f"grad {grad_norm:.3f} | {row['tokens_per_s']:.0f} tok/s | ETA {eta:.0f}s",
+              file=sys.stderr)
         self.write(row)
         self._reset()
 
@@ -713,7 +739,8 @@ class Progress:
         net.eval()
         v = E.evaluate_loss(net, examples, batch_size, pad_id)
         net.train()
-        print(f"step {step:5d} | validation loss {v['loss']:.4f} (ppl {v['ppl']:.2f})", file=sys.stderr)
+        print(f"step {step:5d} | validation loss {v['loss']:.4f} (ppl {v['ppl']:.2f})",
+              file=sys.stderr)
         self.write({"step": step, "val_loss": v["loss"], "val_ppl": v["ppl"]})
 
     def close(self):
@@ -729,29 +756,20 @@ def write_products(out: Path, net, cfg: TrainConfig, step: int, wall: float) -> 
                        base_model_name_or_path=M.hf_reference(cfg.model))
     E.plot_loss_curves({cfg.method: out / "metrics.jsonl"}, out / "loss.png")
     if cfg.method != "full":
-        E.plot_rank_heatmap(A.adapter_ranks(net), out / "ranks.png", f"{cfg.method} ranks")   # ranks in use
+        # the ranks in use
+        E.plot_rank_heatmap(A.adapter_ranks(net), out / "ranks.png", f"{cfg.method} ranks")
     if cfg.method == "ctr":
         E.plot_trust_region(out / "metrics.jsonl", out / "trust_region.png")
-    print(f"done: {step} steps in {wall:.0f}s; wrote {out}/ (weights, peft/, metrics.jsonl, loss.png, ranks.png)",
-          file=sys.stderr)
+    print(f"done: {step} steps in {wall:.0f}s; wrote {out}/ (weights, peft/, metrics.jsonl, "
+          f"loss.png, ranks.png)", file=sys.stderr)
     print(f"try it: python model.py --adapter {out} --prompt \"...\"", file=sys.stderr)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """The loop of the module docstring. Returns {"steps", "wall_s", "nonfinite_steps", "model"}."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device, rank, world = init_distributed(cfg)
-    main_rank = rank == 0                                  # the only writer of files and progress lines
-    out = Path(cfg.out)
-    if not cfg.resume and latest_checkpoint(out) is not None and not cfg.overwrite:   # never lose a run by accident
-        raise ValueError(f"{out} holds checkpoints of an earlier run; add --resume to continue it, "
-                         f"--overwrite to start again, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    random.seed(cfg.seed)
-    train_records, val_records, val_name = read_datasets(cfg)   # validated before the model load
-    # encoded with the checkpoint's tokenizer before the model is built: --epochs sets --steps,
-    # which the methods' schedules need when their adapters are built
+def prepare_data(cfg: TrainConfig, world: int, main_rank: bool):
+    """(tokenizer, training examples, validation examples or None): read and validated before the
+    (slow) model load, encoded with the checkpoint's tokenizer. --epochs sets --steps here, which
+    the methods' schedules need when their adapters are built."""
+    train_records, val_records, val_name = read_datasets(cfg)
     tok = load_tokenizer(M.resolve_checkpoint(cfg.model))
     train_examples = D.encode_dataset(train_records, tok, cfg.seq_len, cfg.chat, name=cfg.data)
     val_examples = (D.encode_dataset(val_records, tok, cfg.seq_len, cfg.chat, name=val_name)
@@ -764,84 +782,132 @@ def train(cfg: TrainConfig) -> dict:
               file=sys.stderr)
     if cfg.epochs and cfg.method != "full":
         cfg.adapter_config()                     # the methods' schedules, checked for these steps
-    net, tok = build_model(cfg, device)
+    return tok, train_examples, val_examples
+
+
+def prepare_training(cfg: TrainConfig, device, world: int, main_rank: bool):
+    """(model, its trainable parameters, AdamW, the method's hooks, the autocast context)."""
+    net, _ = build_model(cfg, device)
     if cfg.seq_len > net.config.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} is longer than the model allows "
                          f"({net.config.max_position_embeddings}); lower --seq-len")
-    # checkpointing: on by default on CUDA; always with bf16 storage + fp32 compute on CPU, where otherwise autograd
-    # would keep every block's fp32 weight copy (the memory of a whole fp32 model)
-    net.grad_checkpoint = cfg.grad_checkpoint or device.type == "cuda" or net.compute_dtype is not None
+    # checkpointing: on by default on CUDA; always with bf16 storage + fp32 compute on CPU, where
+    # autograd would otherwise keep every block's fp32 weight copy (a whole fp32 model's memory)
+    net.grad_checkpoint = (cfg.grad_checkpoint or device.type == "cuda"
+                           or net.compute_dtype is not None)
     params = A.optimizer_parameters(net)
     if main_rank:
         print(f"{cfg.method}: {sum(p.numel() for p in params):,} trainable parameters"
-              + (f"; {world} processes, global batch {cfg.batch_size * world} x {cfg.grad_accum} micro-batches"
-                 if world > 1 else ""), file=sys.stderr)
-    batcher = D.Batcher(train_examples, cfg.batch_size, tok.pad_id, seed=cfg.seed, rank=rank, world_size=world)
-    # AdamW on the trainable parameters; each group remembers the step it joined (for its warm-up).
+              + (f"; {world} processes, global batch {cfg.batch_size * world} x {cfg.grad_accum} "
+                 f"micro-batches" if world > 1 else ""), file=sys.stderr)
+    # AdamW on the trainable parameters; each group remembers the step it joined (its warm-up).
     # fused: one kernel for all tensors, the same arithmetic as the loop
-    optimizer = torch.optim.AdamW([{"params": params, "start_step": 0}], lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.999), eps=1e-8, fused=device.type in ("cpu", "cuda"))
-    method = A.training_hooks(net, cfg.adapter_config()) if cfg.method != "full" else A.MethodHooks()
-    if world > 1:                                   # statistics behind rank decisions are summed over the ranks
+    optimizer = torch.optim.AdamW([{"params": params, "start_step": 0}], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8,
+                                  fused=device.type in ("cpu", "cuda"))
+    method = (A.training_hooks(net, cfg.adapter_config()) if cfg.method != "full"
+              else A.MethodHooks())
+    if world > 1:                     # statistics behind rank decisions are summed over the ranks
         method.all_reduce_sum, method.world_size = all_reduce_sum, world
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    method.autocast = autocast                      # (CTR-LoRA's KL check runs its own forwards)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else nullcontext())
+    method.autocast = autocast        # (CTR-LoRA's KL check runs forwards of its own)
+    return net, params, optimizer, method, autocast
 
-    start_step, nonfinite_total, calibration_info = 0, 0, {}
+
+def start_or_resume(out: Path, cfg: TrainConfig, net, optimizer, batcher, method, examples,
+                    pad_id: int, device, rank: int, world: int):
+    """(first step, non-finite steps so far, the optimizer's parameters, figures of the
+    calibration): from the latest intact checkpoint with --resume; else a fresh start, after
+    CG-LoRA's data-dependent initialization, replacing an earlier run's checkpoints and metrics."""
     if cfg.resume:
-        start_step, nonfinite_total, params = resume(out, cfg, net, optimizer, batcher, method, device, rank, world)
-    else:
-        if method.calibration_batches:                     # CG-LoRA: data-dependent init before the first step
-            calibration_info = calibrate(method, train_examples, cfg, tok.pad_id, device)
-        if main_rank:
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            (out / "metrics.jsonl").unlink(missing_ok=True)
+        return (*resume(out, cfg, net, optimizer, batcher, method, device, rank, world), {})
+    calibration_info = {}
+    if method.calibration_batches:                # CG-LoRA: initialized before the first step
+        calibration_info = calibrate(method, examples, cfg, pad_id, device)
+    if rank == 0:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    return 0, 0, params, calibration_info
+
+
+def global_label_count(micro: list[dict], world: int, device) -> int:
+    """Label tokens of the step's micro-batches, over every rank: the loss normalizer."""
+    n_label = sum(D.count_label_tokens(b) for b in micro)
+    if world > 1:
+        count = torch.tensor([float(n_label)], device=device)
+        all_reduce_sum([count])
+        n_label = int(count.item())
+    return n_label
+
+
+def share_loss_and_stop(loss: float, stop, device) -> float:
+    """Under DDP: the global loss; any rank's signal stops every rank."""
+    shared = torch.tensor([loss, float(stop.signal is not None)], device=device)
+    all_reduce_sum([shared])
+    if shared[1].item() > 0 and stop.signal is None:
+        stop.signal = signal.SIGTERM
+    return shared[0].item()
+
+
+def train(cfg: TrainConfig) -> dict:
+    """The loop of the module docstring. Returns {"steps", "wall_s", "nonfinite_steps", "model"}."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device, rank, world = init_distributed(cfg)
+    main_rank = rank == 0                          # the only writer of files and progress lines
+    out = Path(cfg.out)
+    if not cfg.resume and latest_checkpoint(out) is not None and not cfg.overwrite:
+        raise ValueError(f"{out} holds checkpoints of an earlier run; add --resume to continue "
+                         f"it, --overwrite to start again, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    random.seed(cfg.seed)
+    tok, train_examples, val_examples = prepare_data(cfg, world, main_rank)
+    net, params, optimizer, method, autocast = prepare_training(cfg, device, world, main_rank)
+    batcher = D.Batcher(train_examples, cfg.batch_size, tok.pad_id, seed=cfg.seed, rank=rank,
+                        world_size=world)
+    start_step, nonfinite_total, params, calibration_info = start_or_resume(
+        out, cfg, net, optimizer, batcher, method, train_examples, tok.pad_id, device, rank, world)
     if main_rank:
         (out / IO.RUN_CONFIG_NAME).write_text(json.dumps(asdict(cfg), indent=2))
-    if cfg.compile:                    # after CG-LoRA's calibration (its hooks run eager); compiles at first step
+    if cfg.compile:               # after CG-LoRA's calibration (its hooks run eager)
         net.compile_blocks()
         if main_rank:
-            print("--compile: the first training step compiles the blocks (tens of seconds on CPU)", file=sys.stderr)
-    ddp = wrap_ddp(net, device, world)                     # the model itself in one process
+            print("--compile: the first training step compiles the blocks (tens of seconds on "
+                  "CPU)", file=sys.stderr)
+    ddp = wrap_ddp(net, device, world)             # the model itself in one process
     progress = Progress(out, cfg, start_step, main_rank)
     if calibration_info:
         progress.write({"step": 0, **calibration_info})
-    if val_examples and start_step == 0:
-        progress.validation(0, net, val_examples, cfg.batch_size * 2, tok.pad_id)   # the curve's starting point
+    if val_examples and start_step == 0:           # the validation curve's starting point
+        progress.validation(0, net, val_examples, cfg.batch_size * 2, tok.pad_id)
     stop = StopFlag()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     net.train()
     consecutive_nonfinite, step = 0, start_step
     try:
         while step < cfg.steps:
-            # ---- 1. fetch the micro-batches of this step and count their label tokens (the loss normalizer)
+            # ---- 1. the step's micro-batches; their label tokens (all ranks) normalize the loss
             micro = [next(batcher) for _ in range(cfg.grad_accum)]
-            n_label = sum(D.count_label_tokens(b) for b in micro)
-            if world > 1:                                  # the normalizer counts the label tokens of every rank
-                count = torch.tensor([float(n_label)], device=device)
-                all_reduce_sum([count])
-                n_label = int(count.item())
+            n_label = global_label_count(micro, world, device)
             set_lrs(optimizer, step, cfg)
-            rng_before = rng_state()                # a dropped step gives back its random draws
+            rng_before = rng_state()               # a dropped step gives back its random draws
 
-            # ---- 2. forward/backward: summed token losses / label tokens of the whole step == one big batch,
-            #         plus the method's penalty (AdaLoRA/TriAdaptLoRA orthogonality; none for LoRA)
+            # ---- 2. forward/backward: summed token losses / label tokens of the whole step (==
+            #         one big batch), plus the method's penalty (orthogonality; none for LoRA)
             loss = accumulate_gradients(ddp, micro, n_label, device, autocast, method, world)
-            if world > 1:                                  # the global loss; any rank's signal stops every rank
-                shared = torch.tensor([loss, float(stop.signal is not None)], device=device)
-                all_reduce_sum([shared])
-                loss = shared[0].item()
-                if shared[1].item() > 0 and stop.signal is None:
-                    stop.signal = signal.SIGTERM
+            if world > 1:
+                loss = share_loss_and_stop(loss, stop, device)
 
             # ---- 3. drop a step whose loss or gradient is NaN/inf: no trace but its batch and
-            #         step number (reported as step N, as the progress lines count; too many in a
-            #         row abort)
+            #         step number (reported as step N, as the progress lines count; too many in
+            #         a row abort)
             finite = math.isfinite(loss) and gradients_are_finite(params)
             if not finite:
                 consecutive_nonfinite += 1
                 nonfinite_total += 1
-                set_rng_state(rng_before)                 # (before skip_step: growth draws from it)
+                set_rng_state(rng_before)          # (before skip_step: growth draws from it)
                 new_params = skip_step(net, optimizer, params, method, step)
                 what = (f"loss ({loss})" if not math.isfinite(loss)
                         else f"gradient (loss {loss:.4f})")
@@ -853,43 +919,48 @@ def train(cfg: TrainConfig) -> dict:
                 consecutive_nonfinite = 0
                 # ---- 4. clip, trust region, optimizer step, allocator
                 grad_norm, new_params = optimizer_step(optimizer, params, method, step, cfg.clip)
-            if new_params and world > 1:                    # DDP buckets are fixed at wrap time: wrap again
+            if new_params and world > 1:           # DDP buckets are fixed at wrap time: rewrap
                 unwrap_ddp(ddp)
                 ddp = wrap_ddp(net, device, world)
             step += 1
 
             # ---- 5. log, evaluate, checkpoint
             if finite:
-                tokens = sum(D.count_input_tokens(b) for b in micro)  # real tokens, not padding
-                progress.step_done(step, loss, tokens, optimizer.param_groups[0]["lr"], grad_norm,
-                                   method)
-            if val_examples and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+                tokens = sum(D.count_input_tokens(b) for b in micro)  # real tokens, no padding
+                progress.step_done(step, loss, tokens, optimizer.param_groups[0]["lr"],
+                                   grad_norm, method)
+            if val_examples and ((cfg.eval_every and step % cfg.eval_every == 0)
+                                 or step == cfg.steps):
                 progress.validation(step, net, val_examples, cfg.batch_size * 2, tok.pad_id)
-            if stop.signal is not None or (cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps):
+            due = cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps
+            if stop.signal is not None or due:
                 rngs = rank_rng_states(world)
                 if main_rank:
                     path = save_checkpoint(out, step, net, optimizer, batcher, cfg,
-                                           {"nonfinite_total": nonfinite_total, "method": method.state_dict(), **rngs})
+                                           {"nonfinite_total": nonfinite_total,
+                                            "method": method.state_dict(), **rngs})
                     print(f"saved checkpoint {path}", file=sys.stderr)
             if stop.signal is not None:
                 if main_rank:
-                    print(f"stopped at step {step}; continue with the same command plus --resume", file=sys.stderr)
+                    print(f"stopped at step {step}; continue with: python train.py --resume "
+                          f"--out {out}", file=sys.stderr)
                 finish_distributed(world)
                 sys.exit(128 + stop.signal)
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
         progress.close()
-        method.close()                                     # e.g. remove CTR-LoRA's statistics hooks
+        method.close()                             # e.g. remove CTR-LoRA's statistics hooks
 
     net.eval()
     wall = time.perf_counter() - progress.t_start
     rngs = rank_rng_states(world)
     if main_rank:
-        check_finite_before_saving(out, step, net, optimizer, cfg)     # nothing NaN/inf is written
+        check_finite_before_saving(out, step, net, optimizer, cfg)     # nothing NaN/inf written
         write_products(out, net, cfg, step, wall)
         save_checkpoint(out, step, net, optimizer, batcher, cfg,
-                        {"nonfinite_total": nonfinite_total, "method": method.state_dict(), **rngs})
+                        {"nonfinite_total": nonfinite_total, "method": method.state_dict(),
+                         **rngs})
     finish_distributed(world)
     return {"steps": step, "wall_s": wall, "nonfinite_steps": nonfinite_total, "model": net}
 
