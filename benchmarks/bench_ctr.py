@@ -16,7 +16,6 @@ checks against the tensors a run actually holds). Not a test: prints figures.
 
 from __future__ import annotations
 
-import adapter_config as AC
 import argparse
 import contextlib
 import copy
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import adapter_config as AC  # noqa: E402
 import adapters as A  # noqa: E402
 import model as M  # noqa: E402
 import train as T  # noqa: E402
