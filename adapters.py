@@ -512,12 +512,18 @@ class MaskAllocator:
                  select: Callable[[dict, int], dict] = keep_top_budget):
         self.layers, self.schedule, self.select = layers, schedule, select
 
+    def due(self, t: int) -> bool:
+        """Is t an allocation step?"""
+        allocate_now, freeze = self.schedule(t)[1], self.schedule.freeze_step
+        return (allocate_now and t < freeze) or t == freeze
+
     @torch.no_grad()
-    def step(self, t: int, scores: Callable[[], dict[str, torch.Tensor]]) -> bool:
-        """Allocate if step t is an allocation step (returns True then); always zero masked λ."""
-        budget, allocate_now = self.schedule(t)
-        freeze = self.schedule.freeze_step
-        allocate = (allocate_now and t < freeze) or t == freeze
+    def step(self, t: int, scores: Callable[[], dict[str, torch.Tensor]],
+             force: bool = False) -> bool:
+        """Allocate if step t is an allocation step, or `force` (an allocation deferred from a
+        dropped step); returns True then. Always zero masked λ."""
+        budget = self.schedule(t)[0]
+        allocate = force or self.due(t)
         if allocate:
             masks = self.select(scores(), budget)
             for name, layer in self.layers.items():
@@ -1135,7 +1141,8 @@ class CTRLoRAHooks(MethodHooks):
                                allocation steps: keep the top-b(t) triplets by utility
                                                                              [rank scheduler]
         skip_step              a dropped step: forget its statistics, micro-batches, logits
-                               and snapshot; an allocation due now uses the good steps' ones
+                               and snapshot; an allocation due now waits for the next good
+                               step, whose trust region bounds it
 
     Statistics are collected inside training steps only: a forward or backward between steps
     (evaluation, generation) adds nothing. State per module (kfac-diag): s (d_in), γ (d_out),
@@ -1178,6 +1185,7 @@ class CTRLoRAHooks(MethodHooks):
         self._log = {"kappa": 0.0, "kl": 0.0, "shrink": 1.0, "kl_max": 0.0}
         self.steps_seen = self.steps_clipped = self.forwards = 0
         self._unlogged_ranks: dict[str, int] | None = None
+        self.allocation_due = False          # an allocation deferred from a dropped step
 
     def close(self):
         if self.collector is not None:
@@ -1400,19 +1408,22 @@ class CTRLoRAHooks(MethodHooks):
     def skip_step(self, step: int) -> list[nn.Parameter]:
         """Drop the step's statistics (collector sums), kept micro-batches and logits, and
         snapshot; the running averages and the EMA of ∂L/∂λ never saw it (they fold in
-        before_optimizer_step). An allocation due now uses the statistics of the good steps."""
+        before_optimizer_step). An allocation due now is deferred to the next good step (unlike
+        AdaLoRA's, which happens now): masking moves the predictions, and only a good step has
+        the trust region that bounds the move."""
         if self.collector is not None:
             self.collector.reset()
             self.collector.pause()
         self._snapshot, self._micro = None, []
         self.t = step + 1
-        if self.schedule is not None and (self.curvature or self.hessian_diag):
-            self._allocate(self.t)
+        if self.schedule is not None and self.allocator.due(self.t):
+            self.allocation_due = True
         return []
 
     def _allocate(self, t: int) -> None:
         self.budget = self.schedule(t)[0]
-        if self.allocator.step(t, self.utility_scores):
+        force, self.allocation_due = self.allocation_due, False
+        if self.allocator.step(t, self.utility_scores, force=force):
             ranks = {name: m.active_rank for name, m in self.layers.items()}
             self._unlogged_ranks = ranks
             print(f"ctr step {t}/{self.schedule.total_steps}: kept {sum(ranks.values())} of "
@@ -1434,7 +1445,8 @@ class CTRLoRAHooks(MethodHooks):
     def state_dict(self) -> dict:
         return {"curvature": self.curvature, "grad_lambda": self.grad_lambda,
                 "hessian_diag": self.hessian_diag, "budget": self.budget,
-                "log_ratio": self.log_ratio, "total_steps": self.cfg.total_steps}
+                "log_ratio": self.log_ratio, "total_steps": self.cfg.total_steps,
+                "allocation_due": self.allocation_due}
 
     def restore_structure(self, state: dict) -> list[tuple[list[nn.Parameter], int]]:
         if self.schedule is not None:
@@ -1444,6 +1456,7 @@ class CTRLoRAHooks(MethodHooks):
         self.hessian_diag = state.get("hessian_diag", {})
         self.budget = state.get("budget", self.budget)
         self.log_ratio = state.get("log_ratio", 0.0)
+        self.allocation_due = state.get("allocation_due", False)
         return []
 
 

@@ -126,10 +126,11 @@ def test_step_metric_equals_dense_metric_of_the_exact_step(small_dir, metric):
     assert max(seen) > 0
 
 
-def measured_run(model_dir, method, lr, steps=8, rho=0.05, mutate=None):
+def measured_run(model_dir, method, lr, steps=8, rho=0.05, mutate=None, drop=()):
     """A plain loop (train.py's step functions) that measures, independently of the method, the KL
     of every applied step on the step's own batch: mean over its label tokens of
-    KL(p_before ‖ p_after), in float64. Returns (per-step KLs, per-step training losses, hooks)."""
+    KL(p_before ‖ p_after), in float64. The steps in `drop` (0-based) are dropped after their
+    backward, as train.py drops a non-finite one. Returns (per-step KLs, losses, hooks)."""
     cfg = ctr_cfg(ctr_rho=rho, orth_reg=0.0) if method == "ctr" else \
         A.AdapterConfig(method="lora", r=4, alpha=8.0, targets=["q_proj", "v_proj", "down_proj"])
     net, tok = M.load_model_and_tokenizer(model_dir, torch.float32, "cpu")
@@ -149,7 +150,10 @@ def measured_run(model_dir, method, lr, steps=8, rho=0.05, mutate=None):
         net.train()
         losses.append(T.accumulate_gradients(net, [b], D.count_label_tokens(b), "cpu",
                                              method=hooks))
-        T.optimizer_step(opt, params, hooks, step, clip=0.0)
+        if step in drop:
+            T.skip_step(net, opt, params, hooks, step)
+        else:
+            T.optimizer_step(opt, params, hooks, step, clip=0.0)
         net.eval()
         with torch.no_grad():
             after = torch.log_softmax(net.label_logits(ids, mask).double(), -1)
@@ -174,25 +178,45 @@ def test_every_applied_step_measures_at_most_rho_while_lora_spikes(trained_dir):
             and max(lora_losses) > 2 * lora_losses[0]), (lora_kls, lora_losses)
 
 
+def adversarial(hooks):
+    """An adapter with large λ, P and Q whose reallocations remove the *most* useful triplets
+    (utilities negated): masking them at once would move the predictions by more than ρ."""
+    with torch.no_grad():
+        for m in hooks.layers.values():
+            m.lora_lambda.copy_(8.0 * (-1.0) ** torch.arange(m.r))
+            m.lora_P.mul_(8.0)
+            m.lora_Q.mul_(8.0)
+    utilities = hooks.utility_scores
+    hooks.utility_scores = lambda: {n: -u for n, u in utilities().items()}
+
+
+def masked_but_moving(hooks):
+    return sum(int(((m.lora_mask == 0) & (m.lora_lambda != 0)).sum())
+               for m in hooks.layers.values())
+
+
 def test_a_reallocation_is_part_of_the_step_the_trust_region_bounds(trained_dir):
-    """Masking triplets changes the predictions too. Here the first reallocation (t = 4) removes the
-    *most* useful triplets (utilities negated) of an adapter with large λ, P and Q, which would move
-    the predictions by more than ρ at once: the trust region bounds that step as well, and the
-    masked λ reach 0 over the next steps."""
-    def adversarial(hooks):
-        with torch.no_grad():
-            for m in hooks.layers.values():
-                m.lora_lambda.copy_(8.0 * (-1.0) ** torch.arange(m.r))
-                m.lora_P.mul_(8.0)
-                m.lora_Q.mul_(8.0)
-        utilities = hooks.utility_scores
-        hooks.utility_scores = lambda: {n: -u for n, u in utilities().items()}
+    """Masking triplets changes the predictions too. Here the first reallocation (t = 4) is
+    adversarial: the trust region bounds that step as well, and the masked λ reach 0 over the
+    next steps."""
     kls, _, hooks = measured_run(trained_dir, "ctr", lr=1e-3, steps=4, mutate=adversarial)
     assert max(kls) <= 1.1 * 0.05, kls
-    masked_but_moving = sum(int(((m.lora_mask == 0) & (m.lora_lambda != 0)).sum())
-                            for m in hooks.layers.values())
-    # the reallocation was scaled down, not applied at once
-    assert masked_but_moving > 0
+    assert masked_but_moving(hooks) > 0     # the reallocation was scaled down, not applied at once
+
+
+def test_a_reallocation_due_on_a_dropped_step_waits_for_the_trust_region(trained_dir):
+    """The same adversarial reallocation, due at t = 4, whose step is dropped (as a NaN loss drops
+    it): the dropped step changes no prediction (KL exactly 0: it has no trust region to bound
+    a masking), the allocation happens at the next good step t = 5, to that step's budget, and
+    that step measures at most ρ too."""
+    kls, _, hooks = measured_run(trained_dir, "ctr", lr=1e-3, steps=5, mutate=adversarial,
+                                 drop={3})
+    assert kls[3] == 0.0, kls
+    assert max(kls) <= 1.1 * 0.05, kls
+    # allocated at t = 5, to the budget of t = 5 (t = 5 is not an allocation step by itself)
+    assert not hooks.allocator.due(5)
+    assert sum(m.active_rank for m in hooks.layers.values()) == hooks.schedule(5)[0]
+    assert masked_but_moving(hooks) > 0
 
 
 def test_a_trust_region_that_skips_its_check_fails_the_bound(trained_dir):

@@ -12,14 +12,15 @@ lora, adalora, triadapt, ctr, cg and (where it applies) full fine-tuning.
 
 The options put each method's decisions inside the 6 steps, on both sides of the step-3
 checkpoint and on the dropped steps 2 and 4: AdaLoRA and CTR-LoRA allocate at t = 2 (budget 27
-of 36 triplets) and t = 4 (the final one: 24); TriAdaptLoRA grows at t = 2 and 4; CG-LoRA
-calibrates its init before step 1; CTR-LoRA's trust region shrinks steps (at a learning rate
-where it binds). A tiny transformers Llama (2
-layers, d = 64, HF init: the KL of a step is well above fp32 noise), 4 sequences per step: well
-under a second per run. Runs used by several tests are made once per module (`runs`).
+of 36 triplets) and t = 4 (the final one: 24; CTR-LoRA defers one due on a dropped step to the
+next good step); TriAdaptLoRA grows at t = 2 and 4; CG-LoRA calibrates its init before step 1;
+CTR-LoRA's trust region shrinks steps (at a learning rate where it binds). A tiny transformers
+Llama (2 layers, d = 64, HF init: the KL of a step is well above fp32 noise), 4 sequences per
+step: well under a second per run. Runs used by several tests are made once per module (`runs`).
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -273,8 +274,10 @@ def test_nonfinite_steps_leave_no_trace(runs, tiny_dir, data_file, tmp_path, met
     activation ends in exactly the state (weights, optimizer moments and step counts, method
     statistics, masks, growth, RNG, data cursor) of a run whose steps 2 and 4 drew their batches
     and computed nothing. What a dropped step consumes: its batch and its step number (schedules
-    keep their clock: AdaLoRA/CTR-LoRA allocate at t = 2 and 4 — the final budget is reached —
-    and TriAdaptLoRA grows, as in the uninterrupted run). Dropout is on: the RNG is rewound too."""
+    keep their clock: AdaLoRA allocates at t = 2 and 4 and TriAdaptLoRA grows, as in the
+    uninterrupted run; CTR-LoRA's allocations due at 2 and 4 wait for the good steps 3 and 5,
+    whose trust region bounds them; the final budget is reached). Dropout is on: the RNG is
+    rewound too."""
     injected = tmp_path / "injected"
     run_patched(inject_nonfinite(), config(tiny_dir, data_file, method, injected))
     err = capsys.readouterr().err
@@ -286,6 +289,9 @@ def test_nonfinite_steps_leave_no_trace(runs, tiny_dir, data_file, tmp_path, met
     assert final_state(injected)["nonfinite_total"] == 2
     # step numbers as the progress lines count them: steps 2 and 4 log no loss
     assert [r["step"] for r in metrics(injected) if "loss" in r] == [1, 3, 5, 6]
+    if method in ("adalora", "ctr"):                    # when the allocations happened
+        steps = [2, 4] if method == "adalora" else [3, 5]
+        assert re.findall(rf"{method} step (\d+)/6: kept", err) == [str(t) for t in steps]
     assert_decisions_happened(method, injected, shrunk=False)  # (ρ binds on steps 2-4 only)
     # and the dropped steps did change the run (else equality would prove nothing)
     uninterrupted = final_state(runs(method, "a"))["weights"]
