@@ -536,6 +536,9 @@ def low_rank_metric_norm_sq(B: torch.Tensor, A: torch.Tensor, dB: torch.Tensor |
     return scale ** 2 * total
 
 
+KL_CHUNK_ELEMENTS = 2 ** 22        # kl_divergence's row blocks: 16 MiB per fp32 temporary
+
+
 def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     """KL(p ‖ q) per row (N,) of two (N, vocab) logit matrices, in fp32:
     Σ_v p_v (log p_v − log q_v).
@@ -543,9 +546,17 @@ def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tenso
     What the CTR-LoRA trust region measures (p before the step, q after it), and what every
     proxy of this file predicts to second order: KL(p_θ ‖ p_θ+δ) = ½ δᵀ F δ + O(‖δ‖³), F the
     Fisher (= GGN for softmax cross-entropy). Rounding of the vocabulary sum is about 1e-7.
+
+    Computed over blocks of rows of at most KL_CHUNK_ELEMENTS entries: the five temporaries
+    (log p, log q, p, the difference, the product) are (rows, vocab) blocks, not (N, vocab)
+    matrices (memory.py counts them so). Each row's value does not depend on the blocking.
     """
-    logp, logq = F.log_softmax(logits_p.float(), -1), F.log_softmax(logits_q.float(), -1)
-    return (logp.exp() * (logp - logq)).sum(-1)
+    rows = max(1, KL_CHUNK_ELEMENTS // logits_p.shape[-1])
+    out = []
+    for p, q in zip(logits_p.split(rows), logits_q.split(rows)):
+        logp, logq = F.log_softmax(p.float(), -1), F.log_softmax(q.float(), -1)
+        out.append((logp.exp() * (logp - logq)).sum(-1))
+    return torch.cat(out)
 
 
 def predicted_kl(B, A, dB, dA, S, Gamma, scale: float = 1.0) -> torch.Tensor:

@@ -47,6 +47,7 @@ import torch
 
 import adapter_config as AC
 import adapters as A
+import curvature as C
 import model as M
 
 GiB, MiB, KiB = 2 ** 30, 2 ** 20, 2 ** 10
@@ -549,7 +550,8 @@ def block_backward_transient(cfg: M.LlamaConfig, B: int, T: int, size: int) -> i
 def estimate(config: M.LlamaConfig, method: str, adapter_cfg: A.AdapterConfig | None,
              batch_size: int, seq_len: int, weights_dtype: torch.dtype,
              compute_dtype: torch.dtype | None, grad_checkpoint: bool,
-             label_fraction: float = 1.0, device: str | None = None) -> dict[str, int]:
+             label_fraction: float = 1.0, device: str | None = None,
+             grad_accum: int = 1) -> dict[str, int]:
     """Bytes per component of one training step of `method` on a model of shape `config` (see the
     module doc).
 
@@ -567,12 +569,12 @@ def estimate(config: M.LlamaConfig, method: str, adapter_cfg: A.AdapterConfig | 
     `grad_checkpoint`.
     """
     return _estimate(config, method, adapter_cfg, batch_size, seq_len, weights_dtype, compute_dtype,
-                     grad_checkpoint, label_fraction, device)["bytes"]
+                     grad_checkpoint, label_fraction, device, grad_accum)["bytes"]
 
 
 def _estimate(cfg: M.LlamaConfig, method: str, acfg, B: int, T: int, weights_dtype, compute_dtype,
               grad_checkpoint: bool, label_fraction: float = 1.0,
-              device: str | None = None) -> dict:
+              device: str | None = None, grad_accum: int = 1) -> dict:
     if method not in ALL_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(ALL_METHODS)}")
     full = method == "full"
@@ -667,16 +669,19 @@ def _estimate(cfg: M.LlamaConfig, method: str, acfg, B: int, T: int, weights_dty
     step = static + grads + ms["step_extra"]                             # clip, trust region, AdamW
     phases_no["optimizer step"] = phases_ck["optimizer step"] = step
     if method == "ctr" and acfg.ctr_trust_region:
-        # the trust region keeps the training forward's (N, V) logits as p_before (the storage of
-        # the forward's fp32 logits until backward frees those; an fp32 copy of autocast's bf16
-        # ones), then checks the step with a no-grad forward: its logits and kl_divergence's
-        # log-probabilities, 4 × (N, V) fp32
-        held = 4 * N * V
+        # the trust region keeps every micro-batch's training-forward (N, V) logits as p_before
+        # from its forward to the step's end (in fp32 the forward's own logits, which the
+        # cross-entropy alone would free after the forward: it saves its log-probabilities; an
+        # fp32 copy of autocast's bf16 ones), then checks the step with a no-grad forward per
+        # micro-batch: its fp32 logits (autocast: from a bf16 copy), and kl_divergence's five
+        # fp32 temporaries over one block of rows (curvature.KL_CHUNK_ELEMENTS)
+        held = 4 * N * V * grad_accum
+        rows = min(N, max(1, C.KL_CHUNK_ELEMENTS // V))
+        check = 4 * N * V + max(2 * N * V if autocast else 0, 5 * 4 * rows * V)
         for phases in (phases_no, phases_ck):
             for name in phases:
-                if name != "head backward (log-softmax gradients)" or autocast:
-                    phases[name] += held
-            phases["trust-region check"] = step + held + 4 * 4 * N * V
+                phases[name] += held
+            phases["trust-region check"] = step + held + check
 
     # --- CG-LoRA's calibration pass (before the first step: no optimizer state yet)
     calibration = 0
@@ -825,7 +830,8 @@ def dry_run_report(cfg) -> str:
     shape, source = model_shape(cfg.model)
     device, storage, compute, ckpt = run_dtypes(cfg)
     acfg = _adapter_config_for(cfg, cfg.method)
-    e = _estimate(shape, cfg.method, acfg, cfg.batch_size, cfg.seq_len, storage, compute, ckpt)
+    e = _estimate(shape, cfg.method, acfg, cfg.batch_size, cfg.seq_len, storage, compute, ckpt,
+                  grad_accum=cfg.grad_accum)
     b = e["bytes"]
     wname = str(e["weights_dtype"]).removeprefix("torch.")
     mode = ("autocast bf16" if e["autocast"] else
@@ -839,7 +845,8 @@ def dry_run_report(cfg) -> str:
         f"vocab {shape.vocab_size}; {_count(e['n_weights'])} parameters",
         f"  method {cfg.method}, device {device}, weights {wname}, compute {mode}; "
         f"micro-batch {cfg.batch_size} × {cfg.seq_len} tokens "
-        f"(grad-accum {cfg.grad_accum} does not add memory); every position counted as a label",
+        f"(grad-accum {cfg.grad_accum} adds memory only to CTR-LoRA's trust region: the kept "
+        f"logits of every micro-batch); every position counted as a label",
     ]
     if cfg.method != "full":
         per = e["per_block"]
@@ -877,7 +884,7 @@ def dry_run_report(cfg) -> str:
     lines.append("  all methods, same settings (total; no ckpt / grad ckpt):")
     for method in ALL_METHODS:
         em = _estimate(shape, method, _adapter_config_for(cfg, method), cfg.batch_size,
-                       cfg.seq_len, storage, compute, ckpt)
+                       cfg.seq_len, storage, compute, ckpt, grad_accum=cfg.grad_accum)
         bm = em["bytes"]
         mark = "  <- this run" if method == cfg.method else ""
         lines.append(f"    {method:9s} {human(bm['total_no_ckpt']):>11s} / "

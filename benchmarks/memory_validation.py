@@ -3,6 +3,7 @@ The memory estimate (memory.py) against the measured peak resident memory of rea
 steps.
 
     python benchmarks/memory_validation.py    # the validation table of notes/memory.md (minutes)
+    python benchmarks/memory_validation.py --methods ctr        # only CTR-LoRA's rows
 
 Each configuration trains a few steps of a small random Llama on CPU, as train.py does (its
 accumulate_gradients and optimizer_step), in a fresh subprocess, and reports the peak resident
@@ -84,10 +85,12 @@ def run_steps(spec: dict) -> None:
     opt = torch.optim.AdamW([{"params": params}], lr=1e-4, fused=True)
     net.grad_checkpoint = spec["grad_checkpoint"]
     net.train()
+    accum = spec.get("grad_accum", 1)
     for step in range(1 + spec.get("steps", 1)):
         x, y = (ids[:1, :8], labels[:1, :8]) if step == 0 else (ids, labels)
-        train.accumulate_gradients(net, [{"input_ids": x, "labels": y}], int((y != -100).sum()),
-                                   "cpu", method=hooks)
+        micro = [{"input_ids": x, "labels": y}] * accum            # (the same batch, accum times)
+        train.accumulate_gradients(net, micro, accum * int((y != -100).sum()), "cpu",
+                                   method=hooks)
         train.optimizer_step(opt, params, hooks, step, clip=1.0)
     hooks.close()
 
@@ -135,7 +138,7 @@ def estimate_spec(spec: dict) -> dict:
     wd = getattr(torch, spec.get("weights_dtype", "float32"))
     cd = getattr(torch, spec["compute_dtype"]) if spec.get("compute_dtype") else wd
     return memory._estimate(cfg, method, acfg, spec["batch_size"], spec["seq_len"], wd, cd,
-                            spec["grad_checkpoint"])
+                            spec["grad_checkpoint"], grad_accum=spec.get("grad_accum", 1))
 
 
 # The validation model: ~25M parameters, shaped like a shrunken Llama 3 (GQA, untied head, large
@@ -147,7 +150,8 @@ VALIDATION_CONFIG = dict(vocab_size=16000, hidden_size=512, intermediate_size=14
 
 def validation_specs(methods=("lora", "full"), batch_size: int = 2, seq_len: int = 512,
                      config: dict = VALIDATION_CONFIG, weights_dtype: str = "float32",
-                     compute_dtype: str = "", **adapter_options) -> list[dict]:
+                     compute_dtype: str = "", grad_accum: int = 1,
+                     **adapter_options) -> list[dict]:
     """One spec per (method, checkpointing): r = 16 on all seven linears, schedules short enough to
     act in the measured steps, CG-LoRA calibrating on one batch; TriAdaptLoRA is grown to its final
     rank first."""
@@ -161,7 +165,7 @@ def validation_specs(methods=("lora", "full"), batch_size: int = 2, seq_len: int
             specs.append({"config": config, "method": method, "batch_size": batch_size,
                           "seq_len": seq_len, "grad_checkpoint": ckpt, "steps": 1,
                           "adapter": adapter, "weights_dtype": weights_dtype,
-                          "compute_dtype": compute_dtype})
+                          "compute_dtype": compute_dtype, "grad_accum": grad_accum})
     return specs
 
 
@@ -174,17 +178,21 @@ VALIDATION_RUNS = [   # (label, specs): notes/memory.md's validation table
                                         config=dict(VALIDATION_CONFIG, vocab_size=2000))),
     ("V=16000, bf16 weights, fp32 compute", lambda: validation_specs(
         ("lora", "ctr"), weights_dtype="bfloat16", compute_dtype="float32")),
+    ("V=16000, grad-accum 2", lambda: validation_specs(("lora", "ctr"), grad_accum=2)),
 ]
 
 
-def validate() -> str:
-    """Estimated vs measured peak (markdown rows) for the VALIDATION_RUNS."""
+def validate(methods=None) -> str:
+    """Estimated vs measured peak (markdown rows) for the VALIDATION_RUNS (only `methods`' rows
+    when given)."""
     rows = ["| model | method | grad ckpt | estimated | measured | error | peak phase (estimate) |",
             "|---|---|---|---:|---:|---:|---|"]
     for label, make in VALIDATION_RUNS:
         if "bf16" in label and not hasattr(M, "call_in_dtype"):
             continue
-        specs = make()
+        specs = [s for s in make() if methods is None or s["method"] in methods]
+        if not specs:
+            continue
         for spec, peak in zip(specs, measure_peaks(specs, timeout=3600)):
             e = estimate_spec(spec)
             est = e["bytes"]["total"]
@@ -196,13 +204,17 @@ def validate() -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="memory.py's estimate against measured peaks")
+    ap = argparse.ArgumentParser(description="memory.py's estimate against measured peaks: "
+                                 "prints notes/memory.md's validation table (minutes; each row "
+                                 "is also printed to stderr as it is measured)")
+    ap.add_argument("--methods", nargs="+", choices=memory.ALL_METHODS,
+                    help="only these methods' rows (default: every row)")
     ap.add_argument("--measure-json", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.measure_json:
         print(json.dumps(_measure_here(json.loads(args.measure_json))))
         return
-    print(validate())
+    print(validate(args.methods))
 
 
 if __name__ == "__main__":

@@ -668,6 +668,26 @@ def measured_mean_kl(net, linears, steps, ids):
     return float((before.exp() * (before - after)).sum(-1).mean())
 
 
+def test_kl_divergence_equals_the_float64_sum_in_any_row_blocking(monkeypatch):
+    """kl_divergence per row against Σ_v p_v (log p_v − log q_v) in float64, for a blocking of one
+    row, of 7 rows (the last block short) and of all rows at once; the three agree bit for bit
+    (each row's reduction does not see the blocking). KL(p ‖ p) is exactly 0."""
+    p = 4.0 * torch.randn(23, 301, generator=gen(0))
+    q = 4.0 * torch.randn(23, 301, generator=gen(1))
+    logp, logq = torch.log_softmax(p.double(), -1), torch.log_softmax(q.double(), -1)
+    exact = (logp.exp() * (logp - logq)).sum(-1)
+    results = []
+    for rows in (1, 7, 23):
+        monkeypatch.setattr(C, "KL_CHUNK_ELEMENTS", rows * 301)
+        kl = C.kl_divergence(p, q)
+        assert kl.shape == (23,) and kl.dtype == torch.float32
+        torch.testing.assert_close(kl.double(), exact, rtol=1e-5, atol=1e-6)
+        results.append(kl)
+        assert (C.kl_divergence(p, p) == 0).all()
+    assert torch.equal(results[0], results[1]) and torch.equal(results[1], results[2])
+    assert C.kl_divergence(p[:0], q[:0]).shape == (0,)
+
+
 def test_measured_kl_of_a_small_step_is_the_exact_ggn_quadratic_form():
     """What the CTR-LoRA trust region measures, KL(p_before ‖ p_after) averaged over the label
     tokens, is to second order ½ δᵀGδ with the exact GGN (= Fisher for softmax cross-entropy):
