@@ -27,6 +27,7 @@ A plain loop trains every method:
     apply_method(net, cfg.method, cfg); hooks = training_hooks(net, cfg)
     opt = torch.optim.AdamW(optimizer_parameters(net))
     for batch in batches:
+        hooks.before_micro_batch(ids, labels, n_label_tokens)   # CTR-LoRA's statistics
         loss = net(...) + (hooks.regularizer() or 0); loss.backward()
         hooks.before_optimizer_step(opt, step); opt.step()
         new = hooks.after_optimizer_step(step)        # masks, trust region, growth
@@ -400,8 +401,9 @@ class MethodHooks:
         No value computed in it may reach the method's state: forget what before_micro_batch and
         the hooks collected (statistics, kept micro-batches, logits), and update no running
         average. The schedule keeps its clock: an event due at t = step + 1 (an allocation, a
-        growth) happens, on the state of the last good step. Returns the parameters created, as
-        after_optimizer_step. Plain LoRA and CG-LoRA keep nothing per step: nothing to do."""
+        growth) happens, on the state of the last good step, or (CTR-LoRA's allocation, which
+        its trust region must bound) waits for the next good step. Returns the parameters
+        created, as after_optimizer_step. Plain LoRA and CG-LoRA keep nothing per step."""
         return []
 
     def log_items(self) -> dict:
@@ -505,7 +507,8 @@ def keep_top_budget(scores: dict[str, torch.Tensor], budget: int) -> dict[str, t
 class MaskAllocator:
     """Keeps SVD-form layers at the scheduled budget (SPEC §3, §5): at an allocation step, and
     once more at t = T − t_f, masks ← select(scores(), b(t)); then the masks are frozen. After every
-    step the masked λ are set to 0. The score is plugged in: AdaLoRA's sensitivity × uncertainty,
+    step the masked λ are set to 0 (under CTR-LoRA's trust region they decay to 0 as fast as its
+    radius allows). The score is plugged in: AdaLoRA's sensitivity × uncertainty,
     or CTR-LoRA's marginal utility (with a hysteresis `select`)."""
 
     def __init__(self, layers: dict[str, SVDLinear], schedule: BudgetSchedule,
@@ -605,8 +608,9 @@ class SVDLinear(AdaptedLinear):
 
     λ = 0 at init (ΔW = 0); P, Q ~ N(0, 0.02²). The rank changes by masking: the 0/1 buffer
     `lora_mask` records which triplets are kept, and `apply_mask()` (after every optimizer step)
-    sets masked λ_i to 0. The forward does not multiply by the mask, so ∂L/∂λ_i exists for masked
-    triplets too (CTR-LoRA's utility of switching one back on needs it); shapes never change.
+    sets masked λ_i to 0 (CTR-LoRA's trust region may scale that move back: they then decay to 0).
+    The forward does not multiply by the mask, so ∂L/∂λ_i exists for masked triplets too
+    (CTR-LoRA's utility of switching one back on needs it); shapes never change.
 
         x (.., d_in) ──Q──> (.., r₀) ──⊙λ──> (.., r₀) ──P──> (.., d_out) ──× c──> ΔW x
     """
@@ -1136,10 +1140,10 @@ class CTRLoRAHooks(MethodHooks):
         regularizer()          γ · R(P, Q)                                         (as AdaLoRA)
         before_optimizer_step  fold the statistics into their running average; EMA of ∂L/∂λ;
                                snapshot (P, λ, Q)                            [curvature proxy]
-        after_optimizer_step   δθ = AdamW's step; shrink it until its measured KL ≤ ρ
-                                                                              [trust region]
-                               allocation steps: keep the top-b(t) triplets by utility
+        after_optimizer_step   allocation steps: keep the top-b(t) triplets by utility
                                                                              [rank scheduler]
+                               then δθ = AdamW's step and the masking; shrink it until its
+                               measured KL ≤ ρ                                [trust region]
         skip_step              a dropped step: forget its statistics, micro-batches, logits
                                and snapshot; an allocation due now waits for the next good
                                step, whose trust region bounds it
@@ -1394,13 +1398,18 @@ class CTRLoRAHooks(MethodHooks):
         """The allocation first, then the trust region: the KL it bounds is that of everything the
         step changes, the triplets masked at this step included (their λ then reach 0 over the
         next steps, as fast as the radius allows)."""
+        if self.cfg.ctr_trust_region and (self._snapshot is None or not self._micro):
+            raise RuntimeError(
+                "CTR-LoRA's trust region measures each step: call hooks.before_micro_batch(ids, "
+                "labels, n_label_tokens) before every forward and hooks.before_optimizer_step("
+                "optimizer, step) before optimizer.step() (the loop at the top of adapters.py)")
         t = self.t = step + 1
         if self.schedule is not None:
             self._allocate(t)
         else:
             for layer in self.layers.values():
                 layer.apply_mask()
-        if self.cfg.ctr_trust_region and self._snapshot is not None:
+        if self.cfg.ctr_trust_region:
             self.trust_region(t)
         self._snapshot, self._micro = None, []
         return []
@@ -1446,7 +1455,7 @@ class CTRLoRAHooks(MethodHooks):
         return {"curvature": self.curvature, "grad_lambda": self.grad_lambda,
                 "hessian_diag": self.hessian_diag, "budget": self.budget,
                 "log_ratio": self.log_ratio, "total_steps": self.cfg.total_steps,
-                "allocation_due": self.allocation_due}
+                "allocation_due": self.allocation_due, "t": self.t}
 
     def restore_structure(self, state: dict) -> list[tuple[list[nn.Parameter], int]]:
         if self.schedule is not None:
@@ -1457,6 +1466,7 @@ class CTRLoRAHooks(MethodHooks):
         self.budget = state.get("budget", self.budget)
         self.log_ratio = state.get("log_ratio", 0.0)
         self.allocation_due = state.get("allocation_due", False)
+        self.t = state.get("t", 0)               # (which steps collect: every --ctr-refresh)
         return []
 
 

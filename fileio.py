@@ -30,12 +30,16 @@ class CheckpointError(RuntimeError):
 def atomic_write(path, write) -> None:
     """Call write(tmp_path) on a temporary file beside `path`, fsync it, then rename it over `path`.
 
-    A failed write leaves no temporary file and the old `path` untouched.
+    A failed write leaves no temporary file and the old `path` untouched. The file gets the
+    permissions a plain open() would give it (mkstemp's are owner-only).
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

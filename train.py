@@ -13,12 +13,13 @@ The loop, top to bottom (each method-specific call is visible where it happens):
                                               (regularizer: AdaLoRA / TriAdaptLoRA orthogonality)
         backward (under DDP: the adapters' gradients are all-reduced)
         if the loss or a gradient is NaN/inf: drop the step (gradients cleared, RNG rewound)
-            method.skip_step(step)            (CTR-LoRA forgets the step's statistics; an allocation
-                                               or growth due now happens on the last good state)
+            method.skip_step(step)            (CTR-LoRA forgets the step's statistics; a growth due
+                                               now happens on the last good state, CTR-LoRA's
+                                               allocation waits for the next good step)
         else: clip grad norm
             method.before_optimizer_step(...) (CTR-LoRA: fold curvature statistics, snapshot)
             optimizer.step() with per-group LR (warm-up from the group's start step, cosine decay)
-            method.after_optimizer_step(step) (CTR-LoRA trust region + allocator, AdaLoRA masking,
+            method.after_optimizer_step(step) (CTR-LoRA allocator + trust region, AdaLoRA masking,
                                                TriAdaptLoRA growth)
         log / evaluate / checkpoint
 
@@ -63,7 +64,7 @@ import eval as E
 import memory
 import model as M
 from adapter_config import option
-from fileio import atomic_write, first_nonfinite, unreadable_files
+from fileio import atomic_write, first_nonfinite, unreadable_files, write_json
 from tokenizer import load_tokenizer
 
 # --------------------------------------------------------------------------------------------------
@@ -295,6 +296,9 @@ def validate(cfg: TrainConfig):
             folder = bool(path) and Path(path).is_dir()
             what = "is a directory, not a data file" if folder else "no such file"
             raise FileNotFoundError(f"--{name.replace('_', '-')} {path!r}: {what}")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite starts it again: "
+                         "give one of them")
     validate_data_options(cfg)
 
 
@@ -389,7 +393,7 @@ def save_checkpoint(out: Path, step: int, net, optimizer, batcher, cfg: TrainCon
 
     Refused before anything is written if a tensor is NaN/inf; a failed write removes its
     temporary folder. Either way the checkpoints already there, and `latest`, stay."""
-    check_finite_before_saving(out, step, net, optimizer, cfg)
+    check_finite_before_saving(out, step, net, optimizer, cfg, extra.get("method"))
     ckpt_dir = out / "checkpoints"
     final = ckpt_dir / f"step-{step:06d}"
     tmp = ckpt_dir / f".step-{step:06d}.tmp"
@@ -407,23 +411,43 @@ def save_checkpoint(out: Path, step: int, net, optimizer, batcher, cfg: TrainCon
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     atomic_write(ckpt_dir / "latest", lambda p: Path(p).write_text(final.name))
-    for old in sorted(ckpt_dir.glob("step-*"))[:-cfg.keep_checkpoints]:
+    # keep this one and the newest keep − 1 before it; a folder named after a later step (a
+    # damaged one that --resume passed over) stays until the run writes that step again
+    older = sorted(p for p in ckpt_dir.glob("step-*") if p.name < final.name)
+    for old in older[:max(0, len(older) - (cfg.keep_checkpoints - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def check_finite_before_saving(out: Path, step: int, net, optimizer, cfg: TrainConfig) -> None:
-    """FloatingPointError, naming the step, the tensor and the likely cause, if the weights or the
-    optimizer state hold NaN/inf (the loop never applies a NaN/inf step, but a too-large --lr can
-    overflow the weights themselves)."""
+def check_finite_before_saving(out: Path, step: int, net, optimizer, cfg: TrainConfig,
+                               method_state: dict | None = None) -> None:
+    """FloatingPointError, naming the step, the tensor and the likely cause, if the weights, the
+    optimizer state or the method's state (statistics, scores, calibration) hold NaN/inf (the
+    loop never applies a NaN/inf step, but a too-large --lr can overflow the weights
+    themselves)."""
     tensors = dict(net.state_dict() if cfg.method == "full" else A.adapter_state_dict(net))
     for index, state in optimizer.state_dict()["state"].items():
         tensors.update({f"optimizer {key} of parameter {index}": value
                         for key, value in state.items() if torch.is_tensor(value)})
+    tensors.update(named_numbers(method_state or {}, f"{cfg.method} state"))
     bad = first_nonfinite(tensors)
     if bad is not None:
         raise FloatingPointError(f"step {step}: {bad} holds NaN/inf, so nothing was saved (the run "
                                  f"diverged: --lr {cfg.lr:g} too high?); {checkpoints_kept(out)}")
+
+
+def named_numbers(obj, name: str) -> dict[str, torch.Tensor]:
+    """The tensors and floats of a nested dict/list, by path ('ctr state/curvature/…/s')."""
+    if isinstance(obj, float):
+        obj = torch.tensor(obj)
+    if torch.is_tensor(obj):
+        return {name: obj}
+    items = obj.items() if isinstance(obj, dict) else \
+        enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    out = {}
+    for key, value in items:
+        out.update(named_numbers(value, f"{name}/{key}"))
+    return out
 
 
 def checkpoints_kept(out: Path) -> str:
@@ -492,10 +516,13 @@ def init_distributed(cfg: TrainConfig) -> tuple[torch.device, int, int]:
 
 def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
     """Sum tensors over all ranks, in place, with one collective (they are packed into one
-    float64 buffer)."""
+    float64 buffer, on the GPU under NCCL, which takes no CPU tensor: a method may keep small
+    counters on the CPU)."""
     if not tensors or not dist.is_initialized():
         return
-    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+    where = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend() == "nccl" else torch.device("cpu")
+    flat = torch.cat([t.detach().reshape(-1).to(where, torch.float64) for t in tensors])
     dist.all_reduce(flat)
     offset = 0
     for t in tensors:
@@ -531,14 +558,6 @@ def rank_rng_states(world: int) -> dict:
     states = [None] * world
     dist.all_gather_object(states, rng_state())
     return {"rng_ranks": states}
-
-
-def unwrap_ddp(ddp) -> None:
-    """Drop a DDP wrapper so that its gradient hooks go with it (before wrapping again around
-    grown parameters)."""
-    if isinstance(ddp, DistributedDataParallel):
-        del ddp
-        gc.collect()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -620,7 +639,7 @@ def optimizer_step(optimizer, params: list, method, step: int, clip: float):
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else None
     method.before_optimizer_step(optimizer, step)     # CTR-LoRA: curvature statistics, snapshot
     optimizer.step()
-    # CTR trust region + allocator / AdaLoRA masking / TriAdaptLoRA growth
+    # CTR allocator + trust region / AdaLoRA masking / TriAdaptLoRA growth
     new_params = method.after_optimizer_step(step)
     optimizer.zero_grad(set_to_none=True)     # (after the hook: importance scores read .grad)
     join_optimizer(optimizer, params, new_params, step)
@@ -647,8 +666,9 @@ def gradients_are_finite(params: list) -> bool:
 
 def skip_step(net, optimizer, params: list, method, step: int) -> list:
     """Drop step `step` after its backward: clear the gradients and let the method forget what the
-    step collected (method.skip_step: an allocation or growth due now still happens, on the state
-    of the last good step). Returns the parameters created, already in the optimizer."""
+    step collected (method.skip_step: a growth due now still happens, on the state of the last
+    good step; CTR-LoRA's allocation waits for the next good step). Returns the parameters
+    created, already in the optimizer."""
     net.zero_grad(set_to_none=True)
     new_params = method.skip_step(step)
     join_optimizer(optimizer, params, new_params, step)
@@ -670,6 +690,36 @@ def calibrate(method, examples, cfg: TrainConfig, pad_id: int, device) -> dict:
     return method.calibrate([(b["input_ids"].to(device), b["labels"].to(device)) for b in batches])
 
 
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Remove the metrics rows of steps after `step` (logged after the checkpoint the run resumes
+    from, before it stopped: the resumed run logs those steps again), and a last row cut short
+    by the stop."""
+    if not path.is_file():
+        return
+
+    def before(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except json.JSONDecodeError:
+            return False
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and before(line)]
+    if len(kept) != len(lines):
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
+
+
+def to_device(obj, device):
+    """Every tensor of a nested dict/list/tuple moved to `device` (a method's saved state: the
+    optimizer's own state_dict moves its tensors itself; RNG states stay on the CPU)."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
 def resume(out: Path, cfg: TrainConfig, net, optimizer, batcher, method, device, rank: int,
            world: int) -> tuple[int, int, list]:
     """Load the latest checkpoint of `out` into the model, optimizer, data cursor and RNGs.
@@ -686,7 +736,8 @@ def resume(out: Path, cfg: TrainConfig, net, optimizer, batcher, method, device,
     else:
         # rebuild grown structure (TriAdaptLoRA) first, so that the tensors and optimizer
         # groups exist to load into
-        for group_params, group_start in method.restore_structure(state.get("method", {})):
+        method_state = to_device(state.get("method", {}), device)     # (loaded to the CPU)
+        for group_params, group_start in method.restore_structure(method_state):
             optimizer.add_param_group({"params": group_params, "start_step": group_start})
         IO.load_adapter_weights(net, str(ckpt))
     optimizer.load_state_dict(state["optimizer"])
@@ -695,6 +746,7 @@ def resume(out: Path, cfg: TrainConfig, net, optimizer, batcher, method, device,
     batcher.load_state_dict(state["data"])
     set_rng_state(state["rng_ranks"][rank] if world > 1 else state["rng"])
     if rank == 0:
+        drop_metrics_after(out / "metrics.jsonl", state["step"])
         print(f"resumed from {ckpt} at step {state['step']}", file=sys.stderr)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     return state["step"], state.get("nonfinite_total", 0), params
@@ -858,7 +910,7 @@ def train(cfg: TrainConfig) -> dict:
     device, rank, world = init_distributed(cfg)
     main_rank = rank == 0                          # the only writer of files and progress lines
     out = Path(cfg.out)
-    if not cfg.resume and latest_checkpoint(out) is not None and not cfg.overwrite:
+    if not cfg.resume and any((out / "checkpoints").glob("step-*")) and not cfg.overwrite:
         raise ValueError(f"{out} holds checkpoints of an earlier run; add --resume to continue "
                          f"it, --overwrite to start again, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -870,7 +922,7 @@ def train(cfg: TrainConfig) -> dict:
     start_step, nonfinite_total, params, calibration_info = start_or_resume(
         out, cfg, net, optimizer, batcher, method, train_examples, tok.pad_id, device, rank, world)
     if main_rank:
-        (out / IO.RUN_CONFIG_NAME).write_text(json.dumps(asdict(cfg), indent=2))
+        write_json(out / IO.RUN_CONFIG_NAME, asdict(cfg))
     if cfg.compile:               # after CG-LoRA's calibration (its hooks run eager)
         net.compile_blocks()
         if main_rank:
@@ -920,7 +972,8 @@ def train(cfg: TrainConfig) -> dict:
                 # ---- 4. clip, trust region, optimizer step, allocator
                 grad_norm, new_params = optimizer_step(optimizer, params, method, step, cfg.clip)
             if new_params and world > 1:           # DDP buckets are fixed at wrap time: rewrap
-                unwrap_ddp(ddp)
+                ddp = None                         # (the old wrapper's gradient hooks go with it)
+                gc.collect()
                 ddp = wrap_ddp(net, device, world)
             step += 1
 
@@ -956,11 +1009,12 @@ def train(cfg: TrainConfig) -> dict:
     wall = time.perf_counter() - progress.t_start
     rngs = rank_rng_states(world)
     if main_rank:
-        check_finite_before_saving(out, step, net, optimizer, cfg)     # nothing NaN/inf written
+        method_state = method.state_dict()
+        # nothing NaN/inf written
+        check_finite_before_saving(out, step, net, optimizer, cfg, method_state)
         write_products(out, net, cfg, step, wall)
         save_checkpoint(out, step, net, optimizer, batcher, cfg,
-                        {"nonfinite_total": nonfinite_total, "method": method.state_dict(),
-                         **rngs})
+                        {"nonfinite_total": nonfinite_total, "method": method_state, **rngs})
     finish_distributed(world)
     return {"steps": step, "wall_s": wall, "nonfinite_steps": nonfinite_total, "model": net}
 

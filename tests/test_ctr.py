@@ -377,3 +377,17 @@ def test_stability_ctr_stays_finite_where_lora_blows_up(trained_dir, tmp_path):
     assert math.isfinite(peaks["ctr"]) and peaks["ctr"] < 0.5 * peaks["lora"], peaks
     assert peaks["ctr"] < 0.75 * peaks["ctr_no_tr"], peaks
     assert clipped["ctr"] > 0 and clipped["ctr_no_tr"] == 0
+
+
+def test_a_loop_without_the_statistics_hooks_is_told_so(small_dir):
+    """A plain loop that calls only opt.step() and after_optimizer_step (no before_micro_batch,
+    no before_optimizer_step) would get no trust region at all: it is an error that names the
+    missing calls, not a silent unbounded step."""
+    net, tok, hooks = ctr_model(small_dir, ctr_cfg())
+    b = batches(tok, 1)[0]
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    T.accumulate_gradients(net, [b], D.count_label_tokens(b), "cpu")   # no method: no hooks
+    opt.step()
+    with pytest.raises(RuntimeError, match="before_micro_batch.*before_optimizer_step"):
+        hooks.after_optimizer_step(0)
+    hooks.close()

@@ -45,7 +45,8 @@ OPTIONS = {
     "lora": {},
     "adalora": dict(t_init=1, t_final=2, delta_t=2),
     "triadapt": dict(tri_init_rank=2, tri_warmup=2, tri_interval=2, tri_final=5),
-    "ctr": dict(init_rank=6, target_rank=4, t_init=1, t_final=2, delta_t=2, ctr_rho=1e-3),
+    "ctr": dict(init_rank=6, target_rank=4, t_init=1, t_final=2, delta_t=2, ctr_rho=1e-3,
+                ctr_refresh=2),     # statistics on steps 1, 3, 5: the resumed run must know t
     "cg": dict(cg_batches=2),
     "full": {},
 }

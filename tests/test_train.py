@@ -2,6 +2,7 @@
 peft export."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -250,6 +251,33 @@ def test_weights_that_overflow_are_never_saved_and_the_checkpoints_stay(tiny_dir
     assert not (out / weights).exists() and not (out / "peft").exists()
 
 
+def test_a_nonfinite_method_state_is_never_saved(tiny_dir, tmp_path, monkeypatch):
+    """The method's own state is saved too (CTR-LoRA's curvature statistics): an inf entry that
+    appears in it after step 3 is refused at the next save like an inf weight, by its name."""
+    out, before = tmp_path / "run", {}
+    real_step, real_save = T.optimizer_step, T.save_checkpoint
+
+    def corrupt_the_statistics_at_step_3(optimizer, params, method_hooks, step, clip):
+        result = real_step(optimizer, params, method_hooks, step, clip)
+        if step == 2:
+            name = sorted(method_hooks.curvature)[0]
+            method_hooks.curvature[name]["s"][0] = float("inf")
+        return result
+
+    def save_and_remember(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        before.update(checkpoint_bytes(out))
+        return path
+
+    monkeypatch.setattr(T, "optimizer_step", corrupt_the_statistics_at_step_3)
+    monkeypatch.setattr(T, "save_checkpoint", save_and_remember)
+    with pytest.raises(FloatingPointError) as e:
+        T.train(tiny_cfg(tiny_dir, out, method="ctr", steps=4, save_every=2, lr=1e-3))
+    msg = str(e.value)
+    assert msg.startswith("step 4: ctr state/curvature/") and msg.split()[3].endswith("/s"), msg
+    assert T.latest_checkpoint(out).name == "step-000002" and checkpoint_bytes(out) == before
+
+
 def test_a_failed_checkpoint_write_leaves_the_older_ones_and_latest(tiny_dir, tmp_path,
                                                                     monkeypatch):
     out = tmp_path / "run"
@@ -373,3 +401,79 @@ def test_help_explains_every_flag():
     flags += [f.name for f in T.method_option_fields()]       # every method hyper-parameter too
     for name in flags:
         assert "--" + name.replace("_", "-") in r.stdout, name
+
+
+# ------------------------------------------------------------------- resume: the run folder stays whole
+
+def metric_steps(out):
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def test_resume_drops_the_metrics_rows_logged_after_its_checkpoint(tiny_dir, tmp_path):
+    """A run that logged steps 1-6 but whose last checkpoint is at step 3 (a stop before the
+    step-6 save; and half a row written): the resumed run logs steps 4-6 again, so metrics.jsonl
+    holds every step once, with the uninterrupted run's losses."""
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    T.train(tiny_cfg(tiny_dir, ref, steps=6))
+    T.train(tiny_cfg(tiny_dir, out, steps=6, save_every=3))
+    ckpt = out / "checkpoints"
+    shutil.rmtree(ckpt / "step-000006")
+    (ckpt / "latest").write_text("step-000003")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "loss": 1.')                                # cut short by the stop
+    T.train(tiny_cfg(tiny_dir, out, steps=6, save_every=3, resume=True))
+    assert metric_steps(out) == metric_steps(ref) == [1, 2, 3, 4, 5, 6]
+    losses = [json.loads(line).get("loss") for line in (out / "metrics.jsonl").read_text()
+              .splitlines()]
+    ref_losses = [json.loads(line).get("loss") for line in (ref / "metrics.jsonl").read_text()
+                  .splitlines()]
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+
+
+def test_rotation_never_removes_the_checkpoint_latest_names(tiny_dir, tmp_path, monkeypatch):
+    """--resume passed over a damaged step-000008 to step-000006; with --keep-checkpoints 1 and a
+    save every step, each save leaves `latest` naming an intact checkpoint (the name-sorted
+    rotation used to delete step-000007 right after writing it, and keep the damaged 8)."""
+    out = tmp_path / "run"
+    T.train(tiny_cfg(tiny_dir, out, steps=8, save_every=2))
+    damaged = out / "checkpoints" / "step-000008" / IO.ADAPTER_WEIGHTS_NAME
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    real_save, seen = T.save_checkpoint, []
+
+    def save_and_check(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        seen.append((path.name, T.latest_checkpoint(out) == path))
+        return path
+    monkeypatch.setattr(T, "save_checkpoint", save_and_check)
+    T.train(tiny_cfg(tiny_dir, out, steps=8, save_every=1, keep_checkpoints=1, resume=True))
+    assert seen == [("step-000007", True), ("step-000008", True)]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000008"]
+
+
+def test_a_fresh_run_never_deletes_checkpoints_without_overwrite(tiny_dir, tmp_path):
+    """Checkpoint folders without a `latest` pointer are still an earlier run's; and --resume
+    with --overwrite is a contradiction, refused before anything runs."""
+    out = tmp_path / "run"
+    T.train(tiny_cfg(tiny_dir, out, steps=2))
+    (out / "checkpoints" / "latest").unlink()
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+        T.train(tiny_cfg(tiny_dir, out, steps=2))
+    assert (out / "checkpoints" / "step-000002").is_dir()
+    with pytest.raises(ValueError, match="give one of them"):
+        tiny_cfg(tiny_dir, out, steps=2, resume=True, overwrite=True)
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
+    """Checkpoints, configs and exported models are shared and served: a file written atomically
+    is readable by others as open() would make it (umask 022: rw-r--r--), not owner-only."""
+    import os
+    from fileio import write_json
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        (tmp_path / "b.txt").write_text("x")
+    finally:
+        os.umask(old)
+    modes = [(tmp_path / name).stat().st_mode & 0o777 for name in ("a.json", "b.txt")]
+    assert modes == [0o644, 0o644]
