@@ -923,6 +923,10 @@ def train(cfg: TrainConfig) -> dict:
         out, cfg, net, optimizer, batcher, method, train_examples, tok.pad_id, device, rank, world)
     if main_rank:
         write_json(out / IO.RUN_CONFIG_NAME, asdict(cfg))
+        if start_step >= cfg.steps:
+            print(f"nothing left to train: {out} is at step {start_step} of {cfg.steps} (to "
+                  f"train on, --resume with a larger --steps or --epochs); rewriting its "
+                  f"products", file=sys.stderr)
     if cfg.compile:               # after CG-LoRA's calibration (its hooks run eager)
         net.compile_blocks()
         if main_rank:

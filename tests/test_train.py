@@ -477,3 +477,13 @@ def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
         os.umask(old)
     modes = [(tmp_path / name).stat().st_mode & 0o777 for name in ("a.json", "b.txt")]
     assert modes == [0o644, 0o644]
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_left_to_train(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    T.train(tiny_cfg(tiny_dir, out, steps=2, save_every=2))
+    capsys.readouterr()
+    T.train(tiny_cfg(tiny_dir, out, steps=2, save_every=2, resume=True))
+    err = capsys.readouterr().err
+    assert f"nothing left to train: {out} is at step 2 of 2" in err
+    assert metric_steps(out) == [1, 2]
