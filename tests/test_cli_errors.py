@@ -5,7 +5,9 @@ The entry points run in this process through model.cli, exactly as `python train
 (an unexpected exception would escape here as it would print a traceback there), without the
 interpreter start-up of a subprocess.
 """
+import errno
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,6 +79,45 @@ def test_a_directory_given_as_a_data_file(tiny_dir, tmp_path, capsys):
     msg = cli_error(E.main, ["--model", str(tiny_dir), "--data", str(folder), "--no-generate"],
                     capsys)
     assert str(folder) in msg and "is a directory" in msg
+
+
+def test_an_out_path_that_is_a_file_or_under_one_is_named(tiny_dir, tmp_path, capsys):
+    """mkdir on a file (FileExistsError) or under one (NotADirectoryError): one line with the
+    path and what to do; the file is left as it was."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    msg = cli_error(T.main, run_flags(tiny_dir, a_file, "--steps", "1"), capsys)
+    assert msg == (f"error: {a_file}: is a file where a folder is needed; move it away or choose "
+                   f"another path")
+    msg = cli_error(T.main, run_flags(tiny_dir, a_file / "run", "--steps", "1"), capsys)
+    assert msg.startswith(f"error: {a_file / 'run'}: a part of this path is a file, not a folder")
+    assert a_file.read_text() == "keep me"
+
+
+def test_an_out_path_without_permission_is_named(tiny_dir, tmp_path, monkeypatch, capsys):
+    """(The tests may run as root, whom no mode bit stops: the refusal is simulated.)"""
+    out = tmp_path / "locked" / "run"
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self == out:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    msg = cli_error(T.main, run_flags(tiny_dir, out, "--steps", "1"), capsys)
+    assert msg.startswith(f"error: {out}: permission denied; choose a path you may use")
+
+
+@pytest.mark.parametrize("error, line", [
+    (OSError(errno.ENOSPC, "No space left on device"),
+     "no space left on the device; free some space and run again"),
+    (IsADirectoryError(errno.EISDIR, "Is a directory", "/tmp/.r.json.tmp", None, "/tmp/results"),
+     "/tmp/results: is a folder, not a file; give a file path"),
+    (FileNotFoundError("--resume: no checkpoint in runs/x"), "--resume: no checkpoint in runs/x"),
+    (OSError(errno.EIO, "Input/output error"), None),          # no path: a bug, not the user's
+])
+def test_os_errors_on_the_users_paths_are_one_line_and_others_are_not_hidden(error, line):
+    assert M.os_error_line(error) == line
 
 
 def device_argv(main, tiny_dir) -> list[str]:
