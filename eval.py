@@ -143,7 +143,10 @@ def evaluate_file(model, tok, path, max_len: int, batch_size: int, chat: bool,
     records = D.load_jsonl(path)[:max_examples]
     fmt = D.dataset_format(records)
     if fmt == "choice":
-        return choice_accuracy(model, tok, records, max_len, chat, batch_size)
+        try:
+            return choice_accuracy(model, tok, records, max_len, chat, batch_size)
+        except D.DataError as e:
+            raise D.DataError(f"{path}: {e}") from None
     examples = D.encode_dataset(records, tok, max_len, chat, name=str(path))
     result = evaluate_loss(model, examples, batch_size, tok.pad_id)
     if reference is not None:

@@ -120,6 +120,27 @@ def test_os_errors_on_the_users_paths_are_one_line_and_others_are_not_hidden(err
     assert M.os_error_line(error) == line
 
 
+def test_a_conversation_the_chat_template_refuses_is_one_line(tiny_dir, tmp_path, capsys):
+    """A template's raise_exception (here: the first message must be the user's) while eval.py
+    encodes a chat file: the file, the record and the template's message."""
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    tcfg = json.loads((model / "tokenizer_config.json").read_text())
+    tcfg["chat_template"] = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('the "
+                             "conversation must start with the user') }}{% endif %}"
+                             "{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}")
+    (model / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "assistant", "content": "Hello there"},
+                                             {"role": "user", "content": "Hi"},
+                                             {"role": "assistant", "content": "How can I help?"}]})
+                    + "\n")
+    msg = cli_error(E.main, ["--model", str(model), "--data", str(chat), "--no-generate"], capsys)
+    assert msg.startswith(f"error: {chat}: the record starting 'Hello there': the chat template")
+    assert "(the conversation must start with the user)" in msg
+
+
 def device_argv(main, tiny_dir) -> list[str]:
     """The rest of a command line of train.py (parsing only), eval.py or model.py."""
     return {T.parse_args: ["--data", TRAIN_DATA],
