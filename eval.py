@@ -301,6 +301,18 @@ def check_intact(run: Path) -> None:
     raise M.CheckpointError(f"{run}: {', '.join(damaged)}: truncated or corrupt{hint}")
 
 
+def check_args(args) -> None:
+    """A ValueError naming the flag for a count out of its range, or for --no-base without
+    --adapter (nothing left to evaluate); checked before any model is loaded."""
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len),
+                        ("--max-examples", args.max_examples)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if args.no_base and not args.adapter:
+        raise ValueError("--no-base without --adapter leaves nothing to evaluate; give --adapter "
+                         "RUN, or drop --no-base")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Evaluate a base model and an adapter side by side.")
     ap.add_argument("--model", default=None,
@@ -339,6 +351,7 @@ def main(argv=None):
                     help="draw the per-module ranks of --adapter as a heatmap into this PNG file")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     args = ap.parse_args(argv)
+    check_args(args)
 
     if args.trust_region_plot:
         if not args.adapter:

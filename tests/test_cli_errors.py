@@ -67,6 +67,21 @@ def test_numeric_flags_must_be_finite_and_in_range(flags, named, capsys):
     assert named in cli_error(T.parse_args, ["--data", TRAIN_DATA, *flags], capsys)
 
 
+@pytest.mark.parametrize("flags, line", [
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--batch-size", "-4"], "--batch-size must be at least 1, got -4"),
+    (["--seq-len", "0"], "--seq-len must be at least 1, got 0"),
+    (["--max-examples", "0"], "--max-examples must be at least 1, got 0"),
+    (["--no-base"], "--no-base without --adapter leaves nothing to evaluate; give --adapter RUN, "
+                    "or drop --no-base"),
+])
+def test_eval_flags_out_of_range(flags, line, tiny_dir, capsys):
+    """Checked before the model loads (a negative --batch-size made no batch: loss 0; --no-base
+    alone printed an empty table)."""
+    argv = ["--model", str(tiny_dir), "--data", VAL_DATA, "--no-generate", *flags]
+    assert cli_error(E.main, argv, capsys) == f"error: {line}"
+
+
 # ----------------------------------------------------------------------- files and devices
 
 def test_a_directory_given_as_a_data_file(tiny_dir, tmp_path, capsys):
