@@ -82,6 +82,25 @@ def test_eval_flags_out_of_range(flags, line, tiny_dir, capsys):
     assert cli_error(E.main, argv, capsys) == f"error: {line}"
 
 
+@pytest.mark.parametrize("flags, line", [
+    (["--temperature", "-0.5"], "--temperature must be at least 0 (0 = greedy), got -0.5"),
+    (["--temperature", "nan"], "--temperature must be a finite number, got nan"),
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--top-p", "-0.1", "--temperature", "0.7"], "--top-p must be in (0, 1], got -0.1"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["--top-p", "nan"], "--top-p must be a finite number, got nan"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+    (["--max-shard-gb", "0"], "--max-shard-gb must be > 0, got 0.0"),
+    (["--max-shard-gb", "inf"], "--max-shard-gb must be a finite number, got inf"),
+])
+def test_model_py_flags_out_of_range(flags, line, tiny_dir, capsys):
+    """Checked before the model loads. Unchecked, a negative --top-p with sampling left no
+    token to draw and --temperature nan drew from NaN probabilities (torch tracebacks), and
+    --max-shard-gb inf overflowed int() (a traceback)."""
+    argv = ["--model", str(tiny_dir), "--max-new-tokens", "2", *flags]
+    assert cli_error(runs.main, argv, capsys) == f"error: {line}"
+
+
 # ----------------------------------------------------------------------- files and devices
 
 def test_a_directory_given_as_a_data_file(tiny_dir, tmp_path, capsys):
