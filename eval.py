@@ -11,8 +11,8 @@ given. Per data file, by its format (see data.py):
           match of greedy generations
   {"question","choices","answer"}
       ->  accuracy by log-likelihood of each choice (summed, and per token)
-Results print as a table and are written as JSON (--out). `--plot-metrics` draws loss curves from
-runs' metrics.jsonl files.
+Results print as a table and are written as JSON (--out, atomically: a failed write leaves the
+previous file whole). `--plot-metrics` draws loss curves from runs' metrics.jsonl files.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import adapter_io as IO
 import data as D
 import model as M
 import runs
-from fileio import unreadable_files
+from fileio import unreadable_files, write_json
 from tokenizer import load_tokenizer
 
 # --------------------------------------------------------------------------------------------------
@@ -403,7 +403,7 @@ def main(argv=None):
         del net
     print_table(results)
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        write_json(args.out, results)
         print(f"wrote {args.out}")
     return results
 

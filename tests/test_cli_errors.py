@@ -142,6 +142,61 @@ def test_an_out_path_without_permission_is_named(tiny_dir, tmp_path, monkeypatch
     assert msg.startswith(f"error: {out}: permission denied; choose a path you may use")
 
 
+class FillingDisk:
+    """A text file on a disk that fills up after `room` characters: a larger write puts what fits,
+    then raises ENOSPC."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, text):
+        if len(text) > self.room:
+            self.f.write(text[:self.room])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device", self.f.name)
+        self.room -= len(text)
+        return self.f.write(text)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_a_full_disk_while_eval_writes_out_leaves_the_previous_results(tiny_dir, tmp_path,
+                                                                        monkeypatch, capsys):
+    """The disk fills up while eval.py writes --out: one line, and the results file of the last
+    run is still whole (pathlib and the builtin open both go through the patched opener, so the
+    test holds whichever way the file is written)."""
+    import builtins
+    import io
+    folder = tmp_path / "results"
+    folder.mkdir()
+    out = folder / "results.json"
+    argv = ["--model", str(tiny_dir), "--data", VAL_DATA, "--max-examples", "2", "--no-generate",
+            "--out", str(out)]
+    E.main(argv)
+    before = out.read_text()
+    assert "loss" in json.loads(before)["wordnet_val.jsonl"]["base"]
+    real_open = io.open
+
+    def opener(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        in_folder = isinstance(file, (str, Path)) and Path(file).parent == folder
+        return FillingDisk(f, 20) if in_folder and "w" in mode and "b" not in mode else f
+    monkeypatch.setattr(io, "open", opener)
+    monkeypatch.setattr(builtins, "open", opener)
+    msg = cli_error(E.main, argv, capsys)
+    monkeypatch.undo()
+    assert msg.startswith("error: no space left on the device")
+    assert out.read_text() == before
+    assert [p.name for p in folder.iterdir()] == ["results.json"]        # no temporary file left
+
+
 @pytest.mark.parametrize("error, line", [
     (OSError(errno.ENOSPC, "No space left on device"),
      "no space left on the device; free some space and run again"),
