@@ -302,6 +302,27 @@ def test_eval_of_a_damaged_adapter_names_the_file_and_an_intact_checkpoint(run_w
     assert f"pass --adapter {good}" in msg
 
 
+@pytest.mark.parametrize("damage", ["truncated", "nan"])
+def test_model_py_with_a_damaged_adapter_is_one_line(run_with_checkpoints, tiny_dir, damage,
+                                                      capsys):
+    """model.py --adapter (generation, sampling on) with a truncated adapter.safetensors, or one
+    holding a NaN (write_safetensors never writes one: it is damage): one line naming the file."""
+    from safetensors.torch import load_file, save_file
+    weights = run_with_checkpoints / "adapter.safetensors"
+    if damage == "truncated":
+        truncate(weights)
+    else:
+        tensors = load_file(weights)
+        first = sorted(tensors)[0]
+        tensors[first].view(-1)[0] = float("nan")
+        save_file(tensors, weights)
+    msg = cli_error(runs.main, ["--adapter", str(run_with_checkpoints), "--max-new-tokens", "2",
+                                "--temperature", "0.7"], capsys)
+    assert msg.startswith(f"error: {weights}: ") and "corrupt" in msg
+    if damage == "nan":                                     # (was: loaded, and generated from)
+        assert f"tensor {first} holds NaN/inf" in msg
+
+
 def test_an_adapter_on_another_base_says_which_base(run_with_checkpoints, tiny_dir, smollm2_dir,
                                                     tmp_path, capsys):
     """Trained on tiny_dir (intermediate size 128), evaluated on a base with 96: the line names
