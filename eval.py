@@ -11,8 +11,8 @@ given. Per data file, by its format (see data.py):
           match of greedy generations
   {"question","choices","answer"}
       ->  accuracy by log-likelihood of each choice (summed, and per token)
-Results print as a table and are written as JSON (--out). `--plot-metrics` draws loss curves from
-runs' metrics.jsonl files.
+Results print as a table and are written as JSON (--out, atomically: a failed write leaves the
+previous file whole). `--plot-metrics` draws loss curves from runs' metrics.jsonl files.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import adapter_io as IO
 import data as D
 import model as M
 import runs
-from fileio import unreadable_files
+from fileio import unreadable_files, write_json
 from tokenizer import load_tokenizer
 
 # --------------------------------------------------------------------------------------------------
@@ -143,7 +143,10 @@ def evaluate_file(model, tok, path, max_len: int, batch_size: int, chat: bool,
     records = D.load_jsonl(path)[:max_examples]
     fmt = D.dataset_format(records)
     if fmt == "choice":
-        return choice_accuracy(model, tok, records, max_len, chat, batch_size)
+        try:
+            return choice_accuracy(model, tok, records, max_len, chat, batch_size)
+        except D.DataError as e:
+            raise D.DataError(f"{path}: {e}") from None
     examples = D.encode_dataset(records, tok, max_len, chat, name=str(path))
     result = evaluate_loss(model, examples, batch_size, tok.pad_id)
     if reference is not None:
@@ -200,21 +203,35 @@ def plot_loss_curves(runs: dict[str, str | Path], out_png: str | Path) -> Path:
 
 
 def plot_trust_region(metrics_path: str | Path, out_png: str | Path) -> Path:
-    """CTR-LoRA's trust region over a run: predicted KL κ of each logged step, the radius ρ, and the
-    clip rate."""
+    """CTR-LoRA's trust region over a run. Top: the measured KL of the step at each log line
+    (`kl`) and the largest since the line before (`kl_max`, where logged) against the bound ρ;
+    behind them, faint, the calibrated prediction κ of the proposed step (same units: nats per
+    target token). A KL of 0 (no step applied) or an infinite κ is a gap. Bottom: the share of
+    steps the trust region shrank (clip rate)."""
     plt = _pyplot()
-    rows = [r for r in read_metrics(metrics_path) if "kappa" in r]
+    rows = [r for r in read_metrics(metrics_path) if "rho" in r]
     if not rows:
-        raise ValueError(f"{metrics_path}: no 'kappa' entries (only --method ctr logs them)")
-    steps = [r["step"] for r in rows]
+        raise ValueError(f"{metrics_path}: no trust-region entries ('kl', 'rho'; only --method "
+                         f"ctr logs them)")
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(6.5, 5), sharex=True, height_ratios=[2, 1])
-    ax.semilogy(steps, [max(r["kappa"], 1e-12) for r in rows],
-                label="κ (predicted KL of the proposed step)")
-    ax.semilogy(steps, [r["rho"] for r in rows], "--", label="ρ (trust radius)")
-    ax.set_ylabel("nats per token (K-FAC)")
+    curves = [("kl", dict(color="tab:blue", lw=1.5, label="measured KL of the logged step")),
+              ("kl_max", dict(color="tab:orange", lw=1, ls=":",
+                              label="largest measured KL since the last log")),
+              ("rho", dict(color="black", lw=1.2, ls="--", label="ρ (the bound)")),
+              ("kappa", dict(color="0.6", lw=0.8, alpha=0.7, zorder=1,
+                             label="κ (calibrated prediction, before the check)"))]
+    for key, style in curves:
+        points = [(r["step"], r[key] if 0 < r[key] < math.inf else math.nan)
+                  for r in rows if key in r]
+        if not all(math.isnan(y) for _, y in points):
+            ax.plot(*zip(*points), **style)
+    ax.set_yscale("log")
+    ax.set_ylabel("KL per target token (nats)")
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    ax2.plot(steps, [r["clip_rate"] for r in rows], color="tab:red")
+    ax.grid(alpha=0.3, which="both")
+    clip = [(r["step"], r["clip_rate"]) for r in rows if "clip_rate" in r]
+    if clip:
+        ax2.plot(*zip(*clip), color="tab:red")
     ax2.set_ylabel("clip rate")
     ax2.set_xlabel("optimizer step")
     ax2.set_ylim(-0.05, 1.05)
@@ -298,6 +315,18 @@ def check_intact(run: Path) -> None:
     raise M.CheckpointError(f"{run}: {', '.join(damaged)}: truncated or corrupt{hint}")
 
 
+def check_args(args) -> None:
+    """A ValueError naming the flag for a count out of its range, or for --no-base without
+    --adapter (nothing left to evaluate); checked before any model is loaded."""
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len),
+                        ("--max-examples", args.max_examples)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if args.no_base and not args.adapter:
+        raise ValueError("--no-base without --adapter leaves nothing to evaluate; give --adapter "
+                         "RUN, or drop --no-base")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Evaluate a base model and an adapter side by side.")
     ap.add_argument("--model", default=None,
@@ -326,8 +355,8 @@ def main(argv=None):
                          "into --plot-out")
     ap.add_argument("--plot-out", default="loss_curves.png", help="PNG file for --plot-metrics")
     ap.add_argument("--trust-region-plot", default=None,
-                    help="draw κ, ρ and the clip rate of a CTR-LoRA run (--adapter folder) "
-                         "into this PNG file")
+                    help="draw the measured per-step KL against ρ (with κ) and the clip rate "
+                         "of a CTR-LoRA run (--adapter folder) into this PNG file")
     ap.add_argument("--reference", default=None,
                     help="a run folder (adapter or full model) whose predictions are the target: "
                          "reports the mean KL(reference ‖ model) per target token "
@@ -336,6 +365,7 @@ def main(argv=None):
                     help="draw the per-module ranks of --adapter as a heatmap into this PNG file")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     args = ap.parse_args(argv)
+    check_args(args)
 
     if args.trust_region_plot:
         if not args.adapter:
@@ -387,7 +417,7 @@ def main(argv=None):
         del net
     print_table(results)
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        write_json(args.out, results)
         print(f"wrote {args.out}")
     return results
 

@@ -14,6 +14,7 @@ synthetic_checkpoint.py (random weights of any preset's shape).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import sys
@@ -670,15 +671,54 @@ def generate(model: Llama, prompt_ids: list[int], max_new_tokens: int = 64,
 
 def cli(main_fn, argv=None):
     """Run a CLI entry point: expected errors become one line on stderr and exit code 1.
-    FloatingPointError is a run that diverged (NaN/inf): train.py says which step and why."""
+    FloatingPointError is a run that diverged (NaN/inf): train.py says which step and why.
+    An OSError on one of the user's paths (a file where a folder is needed, no permission, a
+    full disk) is one line naming the path (os_error_line); any other OSError is a bug and keeps
+    its traceback."""
     try:
         main_fn(argv)
-    except (CheckpointError, ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (CheckpointError, ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        line = os_error_line(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+# what to do about an OSError on a path, by its type (the first that matches)
+OS_ERROR_ADVICE = [
+    (FileExistsError, "already exists; move it away or choose another path"),
+    (IsADirectoryError, "is a folder, not a file; give a file path"),
+    (NotADirectoryError, "a part of this path is a file, not a folder; choose another path"),
+    (PermissionError, "permission denied; choose a path you may use, or change its permissions"),
+    (FileNotFoundError, "no such file or folder; check the path"),
+]
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def os_error_line(e: OSError) -> str | None:
+    """The `error:` line (without the prefix) for an OSError: the project's own message when it
+    raised one (FileNotFoundError("...")), the path and what to do for the operating system's
+    errors on a path, a full disk; None for any other (unexpected) OSError."""
+    if e.errno is None:
+        return str(e)                                     # raised by this project with a message
+    if e.errno in DISK_FULL_ERRNOS:
+        where = f" writing {e.filename}" if e.filename else ""
+        return f"no space left on the device{where}; free some space and run again"
+    if e.filename is None:
+        return None
+    path = e.filename2 or e.filename       # a rename (atomic_write's): the target is the user's
+    advice = next((text for kind, text in OS_ERROR_ADVICE if isinstance(e, kind)),
+                  f"{e.strerror}; check the path")
+    if isinstance(e, FileExistsError) and Path(e.filename).is_file():   # mkdir(exist_ok=True)
+        advice = "is a file where a folder is needed; move it away or choose another path"
+    return f"{path}: {advice}"
 
 
 if __name__ == "__main__":     # the command line (generate with a checkpoint or a run, or merge)

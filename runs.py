@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -83,6 +84,24 @@ def save_merged(model: Llama, tok: Tokenizer, out_dir,
 
 
 # The command line of `python model.py` (and `python runs.py`) ------------------------------------
+def check_args(args) -> None:
+    """A ValueError naming the flag for a number out of its range (argparse takes 'nan' and
+    'inf' as floats), checked before any model is loaded: --temperature finite and >= 0 (0 is
+    greedy), --top-p in (0, 1], --max-new-tokens >= 1, --max-shard-gb finite and > 0."""
+    for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p),
+                        ("--max-shard-gb", args.max_shard_gb)):
+        if not math.isfinite(value):
+            raise ValueError(f"{flag} must be a finite number, got {value}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be at least 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.max_shard_gb <= 0:
+        raise ValueError(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Load a Llama checkpoint (and a train.py run's "
                                              "adapter) and generate text, or merge the adapter "
@@ -113,6 +132,7 @@ def main(argv=None):
                     help="weight dtype (default: bf16 on GPU, fp32 on CPU; with --adapter the "
                          "run's --weights-dtype)")
     args = ap.parse_args(argv)
+    check_args(args)
     if args.merge and not args.adapter:
         ap.error("--merge needs --adapter RUN (the run whose adapter is merged into its base)")
     import time

@@ -20,6 +20,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json", "chat_template.jinja")
 
 
+class ChatTemplateError(ValueError):
+    """A chat template refused a conversation: its raise_exception(...) (Llama 2's "Conversation
+    roles must alternate user/assistant/user/assistant/...") or another error while rendering.
+    data.py names the record; the message is the template's."""
+
+
 class Tokenizer:
     """A thin wrapper over HF `tokenizers` that makes BOS/EOS explicit.
 
@@ -100,11 +106,18 @@ class Tokenizer:
                                   f"(tokenizer_config.json 'chat_template' or "
                                   f"chat_template.jinja); use a chat (Instruct) model, or data "
                                   f"and flags without chat")
+        import jinja2
         if self._compiled_template is None:
             self._compiled_template = compile_chat_template(self.chat_template)
-        return self._compiled_template.render(messages=messages,
-                                              add_generation_prompt=add_generation_prompt,
-                                              **self.special_tokens)
+        try:
+            return self._compiled_template.render(messages=messages,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  **self.special_tokens)
+        except jinja2.exceptions.TemplateError as e:
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ChatTemplateError(f"the chat template of {self.path} refuses it ({reason}); fix "
+                                    f"the record, or use a checkpoint whose template accepts "
+                                    f"it") from None
 
     def chat_prompt(self, user: str, system: str | None = None) -> str:
         """The text of a one-turn conversation up to the assistant's answer, from the chat

@@ -344,6 +344,31 @@ def test_misshaped_tensor_in_saved_adapter_is_named_and_model_left_plain(base, t
     assert torch.equal(restored.weight, base.model.layers[1].self_attn.q_proj.weight)
 
 
+def test_a_nan_in_a_saved_adapter_is_named_nothing_copied_and_model_left_plain(base, tmp_path):
+    """A NaN in adapter.safetensors (write_safetensors never writes one) is a CheckpointError
+    naming the tensor: load_adapter puts the plain linears back, load_adapter_weights copies
+    nothing, not even the tensors before the bad one."""
+    from fileio import CheckpointError
+    cfg = AdapterConfig(r=4, alpha=8, targets=["q_proj"])
+    saved = with_lora(base, cfg)
+    randomize_B(saved)
+    IO.save_adapter(saved, cfg, str(tmp_path))
+    tensors = load_file(tmp_path / "adapter.safetensors")
+    bad_key = "model.layers.1.self_attn.q_proj.lora_B"
+    tensors[bad_key][0, 0] = float("nan")
+    save_file(tensors, tmp_path / "adapter.safetensors")
+
+    fresh = copy.deepcopy(base)
+    msg = _one_line_error(CheckpointError, IO.load_adapter, fresh, str(tmp_path))
+    assert f"tensor {bad_key} holds NaN/inf" in msg
+    assert not adapters.adapter_layers(fresh)
+    into = with_lora(base, cfg)
+    before = {k: v.clone() for k, v in adapters.adapter_state_dict(into).items()}
+    _one_line_error(CheckpointError, IO.load_adapter_weights, into, str(tmp_path))
+    after = adapters.adapter_state_dict(into)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_missing_and_unexpected_tensors_in_saved_adapter_are_listed(base, tmp_path):
     cfg = AdapterConfig(r=4, alpha=8, targets=["q_proj"])
     IO.save_adapter(with_lora(base, cfg), cfg, str(tmp_path))

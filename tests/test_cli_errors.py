@@ -5,7 +5,9 @@ The entry points run in this process through model.cli, exactly as `python train
 (an unexpected exception would escape here as it would print a traceback there), without the
 interpreter start-up of a subprocess.
 """
+import errno
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,6 +67,40 @@ def test_numeric_flags_must_be_finite_and_in_range(flags, named, capsys):
     assert named in cli_error(T.parse_args, ["--data", TRAIN_DATA, *flags], capsys)
 
 
+@pytest.mark.parametrize("flags, line", [
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--batch-size", "-4"], "--batch-size must be at least 1, got -4"),
+    (["--seq-len", "0"], "--seq-len must be at least 1, got 0"),
+    (["--max-examples", "0"], "--max-examples must be at least 1, got 0"),
+    (["--no-base"], "--no-base without --adapter leaves nothing to evaluate; give --adapter RUN, "
+                    "or drop --no-base"),
+])
+def test_eval_flags_out_of_range(flags, line, tiny_dir, capsys):
+    """Checked before the model loads (a negative --batch-size made no batch: loss 0; --no-base
+    alone printed an empty table)."""
+    argv = ["--model", str(tiny_dir), "--data", VAL_DATA, "--no-generate", *flags]
+    assert cli_error(E.main, argv, capsys) == f"error: {line}"
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--temperature", "-0.5"], "--temperature must be at least 0 (0 = greedy), got -0.5"),
+    (["--temperature", "nan"], "--temperature must be a finite number, got nan"),
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--top-p", "-0.1", "--temperature", "0.7"], "--top-p must be in (0, 1], got -0.1"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["--top-p", "nan"], "--top-p must be a finite number, got nan"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+    (["--max-shard-gb", "0"], "--max-shard-gb must be > 0, got 0.0"),
+    (["--max-shard-gb", "inf"], "--max-shard-gb must be a finite number, got inf"),
+])
+def test_model_py_flags_out_of_range(flags, line, tiny_dir, capsys):
+    """Checked before the model loads. Unchecked, a negative --top-p with sampling left no
+    token to draw and --temperature nan drew from NaN probabilities (torch tracebacks), and
+    --max-shard-gb inf overflowed int() (a traceback)."""
+    argv = ["--model", str(tiny_dir), "--max-new-tokens", "2", *flags]
+    assert cli_error(runs.main, argv, capsys) == f"error: {line}"
+
+
 # ----------------------------------------------------------------------- files and devices
 
 def test_a_directory_given_as_a_data_file(tiny_dir, tmp_path, capsys):
@@ -77,6 +113,121 @@ def test_a_directory_given_as_a_data_file(tiny_dir, tmp_path, capsys):
     msg = cli_error(E.main, ["--model", str(tiny_dir), "--data", str(folder), "--no-generate"],
                     capsys)
     assert str(folder) in msg and "is a directory" in msg
+
+
+def test_an_out_path_that_is_a_file_or_under_one_is_named(tiny_dir, tmp_path, capsys):
+    """mkdir on a file (FileExistsError) or under one (NotADirectoryError): one line with the
+    path and what to do; the file is left as it was."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    msg = cli_error(T.main, run_flags(tiny_dir, a_file, "--steps", "1"), capsys)
+    assert msg == (f"error: {a_file}: is a file where a folder is needed; move it away or choose "
+                   f"another path")
+    msg = cli_error(T.main, run_flags(tiny_dir, a_file / "run", "--steps", "1"), capsys)
+    assert msg.startswith(f"error: {a_file / 'run'}: a part of this path is a file, not a folder")
+    assert a_file.read_text() == "keep me"
+
+
+def test_an_out_path_without_permission_is_named(tiny_dir, tmp_path, monkeypatch, capsys):
+    """(The tests may run as root, whom no mode bit stops: the refusal is simulated.)"""
+    out = tmp_path / "locked" / "run"
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self == out:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    msg = cli_error(T.main, run_flags(tiny_dir, out, "--steps", "1"), capsys)
+    assert msg.startswith(f"error: {out}: permission denied; choose a path you may use")
+
+
+class FillingDisk:
+    """A text file on a disk that fills up after `room` characters: a larger write puts what fits,
+    then raises ENOSPC."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, text):
+        if len(text) > self.room:
+            self.f.write(text[:self.room])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device", self.f.name)
+        self.room -= len(text)
+        return self.f.write(text)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_a_full_disk_while_eval_writes_out_leaves_the_previous_results(tiny_dir, tmp_path,
+                                                                        monkeypatch, capsys):
+    """The disk fills up while eval.py writes --out: one line, and the results file of the last
+    run is still whole (pathlib and the builtin open both go through the patched opener, so the
+    test holds whichever way the file is written)."""
+    import builtins
+    import io
+    folder = tmp_path / "results"
+    folder.mkdir()
+    out = folder / "results.json"
+    argv = ["--model", str(tiny_dir), "--data", VAL_DATA, "--max-examples", "2", "--no-generate",
+            "--out", str(out)]
+    E.main(argv)
+    before = out.read_text()
+    assert "loss" in json.loads(before)["wordnet_val.jsonl"]["base"]
+    real_open = io.open
+
+    def opener(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        in_folder = isinstance(file, (str, Path)) and Path(file).parent == folder
+        return FillingDisk(f, 20) if in_folder and "w" in mode and "b" not in mode else f
+    monkeypatch.setattr(io, "open", opener)
+    monkeypatch.setattr(builtins, "open", opener)
+    msg = cli_error(E.main, argv, capsys)
+    monkeypatch.undo()
+    assert msg.startswith("error: no space left on the device")
+    assert out.read_text() == before
+    assert [p.name for p in folder.iterdir()] == ["results.json"]        # no temporary file left
+
+
+@pytest.mark.parametrize("error, line", [
+    (OSError(errno.ENOSPC, "No space left on device"),
+     "no space left on the device; free some space and run again"),
+    (IsADirectoryError(errno.EISDIR, "Is a directory", "/tmp/.r.json.tmp", None, "/tmp/results"),
+     "/tmp/results: is a folder, not a file; give a file path"),
+    (FileNotFoundError("--resume: no checkpoint in runs/x"), "--resume: no checkpoint in runs/x"),
+    (OSError(errno.EIO, "Input/output error"), None),          # no path: a bug, not the user's
+])
+def test_os_errors_on_the_users_paths_are_one_line_and_others_are_not_hidden(error, line):
+    assert M.os_error_line(error) == line
+
+
+def test_a_conversation_the_chat_template_refuses_is_one_line(tiny_dir, tmp_path, capsys):
+    """A template's raise_exception (here: the first message must be the user's) while eval.py
+    encodes a chat file: the file, the record and the template's message."""
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    tcfg = json.loads((model / "tokenizer_config.json").read_text())
+    tcfg["chat_template"] = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('the "
+                             "conversation must start with the user') }}{% endif %}"
+                             "{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}")
+    (model / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "assistant", "content": "Hello there"},
+                                             {"role": "user", "content": "Hi"},
+                                             {"role": "assistant", "content": "How can I help?"}]})
+                    + "\n")
+    msg = cli_error(E.main, ["--model", str(model), "--data", str(chat), "--no-generate"], capsys)
+    assert msg.startswith(f"error: {chat}: the record starting 'Hello there': the chat template")
+    assert "(the conversation must start with the user)" in msg
 
 
 def device_argv(main, tiny_dir) -> list[str]:
@@ -149,6 +300,27 @@ def test_eval_of_a_damaged_adapter_names_the_file_and_an_intact_checkpoint(run_w
     assert "adapter.safetensors (" in msg and "truncated or corrupt" in msg
     good = out / "checkpoints" / "step-000004"
     assert f"pass --adapter {good}" in msg
+
+
+@pytest.mark.parametrize("damage", ["truncated", "nan"])
+def test_model_py_with_a_damaged_adapter_is_one_line(run_with_checkpoints, tiny_dir, damage,
+                                                      capsys):
+    """model.py --adapter (generation, sampling on) with a truncated adapter.safetensors, or one
+    holding a NaN (write_safetensors never writes one: it is damage): one line naming the file."""
+    from safetensors.torch import load_file, save_file
+    weights = run_with_checkpoints / "adapter.safetensors"
+    if damage == "truncated":
+        truncate(weights)
+    else:
+        tensors = load_file(weights)
+        first = sorted(tensors)[0]
+        tensors[first].view(-1)[0] = float("nan")
+        save_file(tensors, weights)
+    msg = cli_error(runs.main, ["--adapter", str(run_with_checkpoints), "--max-new-tokens", "2",
+                                "--temperature", "0.7"], capsys)
+    assert msg.startswith(f"error: {weights}: ") and "corrupt" in msg
+    if damage == "nan":                                     # (was: loaded, and generated from)
+        assert f"tensor {first} holds NaN/inf" in msg
 
 
 def test_an_adapter_on_another_base_says_which_base(run_with_checkpoints, tiny_dir, smollm2_dir,

@@ -521,3 +521,54 @@ def test_chat_without_a_template_is_an_error_not_a_plain_prompt(smollm2_dir, tmp
                          ({"prompt": "Capital of France?", "completion": " Paris"}, True)):
         with pytest.raises(CheckpointError, match="no chat template"):
             data.encode_example(record, tok, 512, chat=chat)
+
+
+# Llama 2's rule, in a template small enough to read: roles alternate, user first
+ALTERNATING_TEMPLATE = (
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+
+
+def tokenizer_with_template(smollm2_dir, folder, template):
+    """SmolLM2's tokenizer with another chat template."""
+    import shutil
+    from tokenizer import load_tokenizer
+    tcfg = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
+    tcfg["chat_template"] = template
+    folder.mkdir(exist_ok=True)
+    shutil.copy(smollm2_dir / "tokenizer.json", folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    return load_tokenizer(folder)
+
+
+@pytest.mark.smollm2
+def test_a_conversation_the_chat_template_refuses_is_a_data_error_naming_it(smollm2_dir,
+                                                                            tmp_path):
+    """The template's raise_exception(message) is one DataError line: the data's name, the
+    record (by its first words) and the template's message."""
+    tok = tokenizer_with_template(smollm2_dir, tmp_path / "tok", ALTERNATING_TEMPLATE)
+    good = {"messages": [{"role": "user", "content": "Capital of France?"},
+                         {"role": "assistant", "content": "Paris"}]}
+    bad = {"messages": [{"role": "user", "content": "Capital of Spain?"},
+                        {"role": "user", "content": "And of Italy?"},
+                        {"role": "assistant", "content": "Madrid, Rome"}]}
+    assert data.encode_dataset([good], tok, 64, name="chat.jsonl")         # the template works
+    with pytest.raises(DataError) as e:
+        data.encode_dataset([good, bad], tok, 64, name="chat.jsonl")
+    msg = str(e.value)
+    assert msg.startswith("chat.jsonl: the record starting 'Capital of Spain?': the chat template")
+    assert "(Conversation roles must alternate user/assistant/user/assistant/...)" in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.smollm2
+def test_a_question_the_chat_template_refuses_is_a_data_error_naming_it(smollm2_dir, tmp_path):
+    """Multiple choice with chat: the question's prompt goes through the template too."""
+    tok = tokenizer_with_template(smollm2_dir, tmp_path / "tok",
+                                  "{{ raise_exception('a system message is required') }}")
+    record = {"question": "Which is a colour?", "choices": ["red", "dog"], "answer": 0}
+    with pytest.raises(DataError, match="the record starting 'Which is a colour[?]': the chat "
+                                        "template .* refuses it [(]a system message is required"):
+        data.encode_choices(record, tok, 64, chat=True)

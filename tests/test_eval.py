@@ -115,3 +115,35 @@ def test_prediction_kl_equals_explicit_kl_and_is_zero_against_itself(tiny, smoll
     got = E.prediction_kl(net, other, examples, 4, tok.pad_id)
     assert got["tokens"] == n and got["kl_to_reference"] == pytest.approx(want / n, rel=1e-4)
     assert got["kl_to_reference"] > 1e-4
+
+
+def test_trust_region_plot_puts_the_measured_kl_against_rho(tmp_path, monkeypatch):
+    """The top panel: the measured KL per logged step (`kl`, `kl_max`) against ρ, κ faint behind
+    (lowest zorder); a KL of 0 (no step applied) is a gap, rows of other kinds are passed over."""
+    rows = [{"step": s, "loss": 2.0, "kappa": 0.03 * s, "kl": 0.002 * s, "kl_max": 0.004 * s,
+             "rho": 0.01, "clip_rate": 0.5} for s in (1, 2, 4)]
+    rows.insert(2, {"step": 3, "loss": 2.0, "kappa": 0.05, "kl": 0.0, "kl_max": 0.006,
+                    "rho": 0.01, "clip_rate": 1.0})
+    rows.append({"step": 4, "val_loss": 2.1})
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figures = []
+    monkeypatch.setattr(E, "_save_figure", lambda fig, out: figures.append(fig) or out)
+    E.plot_trust_region(metrics, tmp_path / "tr.png")
+    ax = figures[0].axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    measured = lines["measured KL of the logged step"]
+    assert list(measured.get_xdata()) == [1, 2, 3, 4]
+    ydata = list(measured.get_ydata())
+    assert ydata[:2] + ydata[3:] == [0.002, 0.004, 0.008] and math.isnan(ydata[2])
+    assert list(lines["largest measured KL since the last log"].get_ydata()) == [
+        0.004, 0.008, 0.006, 0.016]
+    assert list(lines["ρ (the bound)"].get_ydata()) == [0.01] * 4
+    kappa = next(line for label, line in lines.items() if label.startswith("κ"))
+    assert kappa.get_zorder() < min(line.get_zorder() for line in lines.values()
+                                    if line is not kappa)
+    assert ax.get_yscale() == "log" and "KL" in ax.get_ylabel()
+    E._pyplot().close(figures[0])
+    monkeypatch.undo()
+    png = E.plot_trust_region(metrics, tmp_path / "tr.png")
+    assert png.stat().st_size > 1000

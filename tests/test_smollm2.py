@@ -101,3 +101,54 @@ def test_conversion_is_idempotent(smollm2_dir):
     before = (smollm2_dir / "model.safetensors").stat().st_mtime_ns
     assert ensure_default_model() == smollm2_dir
     assert (smollm2_dir / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_a_conversion_that_fails_part_way_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A conversion stopped after the weights are written (a full disk, Ctrl-C) removes its own
+    temporary folder, so a retry starts clean; a folder the user had there is left alone. (One
+    small tensor stands for the weights, and the GGUF is read once: the cleanup is tested here,
+    not the conversion.)"""
+    import errno
+
+    import gguf
+
+    import convert_gguf as CG
+    reader = gguf.GGUFReader(str(find_default_gguf()))
+    monkeypatch.setattr(gguf, "GGUFReader", lambda path: reader)
+    parent = tmp_path / "checkpoints"
+    (parent / "mine").mkdir(parents=True)
+    (parent / "mine" / "notes.txt").write_text("keep me")
+    monkeypatch.setattr(CG, "gguf_to_hf_tensors", lambda reader, config: {"w": torch.ones(4)})
+
+    def disk_full(reader):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(CG, "gguf_tokenizer_files", disk_full)
+    out = parent / "smollm2-135m"
+    with pytest.raises(OSError):
+        CG.convert_gguf(find_default_gguf(), out)
+    assert sorted(p.name for p in parent.iterdir()) == ["mine"]
+    monkeypatch.setattr(CG, "gguf_tokenizer_files", lambda reader: {"tokenizer.json": "{}"})
+    assert CG.convert_gguf(find_default_gguf(), out) == out                   # the retry
+    assert sorted(p.name for p in out.iterdir()) == ["SOURCE.txt", "config.json",
+                                                     "model.safetensors", "tokenizer.json"]
+
+    def interrupted(reader):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(CG, "gguf_tokenizer_files", interrupted)
+    users = parent / "mine"
+    with pytest.raises(KeyboardInterrupt):
+        CG.convert_gguf(find_default_gguf(), users)                 # out_dir is a user's folder
+    assert sorted(p.name for p in parent.iterdir()) == ["mine", "smollm2-135m"]
+    assert [p.name for p in users.iterdir()] == ["notes.txt"]
+    assert (users / "notes.txt").read_text() == "keep me"
+
+
+def test_a_truncated_gguf_is_a_checkpoint_error_naming_it(tmp_path):
+    cut = tmp_path / "cut.gguf"
+    with open(find_default_gguf(), "rb") as f:
+        cut.write_bytes(f.read(2_000_000))                  # the header, part of the vocabulary
+    from convert_gguf import convert_gguf
+    with pytest.raises(M.CheckpointError, match=r"cut.gguf: not a readable GGUF file \(.*\): "
+                                                r"truncated or corrupt"):
+        convert_gguf(cut, tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir()] == ["cut.gguf"]
