@@ -403,7 +403,7 @@ def test_help_explains_every_flag():
         assert "--" + name.replace("_", "-") in r.stdout, name
 
 
-# ------------------------------------------------------------------- resume: the run folder stays whole
+# ---------------------------------------------------------- resume: the run folder stays whole
 
 def metric_steps(out):
     return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
