@@ -1099,7 +1099,7 @@ class TriAdaptHooks(MethodHooks):
 #    trust region: every applied step has measured KL(p_before ‖ p_after) ≤ ρ, in nats per label
 #    token of the step's batch. κ = c_cal · ½ Σ_ℓ (n/N) tr(Γ_ℓ δW_ℓ S_ℓ δW_ℓᵀ) proposes the shrink
 #    a·δθ; a no-grad forward measures the KL; a ← a·√(0.9ρ/KL) until KL ≤ ρ (a = 0 at worst).
-#    c_cal = exp(running average, weight 0.3, of log(measured / κ)): this K-FAC proxy alone
+#    c_cal = exp(running average, weight 0.3, of log(measured / uncalibrated κ)): this proxy alone
 #    under-predicts AdamW steps on SmolLM2 by 4.2× (median; 0.65–60×, notes/curvature.md §10b).
 # ===============================================================================================
 

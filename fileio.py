@@ -30,16 +30,24 @@ class CheckpointError(RuntimeError):
 def atomic_write(path, write) -> None:
     """Call write(tmp_path) on a temporary file beside `path`, fsync it, then rename it over `path`.
 
-    A failed write leaves no temporary file and the old `path` untouched. The file gets the
-    permissions a plain open() would give it (mkstemp's are owner-only).
+    A failed write leaves no temporary file and the old `path` untouched. The file keeps the
+    permissions of the one it replaces, or gets those a plain open() would give a new file
+    (mkstemp's are owner-only). An error creating the temporary file names `path`.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror, str(path)) from None
     os.close(fd)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        if path.exists():
+            mode = path.stat().st_mode & 0o777
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

@@ -163,6 +163,8 @@ def method_option_fields():
 RESUMABLE_CHANGES = {"out", "steps", "resume", "overwrite", "log_every", "eval_every", "save_every",
                      "keep_checkpoints", "device", "eval_examples", "max_nonfinite", "dry_run",
                      "threads", "compile", "epochs"}
+# what this invocation does, never read back from the saved settings
+PER_INVOCATION = {"resume", "overwrite", "dry_run"}
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -204,6 +206,8 @@ def settings_for_resume(args: dict, explicit: set[str]) -> dict:
     for name, value in args.items():
         if name in option_names:
             saved_value = saved_options.get(name, getattr(defaults, name))
+        elif name in PER_INVOCATION:
+            saved_value = value                 # (a run started with --overwrite still resumes)
         else:
             saved_value = saved.get(name, value)
         if name in explicit and name not in RESUMABLE_CHANGES and value != saved_value:
@@ -439,7 +443,7 @@ def check_finite_before_saving(out: Path, step: int, net, optimizer, cfg: TrainC
 def named_numbers(obj, name: str) -> dict[str, torch.Tensor]:
     """The tensors and floats of a nested dict/list, by path ('ctr state/curvature/…/s')."""
     if isinstance(obj, float):
-        obj = torch.tensor(obj)
+        obj = torch.tensor(obj, dtype=torch.float64)
     if torch.is_tensor(obj):
         return {name: obj}
     items = obj.items() if isinstance(obj, dict) else \
@@ -699,12 +703,14 @@ def drop_metrics_after(path: Path, step: int) -> None:
 
     def before(line: str) -> bool:
         try:
-            return json.loads(line).get("step", 0) <= step
+            row = json.loads(line)
         except json.JSONDecodeError:
             return False
+        return isinstance(row, dict) and row.get("step", 0) <= step
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and before(line)]
-    if len(kept) != len(lines):
+    kept = [line if line.endswith("\n") else line + "\n"     # the next row starts a new line
+            for line in lines if line.strip() and before(line)]
+    if kept != lines:
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
 
 
@@ -924,9 +930,11 @@ def train(cfg: TrainConfig) -> dict:
     if main_rank:
         write_json(out / IO.RUN_CONFIG_NAME, asdict(cfg))
         if start_step >= cfg.steps:
+            more = ("a new run: this method's rank schedule is planned for --steps "
+                    f"{cfg.steps}" if cfg.method in ("adalora", "triadapt", "ctr") else
+                    "--resume with a larger --steps or --epochs")
             print(f"nothing left to train: {out} is at step {start_step} of {cfg.steps} (to "
-                  f"train on, --resume with a larger --steps or --epochs); rewriting its "
-                  f"products", file=sys.stderr)
+                  f"train on: {more}); rewriting its products", file=sys.stderr)
     if cfg.compile:               # after CG-LoRA's calibration (its hooks run eager)
         net.compile_blocks()
         if main_rank:

@@ -487,3 +487,40 @@ def test_resuming_a_finished_run_says_there_is_nothing_left_to_train(tiny_dir, t
     err = capsys.readouterr().err
     assert f"nothing left to train: {out} is at step 2 of 2" in err
     assert metric_steps(out) == [1, 2]
+
+
+def test_a_run_started_with_overwrite_resumes_with_only_out(tiny_dir, tmp_path):
+    """--overwrite is what that invocation did, not a setting of the run: `--resume --out RUN`
+    must not read it back (and then refuse --resume with --overwrite)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    T.train(tiny_cfg(tiny_dir, out, steps=2, save_every=2, overwrite=True))
+    cfg = T.parse_args(["--resume", "--out", str(out), "--steps", "3"])
+    assert cfg.resume and not cfg.overwrite and cfg.steps == 3
+    T.train(cfg)
+    assert metric_steps(out) == [1, 2, 3]
+
+
+def test_an_atomic_write_keeps_the_mode_of_the_file_it_replaces_and_names_the_path(tmp_path):
+    import os
+    from fileio import write_json
+    private = tmp_path / "private.json"
+    private.write_text("{}")
+    private.chmod(0o600)
+    write_json(private, {"x": 1})
+    assert private.stat().st_mode & 0o777 == 0o600
+    missing = tmp_path / "no-such-folder" / "r.json"
+    with pytest.raises(FileNotFoundError) as e:
+        write_json(missing, {})
+    assert e.value.filename == str(missing)
+
+
+def test_resume_ends_a_last_metrics_row_that_lost_its_newline(tiny_dir, tmp_path):
+    """A stop right before the row's newline: the row is whole and kept, but the resumed run's
+    first row must start on a line of its own."""
+    out = tmp_path / "run"
+    T.train(tiny_cfg(tiny_dir, out, steps=2, save_every=2))
+    path = out / "metrics.jsonl"
+    path.write_text(path.read_text().rstrip("\n"))
+    T.train(tiny_cfg(tiny_dir, out, steps=3, save_every=2, resume=True))
+    assert metric_steps(out) == [1, 2, 3]
