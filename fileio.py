@@ -47,8 +47,8 @@ def atomic_write(path, write) -> None:
             umask = os.umask(0)
             os.umask(umask)
             mode = 0o666 & ~umask
-        os.chmod(tmp, mode)
         write(tmp)
+        os.chmod(tmp, mode)                     # after: a writer may replace the file (safetensors)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

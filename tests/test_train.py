@@ -468,15 +468,17 @@ def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
     """Checkpoints, configs and exported models are shared and served: a file written atomically
     is readable by others as open() would make it (umask 022: rw-r--r--), not owner-only."""
     import os
-    from fileio import write_json
+    from fileio import write_json, write_safetensors
     old = os.umask(0o022)
     try:
         write_json(tmp_path / "a.json", {"x": 1})
+        write_safetensors(tmp_path / "w.safetensors", {"w": torch.zeros(2)})  # (its own temp file)
         (tmp_path / "b.txt").write_text("x")
     finally:
         os.umask(old)
-    modes = [(tmp_path / name).stat().st_mode & 0o777 for name in ("a.json", "b.txt")]
-    assert modes == [0o644, 0o644]
+    modes = [(tmp_path / name).stat().st_mode & 0o777
+             for name in ("a.json", "w.safetensors", "b.txt")]
+    assert modes == [0o644, 0o644, 0o644]
 
 
 def test_resuming_a_finished_run_says_there_is_nothing_left_to_train(tiny_dir, tmp_path, capsys):
