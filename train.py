@@ -930,11 +930,10 @@ def train(cfg: TrainConfig) -> dict:
     if main_rank:
         write_json(out / IO.RUN_CONFIG_NAME, asdict(cfg))
         if start_step >= cfg.steps:
-            more = ("a new run: this method's rank schedule is planned for --steps "
-                    f"{cfg.steps}" if cfg.method in ("adalora", "triadapt", "ctr") else
-                    "--resume with a larger --steps or --epochs")
             print(f"nothing left to train: {out} is at step {start_step} of {cfg.steps} (to "
-                  f"train on: {more}); rewriting its products", file=sys.stderr)
+                  f"train on, --resume with a larger --steps or --epochs; a method whose rank "
+                  f"schedule is planned for --steps needs a new run); rewriting its products",
+                  file=sys.stderr)
     if cfg.compile:               # after CG-LoRA's calibration (its hooks run eager)
         net.compile_blocks()
         if main_rank:
@@ -1021,12 +1020,11 @@ def train(cfg: TrainConfig) -> dict:
     wall = time.perf_counter() - progress.t_start
     rngs = rank_rng_states(world)
     if main_rank:
-        method_state = method.state_dict()
-        # nothing NaN/inf written
-        check_finite_before_saving(out, step, net, optimizer, cfg, method_state)
-        write_products(out, net, cfg, step, wall)
+        # the checkpoint first: it refuses NaN/inf before anything is written, products included
         save_checkpoint(out, step, net, optimizer, batcher, cfg,
-                        {"nonfinite_total": nonfinite_total, "method": method_state, **rngs})
+                        {"nonfinite_total": nonfinite_total, "method": method.state_dict(),
+                         **rngs})
+        write_products(out, net, cfg, step, wall)
     finish_distributed(world)
     return {"steps": step, "wall_s": wall, "nonfinite_steps": nonfinite_total, "model": net}
 
