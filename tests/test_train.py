@@ -217,14 +217,26 @@ def checkpoint_bytes(out):
             for p in sorted((out / "checkpoints").rglob("*")) if p.is_file()}
 
 
+def remember_saves(monkeypatch, out) -> dict:
+    """checkpoint_bytes(out) as the last good save left it, kept up to date by every save."""
+    before, real_save = {}, T.save_checkpoint
+
+    def save_and_remember(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        before.update(checkpoint_bytes(out))
+        return path
+    monkeypatch.setattr(T, "save_checkpoint", save_and_remember)
+    return before
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_weights_that_overflow_are_never_saved_and_the_checkpoints_stay(tiny_dir, tmp_path,
                                                                         method, monkeypatch):
     """Step 3's optimizer step leaves an inf weight (as a too-large --lr can): the run's end
     refuses to write it — one FloatingPointError naming the step, the tensor and --lr — and the
     step-2 checkpoint, `latest` and the run folder are left exactly as they were."""
-    out, before = tmp_path / "run", {}
-    real_step, real_save = T.optimizer_step, T.save_checkpoint
+    out = tmp_path / "run"
+    real_step = T.optimizer_step
 
     def overflow_at_step_3(optimizer, params, method_hooks, step, clip):
         result = real_step(optimizer, params, method_hooks, step, clip)
@@ -233,13 +245,8 @@ def test_weights_that_overflow_are_never_saved_and_the_checkpoints_stay(tiny_dir
                 params[0].view(-1)[0] = float("inf")
         return result
 
-    def save_and_remember(*args, **kwargs):        # the folder as the last good save left it
-        path = real_save(*args, **kwargs)
-        before.update(checkpoint_bytes(out))
-        return path
-
     monkeypatch.setattr(T, "optimizer_step", overflow_at_step_3)
-    monkeypatch.setattr(T, "save_checkpoint", save_and_remember)
+    before = remember_saves(monkeypatch, out)
     with pytest.raises(FloatingPointError) as e:
         T.train(tiny_cfg(tiny_dir, out, method=method, steps=4, save_every=2, lr=1e-3))
     msg = str(e.value)
@@ -254,8 +261,8 @@ def test_weights_that_overflow_are_never_saved_and_the_checkpoints_stay(tiny_dir
 def test_a_nonfinite_method_state_is_never_saved(tiny_dir, tmp_path, monkeypatch):
     """The method's own state is saved too (CTR-LoRA's curvature statistics): an inf entry that
     appears in it after step 3 is refused at the next save like an inf weight, by its name."""
-    out, before = tmp_path / "run", {}
-    real_step, real_save = T.optimizer_step, T.save_checkpoint
+    out = tmp_path / "run"
+    real_step = T.optimizer_step
 
     def corrupt_the_statistics_at_step_3(optimizer, params, method_hooks, step, clip):
         result = real_step(optimizer, params, method_hooks, step, clip)
@@ -264,13 +271,8 @@ def test_a_nonfinite_method_state_is_never_saved(tiny_dir, tmp_path, monkeypatch
             method_hooks.curvature[name]["s"][0] = float("inf")
         return result
 
-    def save_and_remember(*args, **kwargs):
-        path = real_save(*args, **kwargs)
-        before.update(checkpoint_bytes(out))
-        return path
-
     monkeypatch.setattr(T, "optimizer_step", corrupt_the_statistics_at_step_3)
-    monkeypatch.setattr(T, "save_checkpoint", save_and_remember)
+    before = remember_saves(monkeypatch, out)
     with pytest.raises(FloatingPointError) as e:
         T.train(tiny_cfg(tiny_dir, out, method="ctr", steps=4, save_every=2, lr=1e-3))
     msg = str(e.value)
