@@ -337,6 +337,18 @@ class LoadSampler(threading.Thread):
                 "cpu_busy_share": round((b1 - b0) / (n1 - n0), 3) if n1 > n0 else None}
 
 
+def code_version() -> str | None:
+    """The commit the run's code came from, "+dirty" when tracked files differ from it (records
+    made before this field existed have none); None outside a git checkout."""
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode:
+        return None
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "*.py").stdout.strip()
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
 def run_measured(cmd: list[str], log: Path, args, sampler: LoadSampler) -> dict:
     """cmd from the repository root, output to log, OMP_NUM_THREADS=--threads; wall time, CPU
     time and peak RSS (GNU time, when installed) and the machine's load around and during it."""
@@ -351,7 +363,8 @@ def run_measured(cmd: list[str], log: Path, args, sampler: LoadSampler) -> dict:
     with open(log, "w") as f:
         rc = subprocess.call(wrapped, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     end = time.time()
-    out = {"returncode": rc, "command": " ".join(cmd[1:]), "started": start, "ended": end,
+    out = {"returncode": rc, "command": " ".join(cmd[1:]), "commit": code_version(),
+           "started": start, "ended": end,
            "process_wall_s": round(end - start, 1), "load_before": round(load_before, 2),
            "load_after": round(os.getloadavg()[0], 2), **sampler.between(start, end)}
     if time_file.is_file():

@@ -13,6 +13,7 @@ from the records; where a run is missing, its cell says so.
 from __future__ import annotations
 
 import argparse
+import collections
 import math
 import os
 import statistics
@@ -213,6 +214,9 @@ def compute_section(rs: Records) -> list[str]:
                      f"({os.cpu_count()} cores here; 2 one-thread runs alone make about 2). "
                      "Each record holds its own load (before, after, mean and highest during "
                      "it).")
+    commits = collections.Counter(r.get("commit") or "not recorded" for r in recs)
+    lines.append("Code of the runs (commit: runs): " + ", ".join(
+        f"{c}: {n}" for c, n in sorted(commits.items())) + ".")
     if failed:
         lines.append(f"Runs that failed or were interrupted (rerun by the next invocation): "
                      f"{', '.join(failed)}.")
@@ -755,11 +759,18 @@ def figures(rs: Records, out_dir: Path, note_dir: Path) -> dict:
     if ladders:
         fig, ax = plt.subplots(figsize=(6.4, 3.8))
         top = max([y for lad in ladders.values() for y in lad.mean_dev.values()] or [1.0])
+        row = 0  # each method's × marks get their own height, so that equal lrs do not overlap
         for v, lad in ladders.items():
             xs = [lr for lr in lad.levels if lr in lad.mean_dev and not lad.n_diverged.get(lr)]
             line, = ax.plot(xs, [lad.mean_dev[lr] for lr in xs], "o-", label=X.NAMES[v])
             bad = [lr for lr in lad.levels if lad.n_diverged.get(lr)]
-            ax.plot(bad, [top * 1.3] * len(bad), "x", color=line.get_color(), ms=9)
+            if bad:
+                ax.plot(bad, [top * 1.3 * 1.15 ** row] * len(bad), "x", color=line.get_color(),
+                        ms=8, mew=2)
+                row += 1
+        if row:
+            ax.text(0.99, 0.02, "× a seed diverged (no dev loss drawn)", transform=ax.transAxes,
+                    ha="right", va="bottom", fontsize=7)
         ax.set(xscale="log", yscale="log", xlabel="peak learning rate",
                ylabel=f"final dev loss ({rs.args.grid_steps} steps)")
         ax.grid(alpha=0.3, which="both")

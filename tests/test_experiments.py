@@ -195,6 +195,24 @@ def test_report_tables_come_from_the_records(tmp_path):
         assert (tmp_path / "out" / png).is_file() and png in text
 
 
+def test_records_name_the_commit_of_their_code_and_the_report_counts_them(tmp_path, monkeypatch):
+    results = synthetic_results()
+    keys = [k for k in results if k not in ("settings", "base")]
+    for k in keys[:3]:
+        results[k]["commit"] = "abc1234"
+    results[keys[3]]["commit"] = "def5678+dirty"
+    R.write_report(results, report_args(tmp_path))
+    text = " ".join((tmp_path / "note.md").read_text().split())
+    unrecorded = sum(1 for r in results.values() if "process_wall_s" in r) - 4
+    assert (f"(commit: runs): abc1234: 3, def5678+dirty: 1, not recorded: {unrecorded}."
+            in text)
+    assert X.code_version().split("+")[0] == X.subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+        text=True).stdout.strip()
+    monkeypatch.setattr(X, "ROOT", tmp_path)        # not a git checkout: no commit, no error
+    assert X.code_version() is None
+
+
 def test_report_without_records_writes_placeholders(tmp_path):
     R.write_report({}, report_args(tmp_path))
     text = (tmp_path / "note.md").read_text()
