@@ -415,12 +415,16 @@ def save_checkpoint(out: Path, step: int, net, optimizer, batcher, cfg: TrainCon
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     atomic_write(ckpt_dir / "latest", lambda p: Path(p).write_text(final.name))
-    # keep this one and the newest keep − 1 before it; a folder named after a later step (a
-    # damaged one that --resume passed over) stays until the run writes that step again
-    older = sorted(p for p in ckpt_dir.glob("step-*") if p.name < final.name)
-    for old in older[:max(0, len(older) - (cfg.keep_checkpoints - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+    remove_old_checkpoints(ckpt_dir, step, cfg.keep_checkpoints)
     return final
+
+
+def remove_old_checkpoints(ckpt_dir: Path, step: int, keep: int) -> None:
+    """Keep the checkpoint of `step` and the newest keep − 1 before it. A folder of a later step
+    (a damaged one that --resume passed over) stays until the run writes that step again."""
+    older = [p for p in checkpoint_folders(ckpt_dir) if checkpoint_step(p) < step]
+    for old in older[:max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def check_finite_before_saving(out: Path, step: int, net, optimizer, cfg: TrainConfig,
@@ -460,6 +464,19 @@ def checkpoints_kept(out: Path) -> str:
             else "no checkpoint was written")
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint folder is named after: step-000100 -> 100."""
+    return int(path.name.removeprefix("step-"))
+
+
+def checkpoint_folders(ckpt_dir: Path) -> list[Path]:
+    """The step-N folders of `ckpt_dir`, oldest first, ordered by N: past step 999,999 the names
+    grow a digit and no longer sort as text. Folders not named step-<digits> are left alone."""
+    folders = [p for p in ckpt_dir.glob("step-*")
+               if p.is_dir() and p.name.removeprefix("step-").isdigit()]
+    return sorted(folders, key=checkpoint_step)
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     pointer = out / "checkpoints" / "latest"
     if not pointer.is_file():
@@ -474,7 +491,7 @@ def newest_intact_checkpoint(out: Path, warn: bool = True) -> Path:
     (a file truncated or corrupted on disk after it was written)."""
     ckpt_dir = out / "checkpoints"
     latest = latest_checkpoint(out)
-    older = sorted((p for p in ckpt_dir.glob("step-*") if p.is_dir() and p != latest), reverse=True)
+    older = [p for p in reversed(checkpoint_folders(ckpt_dir)) if p != latest]
     passed_over = []
     for ckpt in ([latest] if latest else []) + older:
         problems = ([] if (ckpt / "trainer_state.pt").is_file() else ["trainer_state.pt missing"])

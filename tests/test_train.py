@@ -453,6 +453,25 @@ def test_rotation_never_removes_the_checkpoint_latest_names(tiny_dir, tmp_path, 
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000008"]
 
 
+def test_checkpoints_are_ordered_by_step_past_step_999999(tiny_dir, tmp_path):
+    """From step 1,000,000 on the folder names grow a digit, and 'step-1000000' sorts before
+    'step-999999' as text: --resume's fallback and the rotation must order by the step number."""
+    out = tmp_path / "run"
+    T.train(tiny_cfg(tiny_dir, out, steps=2))
+    ckpt = out / "checkpoints"
+    for name in ("step-999998", "step-999999", "step-1000000", "step-1000001"):
+        shutil.copytree(ckpt / "step-000002", ckpt / name)
+    shutil.rmtree(ckpt / "step-000002")
+    (ckpt / "not-a-step").mkdir()
+    damaged = ckpt / "step-1000001" / IO.ADAPTER_WEIGHTS_NAME
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    (ckpt / "latest").write_text("step-1000001")
+    assert T.newest_intact_checkpoint(out, warn=False).name == "step-1000000"
+    T.remove_old_checkpoints(ckpt, step=1_000_001, keep=2)     # keeps 1000001 and the newest one
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "not-a-step", "step-1000000",
+                                                      "step-1000001"]
+
+
 def test_a_fresh_run_never_deletes_checkpoints_without_overwrite(tiny_dir, tmp_path):
     """Checkpoint folders without a `latest` pointer are still an earlier run's; and --resume
     with --overwrite is a contradiction, refused before anything runs."""
