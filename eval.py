@@ -317,7 +317,8 @@ def check_intact(run: Path) -> None:
 
 def check_args(args) -> None:
     """A ValueError naming the flag for a count out of its range, or for --no-base without
-    --adapter (nothing left to evaluate); checked before any model is loaded."""
+    --adapter (nothing left to evaluate), or for a plot of an adapter's run without --adapter;
+    checked before any model is loaded."""
     for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len),
                         ("--max-examples", args.max_examples)):
         if value is not None and value < 1:
@@ -325,6 +326,12 @@ def check_args(args) -> None:
     if args.no_base and not args.adapter:
         raise ValueError("--no-base without --adapter leaves nothing to evaluate; give --adapter "
                          "RUN, or drop --no-base")
+    for flag, given, run in (
+            ("--trust-region-plot", args.trust_region_plot, "a CTR-LoRA run folder"),
+            ("--rank-heatmap", args.rank_heatmap,
+             "an AdaLoRA, CTR-LoRA or TriAdaptLoRA run folder")):
+        if given and not args.adapter:
+            raise ValueError(f"{flag} needs --adapter RUN ({run})")
 
 
 def main(argv=None):
@@ -368,13 +375,9 @@ def main(argv=None):
     check_args(args)
 
     if args.trust_region_plot:
-        if not args.adapter:
-            ap.error("--trust-region-plot needs --adapter (a CTR-LoRA run folder)")
         print(f"wrote "
               f"{plot_trust_region(Path(args.adapter) / 'metrics.jsonl', args.trust_region_plot)}")
     if args.rank_heatmap:
-        if not args.adapter:
-            ap.error("--rank-heatmap needs --adapter")
         png = plot_rank_heatmap(saved_ranks(args.adapter), args.rank_heatmap,
                                 Path(args.adapter).name)
         print(f"wrote {png}")

@@ -87,7 +87,8 @@ def save_merged(model: Llama, tok: Tokenizer, out_dir,
 def check_args(args) -> None:
     """A ValueError naming the flag for a number out of its range (argparse takes 'nan' and
     'inf' as floats), checked before any model is loaded: --temperature finite and >= 0 (0 is
-    greedy), --top-p in (0, 1], --max-new-tokens >= 1, --max-shard-gb finite and > 0."""
+    greedy), --top-p in (0, 1], --max-new-tokens >= 1, --max-shard-gb finite and > 0; and
+    --merge only with --adapter."""
     for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p),
                         ("--max-shard-gb", args.max_shard_gb)):
         if not math.isfinite(value):
@@ -100,6 +101,9 @@ def check_args(args) -> None:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.max_shard_gb <= 0:
         raise ValueError(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
+    if args.merge and not args.adapter:
+        raise ValueError("--merge needs --adapter RUN (the run whose adapter is merged into its "
+                         "base)")
 
 
 def main(argv=None):
@@ -133,8 +137,6 @@ def main(argv=None):
                          "run's --weights-dtype)")
     args = ap.parse_args(argv)
     check_args(args)
-    if args.merge and not args.adapter:
-        ap.error("--merge needs --adapter RUN (the run whose adapter is merged into its base)")
     import time
     t0 = time.perf_counter()
     dtype = getattr(torch, args.dtype) if args.dtype else None

@@ -74,6 +74,10 @@ def test_numeric_flags_must_be_finite_and_in_range(flags, named, capsys):
     (["--max-examples", "0"], "--max-examples must be at least 1, got 0"),
     (["--no-base"], "--no-base without --adapter leaves nothing to evaluate; give --adapter RUN, "
                     "or drop --no-base"),
+    (["--trust-region-plot", "tr.png"], "--trust-region-plot needs --adapter RUN (a CTR-LoRA run "
+                                        "folder)"),
+    (["--rank-heatmap", "r.png"], "--rank-heatmap needs --adapter RUN (an AdaLoRA, CTR-LoRA or "
+                                  "TriAdaptLoRA run folder)"),
 ])
 def test_eval_flags_out_of_range(flags, line, tiny_dir, capsys):
     """Checked before the model loads (a negative --batch-size made no batch: loss 0; --no-base
@@ -92,6 +96,8 @@ def test_eval_flags_out_of_range(flags, line, tiny_dir, capsys):
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
     (["--max-shard-gb", "0"], "--max-shard-gb must be > 0, got 0.0"),
     (["--max-shard-gb", "inf"], "--max-shard-gb must be a finite number, got inf"),
+    (["--merge", "merged"], "--merge needs --adapter RUN (the run whose adapter is merged into its "
+                            "base)"),
 ])
 def test_model_py_flags_out_of_range(flags, line, tiny_dir, capsys):
     """Checked before the model loads. Unchecked, a negative --top-p with sampling left no
